@@ -1,0 +1,92 @@
+"""Datasets: formats, samples, label specs, budgets.
+
+`open_dataset(source, split)` takes a folder (layout detected) or a task name resolved under the data
+root (`$FRUGALSEG_DATA`, default `~/.cache/frugalseg/datasets`, where `frugalseg datasets download` puts
+data). Task names: msrc21, msrc-objects, acdc, la2018, isbi2012, wbc1, wbc2, plus any downloaded set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from frugalseg.data.budget import LabelBudget, apply_budget, holdout
+from frugalseg.data.labels import ClassMap, LabelSpec, merge_into_background
+from frugalseg.data.samples import Sample, SegDataset
+from frugalseg.errors import DataError
+
+__all__ = [
+    "ClassMap", "LabelBudget", "LabelSpec", "Sample", "SegDataset", "apply_budget", "data_root",
+    "holdout", "merge_into_background", "open_dataset",
+]
+
+
+def data_root() -> Path:
+    env = os.environ.get("FRUGALSEG_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "frugalseg" / "datasets"
+
+
+def _open_msrc_objects(split: str) -> SegDataset:
+    from frugalseg.data.voc import load_voc, objects_map, remap
+
+    root = data_root() / "msrc21"
+    ds = load_voc(root, split)
+    return remap(ds, objects_map(root, ds.labels))
+
+
+def _named(name: str, split: str) -> SegDataset | None:
+    """Task names with their class conventions; None if `name` is not one."""
+    root = data_root()
+    if name == "msrc-objects":
+        return _open_msrc_objects(split)
+    if name in ("acdc", "la2018"):
+        from frugalseg.data.hdf5 import load_hdf5
+
+        return load_hdf5(root / name, split)
+    if name in ("wbc1", "wbc2"):
+        from frugalseg.data.wbc import load_wbc
+
+        return load_wbc(root / "wbc" / f"dataset{name[-1]}", split)
+    if name == "isbi2012":
+        from frugalseg.data.isbi import load_isbi
+
+        return load_isbi(root / name, split)
+    return None
+
+
+def open_dataset(source: str | Path, split: str = "train") -> SegDataset:
+    """Open a dataset by folder path or task name, detecting its layout."""
+    named = _named(str(source), split) if not Path(source).exists() else None
+    if named is not None:
+        return named
+    root = Path(source)
+    if not root.exists():
+        alt = data_root() / str(source)
+        if alt.exists():
+            root = alt
+        else:
+            raise DataError(
+                f"'{source}' is neither a folder nor a known dataset under {data_root()} "
+                "(set FRUGALSEG_DATA, or run `frugalseg datasets download NAME`)."
+            )
+    from frugalseg.data.folders import is_folders, load_folders
+    from frugalseg.data.voc import is_voc, load_voc
+
+    if is_voc(root):
+        return load_voc(root, split)
+    if (root / "train_slices.list").exists() or (root / "train.list").exists():
+        from frugalseg.data.hdf5 import load_hdf5
+
+        return load_hdf5(root, split)
+    if (root / "dataset.json").exists() and (root / "imagesTr").is_dir():
+        from frugalseg.data.nifti import load_msd
+
+        return load_msd(root, split)
+    if is_folders(root):
+        return load_folders(root, split if (root / "splits").is_dir() else None)
+    found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else []
+    raise DataError(
+        f"{root}: unrecognised layout (found {found}). Expected one of: PASCAL VOC (JPEGImages/, "
+        "SegmentationClass/, ImageSets/Segmentation/), folders (images/ + masks/ and/or tags.csv), "
+        "SSL4MIS HDF5 (train.list / train_slices.list + .h5 files), or MSD NIfTI (dataset.json, imagesTr/, labelsTr/)."
+    )
