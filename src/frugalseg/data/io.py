@@ -58,7 +58,7 @@ def read_label_png(path: Path, palette: list[tuple[int, int, int]] | None = None
     path = Path(path)
     img = _open(path)
     if img.mode in ("P", "L"):
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)
     if img.mode in ("I", "I;16", "I;16B"):
         arr = np.asarray(img)
         if arr.max() > 255:

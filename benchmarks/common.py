@@ -1,0 +1,46 @@
+"""Shared benchmark plumbing: result files with settings, machine, date and commit; a printed table."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from frugalseg.runs import git_commit, machine_info, read_json, write_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("FRUGALSEG_DATA", ROOT.parent / "shared" / "data"))
+
+
+def save_results(name: str, figures: dict, settings: dict, started: float) -> Path:
+    """Merge `figures` into benchmarks/results/<name>.json (sections measured separately keep each other)."""
+    path = RESULTS / f"{name}.json"
+    old = read_json(path) if path.exists() else {}
+    merged_figures = {**old.get("figures", {}), **figures}
+    data = {
+        "benchmark": name,
+        "figures": merged_figures,
+        "settings": {**old.get("settings", {}), **settings},
+        "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "git_commit": git_commit(ROOT),
+        "wall_seconds_last_run": round(time.time() - started, 1),
+    }
+    write_json(path, data)
+    return path
+
+
+def print_table(rows: list[tuple], header: tuple) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = "  ".join(str(h).ljust(w) for h, w in zip(header, widths))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))

@@ -1,0 +1,285 @@
+"""The `frugalseg` command: parses options, builds a config, calls a stage. Nothing else lives here.
+
+Options of `train` are generated from `TrainConfig`'s fields, so the dataclass is the single source of
+truth for names, types, defaults and `--help`. Errors caused by input print one clear line (exit 2);
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import click
+
+from frugalseg.errors import FrugalsegError
+
+log = logging.getLogger("frugalseg")
+
+HELP = {
+    "data": "Dataset folder (VOC, folders, SSL4MIS HDF5, MSD NIfTI) or task name (msrc-objects, acdc, la2018, ...).",
+    "out": "Run directory to write (config, checkpoints, metrics, predictions, report.html).",
+    "arch": "Model: ocr or fcn head on a timm backbone, or unet2d for medical slices.",
+    "backbone": "Any timm model name; tf_efficientnet_lite0/1/2 have offline ImageNet weights.",
+    "pretrained": "true (ImageNet weights), false (random init), or a path to a weight file.",
+    "policy": "Augmentation: crop (rescale/crop/flip, natural images) or resize (fixed size + rot90/flip, medical).",
+    "crop_size": "Training crop (crop policy) or the fixed input size (resize policy).",
+    "mask_fraction": "Label budget: train with masks of this fraction of images (seeded by --budget-seed).",
+    "mask_count": "Label budget: train with masks of this many images.",
+    "labelled_ids": "Label budget: exactly these sample ids have masks (repeat the option, or @file with one id a line).",
+    "precision": "auto = bf16/16-mixed on GPU, 32 on CPU; or any Lightning precision string.",
+    "devices": "Lightning devices (auto, 1, 4, ...). For several GPUs/nodes launch with torchrun or srun.",
+    "resume": "Continue from the run's last checkpoint.",
+}
+
+
+def _click_type(tp: Any) -> tuple[Any, dict]:
+    """Map a dataclass annotation to a click type and extra option settings."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _click_type(args[0])
+        if set(args) == {bool, str}:
+            return _BoolOrPath(), {}
+        return str, {}
+    if origin is Literal:
+        return click.Choice([str(a) for a in get_args(tp)]), {}
+    if origin is tuple:
+        return get_args(tp)[0], {"nargs": len(get_args(tp))}
+    if origin is list:
+        return get_args(tp)[0], {"multiple": True}
+    return tp, {}
+
+
+class _BoolOrPath(click.ParamType):
+    name = "BOOL|PATH"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            return value
+        low = str(value).lower()
+        if low in ("true", "yes", "1"):
+            return True
+        if low in ("false", "no", "0", "none"):
+            return False
+        return str(value)
+
+
+def config_options(cls):
+    """Decorator adding one --option per dataclass field (defaults shown, None = use the field default)."""
+
+    def decorate(f):
+        hints = typing.get_type_hints(cls)
+        for fld in reversed(dataclasses.fields(cls)):
+            if fld.name.startswith("_"):
+                continue
+            tp, extra = _click_type(hints[fld.name])
+            default = fld.default if fld.default is not dataclasses.MISSING else None
+            name = "--" + fld.name.replace("_", "-")
+            help_text = HELP.get(fld.name, "")
+            if tp is bool:
+                f = click.option(f"{name}/--no-{fld.name.replace('_', '-')}", fld.name, default=None,
+                                 help=f"{help_text} [default: {default}]")(f)
+            else:
+                f = click.option(name, fld.name, type=tp, default=None, show_default=False,
+                                 help=f"{help_text} [default: {default}]", **extra)(f)
+        return f
+
+    return decorate
+
+
+def build_config(cls, options: dict, config_file: str | None):
+    from frugalseg.config import load_config
+
+    given = {k: v for k, v in options.items() if v is not None and v != ()}
+    for k, v in list(given.items()):
+        if isinstance(v, tuple) and k == "labelled_ids":
+            given[k] = _expand_ids(v)
+    if config_file:
+        return load_config(config_file, cls, **given)
+    return cls(**given)
+
+
+def _expand_ids(values) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        if v.startswith("@"):
+            out += [line.strip() for line in Path(v[1:]).read_text().splitlines() if line.strip()]
+        else:
+            out.append(v)
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="frugalseg")
+def cli(verbose: int) -> None:
+    """frugalseg: segmentation models from cheap supervision (tags, few masks, nothing)."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("frugalseg").setLevel(logging.INFO if verbose == 0 else level)
+    if verbose < 2:
+        # Lightning attaches its own handler; keep its start-up chatter out of the user's way.
+        for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Re-run from a saved config.yaml; other options override it.")
+@config_options(__import__("frugalseg.config", fromlist=["TrainConfig"]).TrainConfig)
+def train(config_file: str | None, **options) -> None:
+    """Train a segmentation model with masks (optionally a label budget), evaluate and report."""
+    from frugalseg.config import TrainConfig
+    from frugalseg.supervised import train as run_train
+
+    cfg = build_config(TrainConfig, options, config_file)
+    result = run_train(cfg)
+    _print_result(result)
+
+
+def _print_result(result: dict) -> None:
+    val = result.get("val") or {}
+    line = f"run: {result['run']}"
+    if val.get("miou") is not None:
+        line += f"  val mIoU {val['miou']:.4f}"
+    if val.get("case_mean_dice") is not None:
+        line += f"  val mean Dice {val['case_mean_dice']:.4f}"
+    click.echo(line)
+    if (Path(result["run"]) / "report.html").exists():
+        click.echo(f"report: {Path(result['run']) / 'report.html'}")
+
+
+@cli.command("eval")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", default="val", show_default=True)
+@click.option("--data", default=None, help="Evaluate on another dataset than the one trained on (same classes).")
+def eval_cmd(run: str, split: str, data: str | None) -> None:
+    """Evaluate a trained run on a split: metrics/<split>.json, predictions, report.html."""
+    from frugalseg.supervised import evaluate_run
+
+    m = evaluate_run(run, split=split, data=data)
+    keys = ("dataset", "samples", "miou", "mean_dice", "mean_dice_foreground", "case_mean_dice", "case_mean_hd95", "surface_units")
+    _echo_json({k: m[k] for k in keys if k in m})
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True),
+              help="A run directory, its model/ export folder, or a .ckpt file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for masks (PNG / NIfTI) and overlays.")
+@click.option("--overlays/--no-overlays", default=True, show_default=True)
+def predict(inputs: tuple[str, ...], model_path: str, out: str, overlays: bool) -> None:
+    """Predict masks for image files, folders or volumes."""
+    from frugalseg.supervised import predict_files
+
+    p = Path(model_path)
+    if p.is_dir() and (p / "model" / "config.json").exists():
+        p = p / "model"
+    written = predict_files(p, inputs, out, overlays=overlays)
+    click.echo(f"wrote {len(written)} masks to {out}")
+
+
+@cli.group()
+def datasets() -> None:
+    """Public datasets: list and download (with checksums)."""
+
+
+@datasets.command("list")
+def datasets_list() -> None:
+    from frugalseg.data.download import CATALOGUE
+
+    for name, src in CATALOGUE.items():
+        click.echo(f"{name:12s} {src.description}")
+
+
+@datasets.command("download")
+@click.argument("name")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="Data root (default $FRUGALSEG_DATA or ~/.cache/frugalseg/datasets).")
+@click.option("--force", is_flag=True, help="Download and extract again even if present.")
+def datasets_download(name: str, root: str | None, force: bool) -> None:
+    from frugalseg.data.download import download_dataset
+
+    path = download_dataset(name, Path(root) if root else None, force=force)
+    click.echo(f"{name}: {path}")
+
+
+@cli.group()
+def data() -> None:
+    """Inspect datasets."""
+
+
+@data.command("validate")
+@click.argument("source")
+@click.option("--split", default="train", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def data_validate(source: str, split: str, as_json: bool) -> None:
+    """Read every image and mask once and list every problem found (exit 1 if any)."""
+    from frugalseg.data import open_dataset
+    from frugalseg.data.validate import validate_dataset
+
+    report = validate_dataset(open_dataset(source, split))
+    if as_json:
+        _echo_json(report)
+    else:
+        click.echo(f"{report['dataset']}: {report['samples']} samples, {report['with_mask']} with masks, "
+                   f"{report['with_tags_only']} with tags only, {report['unlabelled']} unlabelled")
+        for name, v in report["classes"].items():
+            click.echo(f"  {name:20s} {v['images']:6d} images {v['pixels']:12d} px")
+        for p in report["problems"]:
+            click.echo(f"problem: {p}")
+        click.echo("ok" if report["ok"] else f"{len(report['problems'])} problem(s)")
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--epochs", default=15, show_default=True)
+def demo(out: str, epochs: int) -> None:
+    """Generate a small shapes dataset and train/evaluate an OCR model on it (no download needed)."""
+    from frugalseg.config import TrainConfig
+    from frugalseg.data.synthetic import make_shapes_dataset
+    from frugalseg.supervised import train as run_train
+
+    data_dir = make_shapes_dataset(Path(out).parent / "demo-data")
+    cfg = TrainConfig(data=str(data_dir), out=out, arch="ocr", epochs=epochs, crop_size=128, scale=(0.75, 1.25),
+                      batch_size=8, lr=0.02)
+    click.echo(f"demo: training OCR on {data_dir} ({epochs} epochs, CPU-sized)")
+    _print_result(run_train(cfg))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except FrugalsegError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: the run can continue with --resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

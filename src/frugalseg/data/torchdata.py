@@ -1,0 +1,78 @@
+"""PyTorch datasets over `SegDataset`: decoded once, cached in memory, augmented per epoch.
+
+Images are small relative to memory for the datasets this library targets on one machine (a few
+thousand images), and decoding PNGs every epoch costs more than the CPU can spare next to training;
+`cache=True` keeps decoded tensors. Volumes (ndim 3) used by 2D training are expanded into slices by
+the dataset loader, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from frugalseg.data.labels import IGNORE_INDEX
+from frugalseg.data.samples import SegDataset
+from frugalseg.data.transforms import to_tensor_image
+
+
+class MaskedImages(Dataset):
+    """(image, mask) pairs of the samples whose supervision is a mask (or all, with `all_samples`)."""
+
+    def __init__(
+        self,
+        ds: SegDataset,
+        transform: Callable | None = None,
+        *,
+        all_samples: bool = False,
+        cache: bool = True,
+        seed: int = 0,
+    ):
+        self.ds = ds if all_samples else ds.by_supervision("mask")
+        self.transform = transform
+        self.cache = cache
+        self.seed = seed
+        self.epoch = 0
+        self._items: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i in self._items:
+            return self._items[i]
+        sample = self.ds[i]
+        image, mask = self.ds.read_pair(sample)
+        item = (to_tensor_image(image), torch.from_numpy(mask.astype("int64")))
+        if self.cache:
+            self._items[i] = item
+        return item
+
+    def __getitem__(self, i: int) -> dict:
+        image, mask = self.load(i)
+        if self.transform is not None:
+            # Seeded per (seed, epoch, index): reproducible regardless of worker count.
+            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            image, mask = self.transform(image, mask, gen)
+        return {"image": image, "mask": mask, "index": i}
+
+
+def pad_collate(batch: list[dict]) -> dict:
+    """Stack samples of different sizes by padding images with 0 and masks with void."""
+    h = max(b["image"].shape[-2] for b in batch)
+    w = max(b["image"].shape[-1] for b in batch)
+    c = batch[0]["image"].shape[0]
+    images = torch.zeros(len(batch), c, h, w)
+    masks = torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.long)
+    sizes = []
+    for k, b in enumerate(batch):
+        bh, bw = b["image"].shape[-2:]
+        images[k, :, :bh, :bw] = b["image"]
+        masks[k, :bh, :bw] = b["mask"]
+        sizes.append((bh, bw))
+    return {"image": images, "mask": masks, "index": torch.tensor([b["index"] for b in batch]), "sizes": sizes}

@@ -1,0 +1,110 @@
+"""Run directories: resolved config, artefacts written atomically, stage markers for resume.
+
+Every command writes under `runs/<name>/`. A stage that finished writes `stages/<stage>.done` (JSON
+with its outputs) last, so a rerun can skip it; anything written before that marker is considered
+incomplete and is rewritten. Files are written to a temporary name and renamed (see `data.io.atomic_path`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from frugalseg.data.io import atomic_path, write_text
+
+
+def _jsonable(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _jsonable(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
+        return _jsonable(x.item())
+    return x
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(Path(path), json.dumps(_jsonable(data), indent=2) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def machine_info() -> dict[str, Any]:
+    """What a figure was measured on: stated next to every benchmark number."""
+    import os
+
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        return f"{commit}{'-dirty' if dirty.stdout.strip() else ''}" if commit else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunDir:
+    """A run's folder and its conventional sub-paths."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    def save_config(self, config: Any) -> Path:
+        path = self.path / "config.yaml"
+        with atomic_path(path) as tmp:
+            tmp.write_text(yaml.safe_dump(_jsonable(config), sort_keys=False))
+        return path
+
+    def stage_done(self, stage: str) -> bool:
+        return (self.path / "stages" / f"{stage}.done").exists()
+
+    def mark_done(self, stage: str, info: dict | None = None) -> None:
+        write_json(self.path / "stages" / f"{stage}.done", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})})
+
+    def write_metrics(self, split: str, metrics: dict) -> Path:
+        path = self.path / "metrics" / f"{split}.json"
+        write_json(path, metrics)
+        return path

@@ -1,0 +1,30 @@
+"""Shared test fixtures: where the real datasets are, and small generated inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DATA_ROOT = Path(os.environ.get("FRUGALSEG_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def data_path(name: str) -> Path:
+    path = DATA_ROOT / name
+    if not path.exists():
+        pytest.skip(f"real dataset {path} not available (set FRUGALSEG_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _data_root_env(monkeypatch):
+    """Task names (msrc-objects, acdc, ...) resolve under the shared data folder in tests."""
+    monkeypatch.setenv("FRUGALSEG_DATA", str(DATA_ROOT))
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory) -> Path:
+    from frugalseg.data.synthetic import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=12, n_val=4, size=64, seed=1)
