@@ -72,6 +72,23 @@ def test_msrc_objects_task_merges_stuff_into_background():
     assert sum(len(ds.tags_of(s)) > 0 for s in ds.samples) == 46
 
 
+def test_remap_composes_with_earlier_maps():
+    """msrc-objects, then cow merged into background and sheep made void: masks follow both maps."""
+    from frugalseg.data.voc import remap
+
+    ds = open_dataset("msrc-objects", "train")
+    cmap = merge_into_background(ds.labels, ["cow"], ignore=["sheep"])
+    assert cmap.target.names[0] == "background" and "cow" not in cmap.target.names
+    again = remap(ds, cmap)
+    assert again.labels.num_classes == 14
+    for s in ds.samples[:40]:
+        before, after = ds.read_mask(s), again.read_mask(s)
+        assert (after[before == ds.labels.index("cow")] == 0).all()
+        assert (after[before == ds.labels.index("sheep")] == 255).all()
+        car = before == ds.labels.index("car")
+        assert (after[car] == again.labels.index("car")).all()
+
+
 def _copy_voc_subset(tmp_path: Path, n: int = 3) -> Path:
     src = data_path("msrc21")
     dst = tmp_path / "voc"

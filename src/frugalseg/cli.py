@@ -36,6 +36,8 @@ HELP = {
     "precision": "auto = bf16/16-mixed on GPU, 32 on CPU; or any Lightning precision string.",
     "devices": "Lightning devices (auto, 1, 4, ...). For several GPUs/nodes launch with torchrun or srun.",
     "resume": "Continue from the run's last checkpoint.",
+    "background_classes": "Class names merged into background (repeat the option).",
+    "ignore_classes": "Class names turned into void, excluded from loss and metrics (repeat the option).",
 }
 
 
@@ -250,16 +252,16 @@ def data_validate(source: str, split: str, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--epochs", default=15, show_default=True)
+@click.option("--epochs", default=20, show_default=True)
 def demo(out: str, epochs: int) -> None:
     """Generate a small shapes dataset and train/evaluate an OCR model on it (no download needed)."""
     from frugalseg.config import TrainConfig
     from frugalseg.data.synthetic import make_shapes_dataset
     from frugalseg.supervised import train as run_train
 
-    data_dir = make_shapes_dataset(Path(out).parent / "demo-data")
+    data_dir = make_shapes_dataset(Path(out).parent / "demo-data", n_train=96, n_val=16)
     cfg = TrainConfig(data=str(data_dir), out=out, arch="ocr", epochs=epochs, crop_size=128, scale=(0.75, 1.25),
-                      batch_size=8, lr=0.02)
+                      batch_size=8, lr=0.01)
     click.echo(f"demo: training OCR on {data_dir} ({epochs} epochs, CPU-sized)")
     _print_result(run_train(cfg))
 

@@ -22,6 +22,8 @@ class TrainConfig:
     data: str = ""  # folder or task name (msrc-objects, acdc, ...)
     out: str = "runs/train"
     train_split: str = "train"
+    background_classes: list[str] | None = None  # merged into the background class
+    ignore_classes: list[str] | None = None  # become void (255)
     val_split: str | None = "val"
     # model
     arch: Literal["ocr", "fcn", "unet2d"] = "ocr"

@@ -168,7 +168,9 @@ def merge_resumed_logs(run_path: Path) -> None:
 
 
 def make_trainer(cfg: TrainConfig, run_path: Path, *, max_epochs: int, val: bool = True, resuming: bool = False) -> L.Trainer:
-    checkpoint = ModelCheckpoint(dirpath=Path(run_path) / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1)
+    # Saved at every training-epoch end, whatever the validation interval, so --resume loses at most an epoch.
+    checkpoint = ModelCheckpoint(dirpath=Path(run_path) / "checkpoints", save_last=True, save_top_k=0,
+                                 every_n_epochs=1, save_on_train_epoch_end=True)
     return L.Trainer(
         max_epochs=max_epochs,
         max_steps=cfg.max_steps,

@@ -60,8 +60,19 @@ def budget_of(cfg: TrainConfig) -> LabelBudget | None:
     return None
 
 
+def open_with_classes(cfg: TrainConfig, split: str) -> SegDataset:
+    """Open a split and apply the config's class remapping (merge into background, ignore)."""
+    ds = open_dataset(cfg.data, split)
+    if cfg.background_classes or cfg.ignore_classes:
+        from frugalseg.data.labels import merge_into_background
+        from frugalseg.data.voc import remap
+
+        ds = remap(ds, merge_into_background(ds.labels, cfg.background_classes or [], cfg.ignore_classes or []))
+    return ds
+
+
 def load_training_data(cfg: TrainConfig) -> tuple[SegDataset, SegDataset | None, LabelBudget | None]:
-    train_ds = open_dataset(cfg.data, cfg.train_split)
+    train_ds = open_with_classes(cfg, cfg.train_split)
     budget = budget_of(cfg)
     if budget is not None:
         train_ds = apply_budget(train_ds, budget)
@@ -69,7 +80,7 @@ def load_training_data(cfg: TrainConfig) -> tuple[SegDataset, SegDataset | None,
         raise DataError(f"{train_ds.name}: no training sample has a mask; supervised training needs masks.")
     if not any(s.supervision == "mask" for s in train_ds):
         raise DataError(f"{train_ds.name}: the label budget leaves no masked sample to train on.")
-    val_ds = open_dataset(cfg.data, cfg.val_split) if cfg.val_split else None
+    val_ds = open_with_classes(cfg, cfg.val_split) if cfg.val_split else None
     if val_ds is not None and val_ds.labels.names != train_ds.labels.names:
         raise DataError(f"{cfg.data}: validation classes {val_ds.labels.names} differ from training classes.")
     return train_ds, val_ds, budget
@@ -300,8 +311,10 @@ def evaluate_run(run_path: str | Path, split: str | None = "val", ds: SegDataset
         raise DataError(f"{run.path}: no exported model (model/config.json); has training finished?")
     model, spec, labels = load_export(run / "model")
     if ds is None:
-        source = data or load_config(run / "config.yaml").data
-        ds = open_dataset(source, split or "val")
+        cfg = load_config(run / "config.yaml")
+        if data:
+            cfg.data = data
+        ds = open_with_classes(cfg, split or "val")
     pred_dir = run / "predictions" / (split or "eval") if write_predictions else None
     metrics = evaluate_model(model, ds, labels, input_size=spec.get("input_size"), pred_dir=pred_dir)
     metrics.update(split=split, model=spec)

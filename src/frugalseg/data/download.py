@@ -31,6 +31,7 @@ import http.client
 import json
 import logging
 import os
+import posixpath
 import shutil
 import socket
 import ssl
@@ -40,7 +41,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -86,7 +87,7 @@ class DatasetSource:
     folder: str
     licence: str
     content: str = ""  # where the data proper sits inside `folder` once extracted (informational)
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()  # shown to users who hit trouble (e.g. a registration wall)
 
 
 # Checksum provenance (checked with public code search, not invented):
@@ -314,18 +315,16 @@ def _stream(url: str, part: Path, source: FileSource, progress: bool) -> None:
             raise http.client.IncompleteRead(b"", remaining - received)
 
 
-def fetch_file(source: FileSource, cache: Path, *, progress: bool = True, force: bool = False) -> tuple[Path, dict[str, str]]:
+def fetch_file(source: FileSource, cache: Path, *, progress: bool = True) -> tuple[Path, dict[str, str]]:
     """Return the verified file in `cache` (downloading it if needed) and its checksum record.
 
-    A file already in the cache, downloaded earlier or placed there by hand, is verified and reused.
-    With `force`, a cached file is still reused when a catalogue checksum proves it identical to a fresh
-    download; only unverifiable files (no checksum) are downloaded again.
+    A file already in the cache, downloaded earlier or placed there by hand, is verified and reused:
+    with a catalogue checksum it is provably what a fresh download would give, and without one it may
+    be the only copy the user could get (a host that is offline), so it is never deleted here.
     """
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / source.filename
-    if target.exists() and force and source.digest is None:
-        target.unlink()
     if target.exists():
         log.info("%s: found in %s; verifying.", source.filename, cache)
         # A file placed by hand is the user's: report a mismatch rather than deleting it.
@@ -359,7 +358,8 @@ def _check_member(name: str, archive: Path) -> None:
     """Refuse member names that would land outside the extraction folder (path traversal)."""
     normalised = name.replace("\\", "/")
     pure = PurePosixPath(normalised)
-    if pure.is_absolute() or normalised.startswith("/") or ".." in pure.parts or (len(normalised) > 1 and normalised[1] == ":"):
+    drive = len(normalised) > 1 and normalised[1] == ":"  # C:/... from an archive made on Windows
+    if pure.is_absolute() or drive or ".." in pure.parts:
         raise DataError(
             f"{archive}: refusing to extract unsafe member {name!r} (absolute path or '..'); "
             "the archive is corrupt or malicious."
@@ -384,10 +384,15 @@ def extract_archive(archive: Path, dest: Path, kind: ArchiveKind) -> None:
             members = tf.getmembers()
             for m in members:
                 _check_member(m.name, archive)
-                if (m.issym() or m.islnk()) and (
-                    PurePosixPath(m.linkname).is_absolute() or ".." in PurePosixPath(m.linkname).parts
-                ):
-                    raise DataError(f"{archive}: refusing link member {m.name!r} -> {m.linkname!r} outside the archive.")
+                if m.issym() or m.islnk():
+                    # Symlink targets are relative to the link's folder, hard-link targets to the root.
+                    base = posixpath.dirname(m.name) if m.issym() else ""
+                    target = posixpath.normpath(posixpath.join(base, m.linkname))
+                    if posixpath.isabs(m.linkname) or target == ".." or target.startswith("../"):
+                        raise DataError(
+                            f"{archive}: refusing link member {m.name!r} -> {m.linkname!r}, "
+                            "which points outside the archive."
+                        )
             if hasattr(tarfile, "data_filter"):
                 tf.extractall(dest, members=members, filter="data")
             else:  # pragma: no cover - Pythons before 3.11.4; the name checks above still apply
@@ -395,7 +400,9 @@ def extract_archive(archive: Path, dest: Path, kind: ArchiveKind) -> None:
     except DataError:
         raise
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise DataError(f"{archive}: cannot extract ({exc}). The file may be corrupt; delete it and run again.") from None
+        raise DataError(
+            f"{archive}: cannot extract ({exc}). The file may be corrupt; delete it and run again."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,7 +423,9 @@ def _is_complete(dest: Path, src: DatasetSource) -> bool:
         if rec is None:
             return False
         # A catalogue digest that changed (a corrected entry) means the folder is stale.
-        if f.digest is not None and (rec.get("algorithm") != f.algorithm or rec.get("digest", "").lower() != f.digest.lower()):
+        if f.digest is not None and (
+            rec.get("algorithm") != f.algorithm or rec.get("digest", "").lower() != f.digest.lower()
+        ):
             return False
     return True
 
@@ -439,8 +448,10 @@ def download_dataset(
     """Download, verify and extract a catalogue dataset; return its folder under the data root.
 
     Idempotent: a folder with a completion marker matching the catalogue is returned at once, with no
-    network request. `force` re-extracts (and re-downloads files that have no checksum). Files stay in
-    `<root>/.downloads/` after extraction so a re-extraction needs no network; delete them to save space.
+    network request. `force` extracts again (replacing a folder made by an earlier run, or a foreign
+    folder of the same name); verified files in `<root>/.downloads/` are reused, so delete a file there
+    to fetch it again. Those files stay after extraction so a re-extraction needs no network; delete
+    them to save space.
     """
     if name not in catalogue:
         known = ", ".join(sorted(catalogue)) or "(none)"
@@ -467,7 +478,7 @@ def download_dataset(
     records: dict[str, dict[str, str]] = {}
     paths: list[tuple[FileSource, Path]] = []
     for f in src.files:
-        path, records[f.filename] = fetch_file(f, cache, progress=progress, force=force)
+        path, records[f.filename] = fetch_file(f, cache, progress=progress)
         paths.append((f, path))
 
     _remove_stale_staging(root, src.folder)

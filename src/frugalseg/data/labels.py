@@ -137,20 +137,24 @@ def merge_into_background(
     spec: LabelSpec,
     background: Sequence[str],
     ignore: Sequence[str] = (),
-    background_name: str = "background",
+    background_name: str | None = None,
 ) -> ClassMap:
-    """Merge `background` classes into a new class 0, send `ignore` classes to void, keep the rest in order.
+    """Merge `background` classes into class 0, send `ignore` classes to void, keep the rest in order.
 
-    This is how MSRC-21 becomes the VOC-like msrc-objects task: stuff classes become background.
+    This is how MSRC-21 becomes the VOC-like msrc-objects task: stuff classes become background. A
+    spec that already has a background class keeps it (under its own name) and the merged classes join it.
     """
     for name in [*background, *ignore]:
         spec.index(name)  # raises on unknown names
-    kept = [n for n in spec.names if n not in background and n not in ignore]
-    names = (background_name, *kept)
+    existing = spec.names[spec.background] if spec.background is not None else None
+    bg_name = background_name or existing or "background"
+    merged = set(background) | ({existing} if existing else set())
+    kept = [n for n in spec.names if n not in merged and n not in ignore]
+    names = (bg_name, *kept)
     target = LabelSpec(names=names, background=0, ignore_index=spec.ignore_index)
     lut = np.full(256, spec.ignore_index, dtype=np.uint8)
     for i, n in enumerate(spec.names):
-        if n in background:
+        if n in merged:
             lut[i] = 0
         elif n in ignore:
             lut[i] = spec.ignore_index

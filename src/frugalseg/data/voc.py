@@ -84,12 +84,17 @@ def remap(ds: SegDataset, class_map: ClassMap) -> SegDataset:
     """The same samples seen through a class map (e.g. stuff classes merged into background)."""
     if class_map.source.names != ds.labels.names:
         raise DataError(f"{ds.name}: class map was built for other classes ({class_map.source.names[:3]}...).")
+    # Masks on disk hold the original ids: compose with the map already applied (void stays void).
+    previous = ds.class_map
+    lut = class_map.lut[previous.lut]
+    lut[previous.lut == previous.target.ignore_index] = class_map.target.ignore_index
+    composed = ClassMap(previous.source, class_map.target, lut)
     samples = [
         Sample(id=s.id, image=s.image, mask=s.mask, tags=None if s.tags is None else class_map.tags(s.tags),
                supervision=s.supervision, spacing=s.spacing)
         for s in ds.samples
     ]
-    return SegDataset(name=ds.name, samples=samples, labels=class_map.target, class_map=class_map, ndim=ds.ndim)
+    return SegDataset(name=ds.name, samples=samples, labels=class_map.target, class_map=composed, ndim=ds.ndim)
 
 
 def objects_map(root: Path, spec: LabelSpec) -> ClassMap:
