@@ -24,13 +24,20 @@ def save_results(name: str, figures: dict, settings: dict, started: float) -> Pa
     path = RESULTS / f"{name}.json"
     old = read_json(path) if path.exists() else {}
     merged_figures = {**old.get("figures", {}), **figures}
-    data = {
-        "benchmark": name,
-        "figures": merged_figures,
-        "settings": {**old.get("settings", {}), **settings},
+    provenance = {
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "git_commit": git_commit(ROOT),
+    }
+    # Sections are measured separately (a GPU for long training runs, this CPU for throughput), so each
+    # top-level figure key records where and when it was measured.
+    measured_on = {**old.get("measured_on", {}), **{key: provenance for key in figures}}
+    data = {
+        "benchmark": name,
+        "figures": merged_figures,
+        "measured_on": measured_on,
+        "settings": {**old.get("settings", {}), **settings},
+        **provenance,
         "wall_seconds_last_run": round(time.time() - started, 1),
     }
     write_json(path, data)

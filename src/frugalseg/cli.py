@@ -27,6 +27,7 @@ HELP = {
     "out": "Run directory to write (config, checkpoints, metrics, predictions, report.html).",
     "arch": "Model: ocr or fcn head on a timm backbone, or unet2d for medical slices.",
     "backbone": "Any timm model name; tf_efficientnet_lite0/1/2 have offline ImageNet weights.",
+    "aux_stage": "Backbone stage feeding the auxiliary head (OCR's soft object regions): last (HRNet-OCR) or penultimate (ResNet-OCR).",
     "pretrained": "true (ImageNet weights), false (random init), or a path to a weight file.",
     "policy": "Augmentation: crop (rescale/crop/flip, natural images) or resize (fixed size + rot90/flip, medical).",
     "crop_size": "Training crop (crop policy) or the fixed input size (resize policy).",

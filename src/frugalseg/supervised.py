@@ -104,7 +104,7 @@ def input_channels(ds: SegDataset) -> int:
 def model_spec(cfg: TrainConfig, labels: LabelSpec, in_chans: int) -> dict:
     spec = {"arch": cfg.arch, "num_classes": labels.num_classes, "in_chans": in_chans}
     if cfg.arch in ("ocr", "fcn"):
-        spec.update(backbone=cfg.backbone, output_stride=cfg.output_stride)
+        spec.update(backbone=cfg.backbone, output_stride=cfg.output_stride, aux_stage=cfg.aux_stage)
     if cfg.policy == "resize":
         spec["input_size"] = cfg.crop_size  # images are resized to this at inference, logits back
     return spec

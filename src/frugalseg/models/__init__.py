@@ -21,6 +21,7 @@ def build_model(spec: dict, pretrained: bool | str = False):
         return create_segmenter(
             arch, spec["num_classes"], backbone=spec["backbone"], pretrained=pretrained,
             output_stride=spec.get("output_stride", 16), in_chans=spec.get("in_chans", 3),
+            aux_stage=spec.get("aux_stage", "penultimate"),  # specs written before the option existed
         )
     if arch == "unet2d":
         from frugalseg.models.medical import unet2d

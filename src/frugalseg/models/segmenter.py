@@ -14,6 +14,7 @@ from frugalseg.models.fcn import FCNHead
 from frugalseg.models.ocr import OCRHead
 
 HEADS = {"fcn": FCNHead, "ocr": OCRHead}
+AUX_STAGES = {"last": -1, "penultimate": -2}
 
 
 class Segmenter(nn.Module):
@@ -23,7 +24,7 @@ class Segmenter(nn.Module):
     upsampled to the input size (the loss weights them 1.0 and 0.4).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, mean, std, aux_index: int = -2):
+    def __init__(self, backbone: nn.Module, head: nn.Module, mean, std, aux_index: int = -1):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -54,11 +55,20 @@ def create_segmenter(
     pretrained: bool | str | Path = True,
     output_stride: int = 16,
     in_chans: int = 3,
+    aux_stage: str = "last",
 ) -> Segmenter:
+    """`aux_stage` feeds the auxiliary head (OCR's soft object regions): "last" uses the same features as
+    the pixel representation, like HRNet-OCR; "penultimate" uses the stage before, like the ResNet-101
+    variant's stage-3 `dsn_head`. On small backbones the stage before the last is shallow (tf_efficientnet_lite0:
+    112 channels, 10 blocks fewer), which makes the soft regions, and with them OCR's context, poor.
+    """
     if head not in HEADS:
         raise ConfigError(f"Unknown head '{head}'; choose one of {sorted(HEADS)}.")
+    if aux_stage not in AUX_STAGES:
+        raise ConfigError(f"Unknown aux_stage '{aux_stage}'; choose one of {sorted(AUX_STAGES)}.")
     if num_classes < 1:
         raise ConfigError("num_classes must be at least 1.")
     bb = create_backbone(backbone, pretrained=pretrained, output_stride=output_stride, in_chans=in_chans)
-    module = HEADS[head](bb.channels[-1], bb.channels[-2], num_classes)
-    return Segmenter(bb.model, module, bb.mean, bb.std)
+    aux_index = AUX_STAGES[aux_stage]
+    module = HEADS[head](bb.channels[-1], bb.channels[aux_index], num_classes)
+    return Segmenter(bb.model, module, bb.mean, bb.std, aux_index=aux_index)
