@@ -111,7 +111,38 @@ def test_label_budget_is_recorded(shapes_dataset, tmp_path):
     assert len(budget["mask"]) == 6 and len(budget["none"]) == 6
     # checkpoints follow training epochs, not the (here sparser) validation interval
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 2
+    assert ckpt["global_step"] == 1  # 6 masked images, batch 4, drop_last: 1 step
+
+
+def test_checkpoint_written_every_epoch_without_validation(tmp_path):
+    """last.ckpt exists after epoch 0 even when validation never runs (resume after a kill mid-run)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from frugalseg.engine import LastCheckpoint
+
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            seen.append((tmp_path / "last.ckpt").exists())
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, i):
+            return self.lin(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(max_epochs=3, callbacks=[LastCheckpoint(tmp_path / "last.ckpt"), Probe()], logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(Tiny(), DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2))
+    assert seen == [False, True, True]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
 def test_cli_bad_input_gives_one_clear_line(tmp_path):

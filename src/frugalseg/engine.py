@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -162,15 +161,29 @@ def merge_resumed_logs(run_path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    import shutil
+
     for path in parts:
-        path.unlink()
-        path.parent.rmdir()
+        shutil.rmtree(path.parent)  # its metrics.csv is merged; hparams.yaml repeats the first fit's
+
+
+class LastCheckpoint(L.Callback):
+    """Write checkpoints/last.ckpt at every training-epoch end, whatever the validation interval.
+
+    `--resume` then loses at most an epoch. (Lightning's ModelCheckpoint with save_top_k=0 writes `last`
+    only when a top-k checkpoint was written in the same step, i.e. never: a bug for long runs.)
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
 
 
 def make_trainer(cfg: TrainConfig, run_path: Path, *, max_epochs: int, val: bool = True, resuming: bool = False) -> L.Trainer:
-    # Saved at every training-epoch end, whatever the validation interval, so --resume loses at most an epoch.
-    checkpoint = ModelCheckpoint(dirpath=Path(run_path) / "checkpoints", save_last=True, save_top_k=0,
-                                 every_n_epochs=1, save_on_train_epoch_end=True)
+    checkpoint = LastCheckpoint(Path(run_path) / "checkpoints" / "last.ckpt")
     return L.Trainer(
         max_epochs=max_epochs,
         max_steps=cfg.max_steps,
@@ -189,3 +202,35 @@ def make_trainer(cfg: TrainConfig, run_path: Path, *, max_epochs: int, val: bool
         log_every_n_steps=10,
         default_root_dir=str(run_path),
     )
+
+
+class ClassifierModule(L.LightningModule):
+    """Multi-label tag classifier training (IRN recipe: soft-margin loss, poly SGD, 10x head learning rate)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Any):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        from frugalseg.models.tag_classifier import tag_loss
+
+        logits = self.model(batch["image"])
+        loss = tag_loss(logits.float(), batch["target"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        ds = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(self.current_epoch)
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt = torch.optim.SGD(self.model.param_groups(cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": "tag_classifier"}
