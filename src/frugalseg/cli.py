@@ -37,6 +37,16 @@ HELP = {
     "precision": "auto = bf16/16-mixed on GPU, 32 on CPU; or any Lightning precision string.",
     "devices": "Lightning devices (auto, 1, 4, ...). For several GPUs/nodes launch with torchrun or srun.",
     "resume": "Continue from the run's last checkpoint.",
+    "peak_stimulation": "PRM: train with peak stimulation (class score = mean response at local maxima).",
+    "frozen_stages": "Backbone feature stages kept frozen (IRN: up to stride 8).",
+    "method": "cam (forward pass), advcam (anti-adversarial climbing) or prm (peak response maps + instances).",
+    "classifier": "A classify run directory.",
+    "scales": "Image scales for maps (repeat the option: --scales 1.0 --scales 0.5).",
+    "limit": "Only the first N images of the split (a fixed, stated subset).",
+    "restriction": "AdvCAM lambda: weight of the restriction penalty (fractional allowed).",
+    "step_size": "AdvCAM xi: step per climb, after max-normalising the gradient.",
+    "mask_threshold": "AdvCAM tau: restriction mask = map > tau * max, rebuilt every step.",
+    "gradcam_scale": "AdvCAM: penalise the reference's Grad-CAM-scaled maps (else raw CAM values).",
     "background_classes": "Class names merged into background (repeat the option).",
     "ignore_classes": "Class names turned into void, excluded from loss and metrics (repeat the option).",
 }
@@ -54,6 +64,8 @@ def _click_type(tp: Any) -> tuple[Any, dict]:
         return str, {}
     if origin is Literal:
         return click.Choice([str(a) for a in get_args(tp)]), {}
+    if origin is tuple and get_args(tp)[-1] is Ellipsis:  # variable length: repeat the option
+        return get_args(tp)[0], {"multiple": True}
     if origin is tuple:
         return get_args(tp)[0], {"nargs": len(get_args(tp))}
     if origin is list:
@@ -196,6 +208,59 @@ def predict(inputs: tuple[str, ...], model_path: str, out: str, overlays: bool) 
         p = p / "model"
     written = predict_files(p, inputs, out, overlays=overlays)
     click.echo(f"wrote {len(written)} masks to {out}")
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Re-run from a saved config.yaml; other options override it.")
+@config_options(__import__("frugalseg.weak.classify", fromlist=["ClassifyConfig"]).ClassifyConfig)
+def classify(config_file: str | None, **options) -> None:
+    """Train a multi-label tag classifier on image tags (masks ignored); per-class AP / F1."""
+    from frugalseg.weak.classify import ClassifyConfig, train_classifier
+
+    cfg = build_config(ClassifyConfig, options, config_file)
+    result = train_classifier(cfg)
+    line = f"run: {result['run']}"
+    ev = result.get("eval")
+    if ev and ev.get("mAP") is not None:
+        line += f"  {ev['dataset']} tag mAP {ev['mAP']:.4f}  mean F1 {ev['mean_f1']:.4f}"
+    click.echo(line)
+
+
+@cli.command()
+@config_options(__import__("frugalseg.weak.maps_stage", fromlist=["MapsConfig"]).MapsConfig)
+def cams(**options) -> None:
+    """Class maps (cam | advcam | prm) for a split: one .npz per image, maps.json, gallery.html."""
+    from frugalseg.weak.maps_stage import MapsConfig, default_out, make_maps
+
+    cfg = build_config(MapsConfig, options, None)
+    m = make_maps(cfg)
+    rate = f", {m['images_per_s_now']:.3f} images/s" if m["images_per_s_now"] else ""
+    click.echo(f"{m['method']} maps for {m['images']} images in {default_out(cfg)} ({m['computed_now']} computed now{rate})")
+    click.echo(f"gallery: {default_out(cfg) / 'gallery.html'}")
+
+
+@cli.command("eval-seeds")
+@click.argument("maps_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", default=None, help="Split whose masks to score against [default: the maps' split].")
+@click.option("--data", default=None, help="Dataset [default: the classifier's].")
+@click.option("--threshold", type=float, default=None, help="Fixed background threshold [default: 0.15, IRN].")
+@click.option("--threshold-from", type=click.Path(exists=True, dir_okay=False),
+              help="Use the threshold chosen by a sweep on another split (a seeds_<split>.json).")
+@click.option("--sweep", default=None, help="Also report a sweep over this split, e.g. 0.05:0.6:0.05 (reported as a sweep).")
+def eval_seeds_cmd(maps_dir: str, split: str | None, data: str | None, threshold: float | None,
+                   threshold_from: str | None, sweep: str | None) -> None:
+    """Seed mIoU of class maps against masks: fixed threshold, and a sweep reported as such."""
+    from frugalseg.weak.maps_stage import eval_seeds, parse_sweep
+    from frugalseg.weak.seeds import format_sweep_table
+
+    res = eval_seeds(maps_dir, split=split, data=data, threshold=threshold, threshold_from=threshold_from,
+                     sweep=parse_sweep(sweep) if sweep else None)
+    f = res["fixed"]
+    t = "argmax over tags" if res["fixed_threshold"] is None else f"threshold {res['fixed_threshold']:.2f} ({res['fixed_threshold_source']})"
+    click.echo(f"{res['method']} seeds on {res['split']} ({res['images']} images), {t}: mIoU {f['miou']:.4f}")
+    if res["sweep"]:
+        click.echo(format_sweep_table(res["sweep"]))
+
 
 
 @cli.group()

@@ -84,11 +84,13 @@ def climb_scale(
     steps: int,
     cfg: AdvCAMConfig,
     tagged_mask: torch.Tensor | None = None,
+    trace: list | None = None,
 ) -> torch.Tensor:
     """Anti-adversarial climbing of J (image, class) pairs at one scale; returns the summed maps (J, h, w).
 
     x0: (J, 3, H, W) normalised images, one per pair (an image with m tags appears m times);
-    targets: (J,) class ids; tagged_mask: (J, K) 1 for the pair's image tags (for suppress="tagged").
+    targets: (J,) class ids; tagged_mask: (J, K) 1 for the pair's image tags (for suppress="tagged"); `trace`, if a list,
+    receives each step's (2J, 3, H, W) input (for tests and inspection).
     """
     weight = model.classifier.weight.flatten(1)  # (K, C)
     bias = model.classifier.bias
@@ -103,6 +105,8 @@ def climb_scale(
     acc = init = None
     for t in range(steps):
         x = x.detach().requires_grad_(True)
+        if trace is not None:
+            trace.append(x.detach().clone())
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             maps = model.maps_normalised(x)
         maps = maps.float()  # (2J, K, h, w)

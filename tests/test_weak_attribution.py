@@ -1,0 +1,167 @@
+"""Tag classifier, CAM, AdvCAM (batched vs the reference-structured loop), peaks, and the cams/eval-seeds CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from frugalseg.cli import cli
+from frugalseg.models.tag_classifier import TagClassifier
+from frugalseg.weak.advcam import AdvCAMConfig, advcam_maps, climb_scale, count_passes
+from frugalseg.weak.advcam_reference import advcam_reference
+from frugalseg.weak.cam import cam_maps
+from frugalseg.weak.peaks import find_peaks, peak_list, peak_stimulation
+
+
+@pytest.fixture(scope="module")
+def model() -> TagClassifier:
+    """ImageNet backbone, random head: a 'random model' whose maps are not degenerate."""
+    torch.manual_seed(0)
+    m = TagClassifier(5, pretrained=True).eval()
+    torch.nn.init.normal_(m.classifier.weight, std=0.05)
+    return m
+
+
+def _max_diff(a, b) -> float:
+    return max(max((x.high_res - y.high_res).abs().max().item(), (x.cam - y.cam).abs().max().item()) for x, y in zip(a, b))
+
+
+def test_batched_advcam_equals_reference_loop_float32(model):
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, 48, 64)
+    tags = [[1, 3], [0, 2, 4]]
+    for cfg in (AdvCAMConfig(steps=3, scales=(1.0, 0.5)), AdvCAMConfig(steps=3, scales=(1.0,), clamp="previous", restriction=2.5)):
+        batched = advcam_maps(model, images, tags, cfg)
+        loop = [advcam_reference(model, images[b], tags[b], cfg) for b in range(2)]
+        assert [m.keys.tolist() for m in batched] == tags
+        assert _max_diff(batched, loop) <= 1e-4
+
+
+def test_batched_advcam_equals_reference_loop_float64_long_climb(model):
+    """Longer climbs: in float64 the two stay equal; in float32 rounding differences between any two
+    implementations grow with T (the mask threshold and positive-pixel counts are discontinuous)."""
+    m = TagClassifier(5, pretrained=True).eval().double()
+    m.load_state_dict(model.state_dict())
+    m.double()
+    torch.manual_seed(2)
+    image = torch.rand(1, 3, 48, 64, dtype=torch.float64)
+    cfg = AdvCAMConfig(steps=8, scales=(1.0,))
+    batched = advcam_maps(m, image, [[0, 3]], cfg)
+    loop = [advcam_reference(m, image[0], [0, 3], cfg)]
+    assert _max_diff(batched, loop) <= 1e-6
+
+
+def test_first_step_of_advcam_is_cam(model):
+    """T=1 accumulates only the map of the unperturbed image: AdvCAM reduces to (Grad-)CAM, max-normalised."""
+    images = torch.rand(1, 3, 48, 64)
+    adv = advcam_maps(model, images, [[2]], AdvCAMConfig(steps=1, scales=(1.0,), gradcam_scale=False))
+    cam = cam_maps(model, images, [[2]], scales=(1.0,))
+    assert torch.allclose(adv[0].high_res, cam[0].high_res, atol=1e-5)
+
+
+def test_climb_stays_in_original_range_and_restriction_holds_the_mask(model):
+    torch.manual_seed(3)
+    x0 = model.normalise(torch.rand(2, 3, 48, 64))
+    targets = torch.tensor([1, 4])
+    trace: list[torch.Tensor] = []
+    climb_scale(model, x0, targets, 6, AdvCAMConfig(steps=6, step_size=5.0), trace=trace)
+    pairs0 = trace[0].unflatten(0, (2, 2))
+    lo, hi = pairs0.flatten(1).amin(1), pairs0.flatten(1).amax(1)
+    for x in trace[1:]:
+        p = x.unflatten(0, (2, 2)).flatten(1)
+        assert (p.amin(1) >= lo - 1e-6).all() and (p.amax(1) <= hi + 1e-6).all()
+    # with a strong restriction the already-high region changes less than without it
+    def masked_change(lam: float) -> float:
+        steps: list[torch.Tensor] = []
+        climb_scale(model, x0[:1], targets[:1], 6, AdvCAMConfig(restriction=lam, gradcam_scale=False), trace=steps)
+        with torch.no_grad():
+            first, last = (torch.relu(model.maps_normalised(x)[:, 1]) for x in (steps[0], steps[-1]))
+        a0, a1 = first[0] + first[1].flip(-1), last[0] + last[1].flip(-1)
+        mask = a0 > 0.5 * a0.max()
+        return float(((a1 - a0).abs() * mask).sum())
+
+    assert masked_change(50.0) < 0.75 * masked_change(0.0)
+
+
+def test_advcam_bad_input(model):
+    with pytest.raises(ValueError, match="outside the classifier's 5 classes"):
+        advcam_maps(model, torch.rand(1, 3, 32, 32), [[7]], AdvCAMConfig(steps=1, scales=(1.0,)))
+    with pytest.raises(ValueError, match="2 images but 1 tag lists"):
+        cam_maps(model, torch.rand(2, 3, 32, 32), [[1]])
+    empty = advcam_maps(model, torch.rand(1, 3, 32, 32), [[]], AdvCAMConfig(steps=1, scales=(1.0,)))
+    assert empty[0].keys.numel() == 0 and empty[0].high_res.shape == (0, 32, 32)
+
+
+def test_pass_counts():
+    c = count_passes([2, 1], AdvCAMConfig())
+    assert c["batched_forward_per_image"] == 27 * 3 + 13
+    assert c["reference_backward_per_image"] == 1.5 * (27 * 3 + 13) * 2
+
+
+def test_peak_finder_on_hand_made_maps():
+    m = torch.zeros(1, 2, 5, 5)
+    m[0, 0, 1, 1], m[0, 0, 3, 3], m[0, 0, 3, 4] = 5.0, 3.0, 1.0
+    m[0, 1] = 1.0  # a plateau: every position ties with its neighbours and with the median
+    peaks = find_peaks(m)
+    assert peaks[0, 0, 1, 1] and peaks[0, 0, 3, 3] and not peaks[0, 0, 3, 4]
+    assert peaks[0, 1].all()
+    # zeros that tie their whole neighbourhood are peaks too (>= the median 0): the score is the mean over all
+    assert torch.isclose(peak_stimulation(m)[0, 0], m[0, 0][peaks[0, 0]].mean())
+    assert torch.isclose(peak_stimulation(m)[0, 0], torch.tensor(8.0) / peaks[0, 0].sum())
+    assert [p[:3] for p in peak_list(m[0], classes=[0], min_value=0.5)] == [(0, 1, 1), (0, 3, 3)]
+    with pytest.raises(ValueError, match="odd"):
+        find_peaks(m, window=2)
+
+
+def test_classifier_freezes_early_stages_and_bn(model):
+    frozen = [n for n, p in model.backbone.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2")) for n in frozen)
+    model.train()
+    assert not model.backbone.bn1.training
+    model.eval()
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(model(x), model.class_maps(x).mean((2, 3)), atol=1e-6)
+
+
+def test_classify_cams_eval_seeds_cli(shapes_dataset, tmp_path):
+    run = tmp_path / "cls"
+    r = CliRunner().invoke(cli, ["classify", "--data", str(shapes_dataset), "--out", str(run), "--epochs", "1",
+                                 "--batch-size", "4", "--crop-size", "64", "--base-size", "64", "--no-progress"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    ev = json.loads((run / "metrics" / "classify_val.json").read_text())
+    assert ev["split"] == "val" and set(ev["per_class"]) and all("ap" in v for v in ev["per_class"].values())
+    maps_dir = tmp_path / "adv"
+    r = CliRunner().invoke(cli, ["cams", "--classifier", str(run), "--method", "advcam", "--split", "val", "--out", str(maps_dir),
+                                 "--steps", "2", "--scales", "1.0", "--no-progress"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    files = sorted(maps_dir.glob("maps/*.npz"))
+    assert len(files) == 4 and (maps_dir / "gallery.html").exists()
+    r = CliRunner().invoke(cli, ["eval-seeds", str(maps_dir), "--sweep", "0.1:0.3:0.1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    seeds = json.loads((maps_dir / "seeds_val.json").read_text())
+    assert seeds["sweep"]["kind"] == "sweep" and seeds["fixed_threshold"] == 0.15 and seeds["images"] == 4
+    assert 0.0 <= seeds["fixed"]["miou"] <= 1.0
+    # a rerun skips finished images; a map file of the wrong shape gives a clear error
+    from frugalseg.weak.maps_io import save_maps
+
+    save_maps(files[0], np.array([1]), np.zeros((1, 4, 4)), np.zeros((1, 10, 10)))
+    r = CliRunner().invoke(cli, ["eval-seeds", str(maps_dir)])
+    assert r.exit_code != 0 and "the image is 64" in str(r.exception)
+
+
+def test_classify_without_tags_is_a_clear_error(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "classes.txt").write_text("background\ncat\n")
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("a\n")
+    r = CliRunner().invoke(cli, ["classify", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--eval-split", "",
+                                 "--no-progress"])
+    assert r.exit_code != 0
+    assert "no image has tags or a mask" in str(r.exception)
