@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/supervised.py --quick
+	$(PY) benchmarks/attribution.py --quick
 
 clean:
 	rm -rf $(VENV) runs

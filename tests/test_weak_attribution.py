@@ -94,6 +94,8 @@ def test_advcam_bad_input(model):
         cam_maps(model, torch.rand(2, 3, 32, 32), [[1]])
     empty = advcam_maps(model, torch.rand(1, 3, 32, 32), [[]], AdvCAMConfig(steps=1, scales=(1.0,)))
     assert empty[0].keys.numel() == 0 and empty[0].high_res.shape == (0, 32, 32)
+    mixed = cam_maps(model, torch.rand(2, 3, 32, 32), [[], [1]])
+    assert mixed[0].high_res.shape == (0, 32, 32) and mixed[1].cam.shape == (1, 8, 8)
 
 
 def test_pass_counts():

@@ -71,6 +71,17 @@ def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def channels_last(model: torch.nn.Module) -> Iterator[None]:
+    """Run the climb in channels-last layout (measured 1.5x faster on a 2-core CPU for lite0; the usual
+    layout for AMP convolutions on GPU), restoring the model's layout afterwards."""
+    try:
+        model.to(memory_format=torch.channels_last)
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def gradcam_factor(cam_pairs: torch.Tensor, kplus: torch.Tensor) -> torch.Tensor:
     """The reference Grad-CAM's per-item scale N_b / (K+ (N_0 + N_1)) for (J, 2, h, w) pre-ReLU maps."""
     n = (cam_pairs > 0).flatten(2).sum(2).float()  # (J, 2)
@@ -97,7 +108,7 @@ def climb_scale(
     kplus = (weight[targets] > 0).sum(1).float()  # (J,)
     j = x0.shape[0]
     idx = torch.arange(j, device=x0.device)
-    x = with_flips(x0)  # (2J, 3, H, W)
+    x = with_flips(x0).contiguous(memory_format=torch.channels_last)  # (2J, 3, H, W)
     if cfg.clamp == "original":
         lo = x.unflatten(0, (j, 2)).flatten(1).amin(1)
         hi = x.unflatten(0, (j, 2)).flatten(1).amax(1)
@@ -146,7 +157,7 @@ def climb_scale(
             lo = xp.flatten(1).amin(1)
             hi = xp.flatten(1).amax(1)
         xn = torch.maximum(torch.minimum(xp + step, hi.view(j, 1, 1, 1, 1)), lo.view(j, 1, 1, 1, 1))
-        x = xn.flatten(0, 1)
+        x = xn.flatten(0, 1).contiguous(memory_format=torch.channels_last)
     return acc
 
 
@@ -181,7 +192,7 @@ def advcam_maps(
     per_pair: list[list[torch.Tensor]] = [[] for _ in pair_class]
     chunk = max_pairs or len(pair_class)
     model.eval()
-    with frozen_parameters(model):
+    with frozen_parameters(model), channels_last(model):
         for s in cfg.scales:
             xs = model.normalise(scaled(images, s))
             for start in range(0, len(pair_class), chunk):

@@ -36,6 +36,17 @@ def advcam_reference(model: torch.nn.Module, image: torch.Tensor, tags: Sequence
     """AdvCAM maps of one image (3, H, W) in [0, 1] for `tags`, by the reference's plain loops."""
     cfg = cfg or AdvCAMConfig()
     model.eval()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:  # the reference leaves every parameter trainable during the climb
+            p.requires_grad_(True)
+        return _advcam_reference(model, image, tags, cfg)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _advcam_reference(model: torch.nn.Module, image: torch.Tensor, tags: Sequence[int], cfg: AdvCAMConfig) -> ClassMaps:
     per_class: dict[int, list[torch.Tensor]] = {int(c): [] for c in tags}
     weight = model.classifier.weight
     bias = model.classifier.bias

@@ -74,6 +74,8 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def finish_maps(per_scale: list[torch.Tensor], keys: torch.Tensor, image_size: tuple[int, int]) -> ClassMaps:
     """Sum each scale's (n, h_s, w_s) maps at stride-4 and image size, max-normalise per class."""
     low_size, high_size = output_sizes(*image_size)
+    if len(keys) == 0:  # an image without tags: nothing to localise, its seed is all background
+        return ClassMaps(keys=keys, cam=torch.zeros(0, *low_size), high_res=torch.zeros(0, *high_size))
     low = sum(resize_maps(m, low_size) for m in per_scale)
     high = sum(resize_maps(m, high_size) for m in per_scale)
     low = low / (low.flatten(1).amax(1)[:, None, None] + 1e-5)

@@ -1,0 +1,260 @@
+"""Weak supervision I (issue: CAM, AdvCAM, PRM): seed quality, sensitivity, speed.
+
+On msrc-objects, a tag classifier (tf_efficientnet_lite0, ImageNet weights, OS16) is trained on the tags of
+train+val images (tags derived from masks; masks never seen in training). Then:
+
+- CAM, multi-scale + flip, on every train+val image. The background threshold is chosen by a sweep on
+  *train* and applied to *val*: `cam_seed_miou` is that val figure. Sweeps on both splits are reported as
+  sweeps.
+- CAM vs AdvCAM on a fixed subset at scale 1.0 (image + flip; multi-scale AdvCAM belongs on a GPU): the
+  first N train and first M val images in split-file order, same classifier, same threshold protocol.
+  Per-class IoU and IoU by object size say where AdvCAM helps and where it hurts.
+- AdvCAM sensitivity (lambda, xi, T, penalty scale, clamp) on train images only.
+- Speed: batched AdvCAM vs the reference-structured loop on the same images and weights.
+- PRM: a classifier trained with peak stimulation; peak precision and instance mAP@0.5 against connected
+  components of the ground-truth masks (an approximation: touching objects of a class merge), and seed
+  mIoU of the instance maps with the same threshold protocol.
+
+    python benchmarks/attribution.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from common import ROOT, default_data_root, print_table, save_results
+
+os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SWEEP = [round(0.05 * i, 2) for i in range(1, 19)]  # 0.05 .. 0.90
+
+
+def settings(quick: bool) -> dict:
+    return {
+        "classifier_epochs": 3 if quick else 6,
+        "subset_train": 8 if quick else 40,
+        "subset_val": 6 if quick else 20,
+        "sensitivity_images": 4 if quick else 12,
+        "speed_images": 1 if quick else 3,
+        "prm_train": 4 if quick else 16,
+        "prm_val": 6 if quick else 20,
+        "cam_scales": [1.0, 0.5] if quick else [1.0, 0.5, 1.5, 2.0],
+        "cam_limit": 20 if quick else None,  # images per split for multi-scale CAM (None = all)
+        "subset_scale": 1.0,
+        "advcam": {"steps": 27, "step_size": 0.08, "restriction": 7.0, "mask_threshold": 0.5},
+        "sweep": SWEEP,
+    }
+
+
+def train_classifiers(root: Path, s: dict) -> tuple[Path, Path, dict]:
+    from frugalseg.weak.classify import ClassifyConfig, train_classifier
+
+    out = {}
+    runs = {}
+    for name, peaks in (("cam", False), ("prm", True)):
+        cfg = ClassifyConfig(data="msrc-objects", out=str(root / f"classifier_{name}"), train_split="train+val",
+                             eval_split="val", epochs=s["classifier_epochs"], peak_stimulation=peaks, progress=False)
+        t0 = time.time()
+        res = train_classifier(cfg)
+        out[f"{name}_classifier"] = {"val_tag_mAP": res["eval"]["mAP"], "val_mean_f1": res["eval"]["mean_f1"],
+                                     "seconds": round(time.time() - t0, 1), "peak_stimulation": peaks}
+        runs[name] = Path(cfg.out)
+        print(f"classifier ({name}): val tag mAP {res['eval']['mAP']:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    return runs["cam"], runs["prm"], out
+
+
+def maps(classifier: Path, out: Path, method: str, split: str, limit: int | None = None, scales=(1.0,), **kw) -> dict:
+    from frugalseg.weak.maps_stage import MapsConfig, make_maps
+
+    cfg = MapsConfig(classifier=str(classifier), out=str(out), method=method, split=split, limit=limit,
+                     scales=tuple(scales), progress=False, gallery_images=12, **kw)
+    return make_maps(cfg)
+
+
+def protocol(train_dir: Path, val_dir: Path) -> dict:
+    """Sweep on train -> threshold -> val. Returns the val figure plus both sweeps (labelled as sweeps)."""
+    from frugalseg.weak.maps_stage import eval_seeds
+
+    tr = eval_seeds(train_dir, split="train", sweep=SWEEP)
+    va = eval_seeds(val_dir, split="val", threshold_from=train_dir / "seeds_train.json", sweep=SWEEP)
+    f = va["fixed"]
+    return {
+        "val_miou": f["miou"], "threshold_chosen_on_train": tr["chosen_threshold"], "train_images": tr["images"],
+        "val_images": va["images"], "val_per_class_iou": {k: v["iou"] for k, v in f["per_class"].items()},
+        "val_by_object_size": {b: v.get("miou") for b, v in f["by_object_size"].items()},
+        "train_sweep": tr["sweep"], "val_sweep": va["sweep"],
+    }
+
+
+def speed(classifier: Path, n: int) -> dict:
+    """Batched climb vs the reference loop, same images/weights, scale 1.0, T=27, this machine."""
+    from frugalseg.data import open_dataset
+    from frugalseg.data.transforms import to_tensor_image
+    from frugalseg.weak.advcam import AdvCAMConfig, advcam_maps, count_passes
+    from frugalseg.weak.advcam_reference import advcam_reference
+    from frugalseg.weak.classify import load_classifier
+
+    model, spec, _ = load_classifier(classifier)
+    to_clf = {c: i for i, c in enumerate(spec["class_ids"])}
+    ds = open_dataset("msrc-objects", "val")
+    items = []
+    for smp in ds.samples:
+        t = [to_clf[c] for c in sorted(ds.tags_of(smp)) if c in to_clf]
+        if t:
+            items.append((to_tensor_image(ds.read_image(smp)), t))
+        if len(items) == n:
+            break
+    cfg = AdvCAMConfig(scales=(1.0,))
+    t0 = time.perf_counter()
+    for img, t in items:
+        advcam_maps(model, img[None], [t], cfg)
+    batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for img, t in items:
+        advcam_reference(model, img, t, cfg)
+    loop = time.perf_counter() - t0
+    passes_1 = count_passes([len(t) for _, t in items], cfg)
+    return {
+        "advcam_images_per_s": n / batched, "oracle_images_per_s": n / loop, "advcam_speedup": loop / batched,
+        "images": n, "mean_tags": passes_1["mean_tags_per_image"], "scale": 1.0, "steps": 27,
+        "passes_per_image_scale_1": passes_1,
+        "passes_per_image_default_scales": count_passes([len(t) for _, t in items], AdvCAMConfig()),
+        "device": "cpu", "torch_threads": torch.get_num_threads(),
+    }
+
+
+def prm_instances_eval(classifier: Path, n_val: int) -> dict:
+    """Peak precision and instance mAP@0.5 on the first n_val val images."""
+    from frugalseg.data import open_dataset
+    from frugalseg.data.transforms import to_tensor_image
+    from frugalseg.weak.classify import load_classifier
+    from frugalseg.weak.prm import instance_ap, peak_precision, peak_response_maps, prm_instances
+
+    model, spec, _ = load_classifier(classifier)
+    to_clf = {c: i for i, c in enumerate(spec["class_ids"])}
+    ds = open_dataset("msrc-objects", "val")
+    label_of = spec["class_ids"]  # classifier index -> dataset class id
+    precisions, preds, gts = [], [], []
+    for smp in ds.samples[:n_val]:
+        t = [to_clf[c] for c in sorted(ds.tags_of(smp)) if c in to_clf]
+        img = to_tensor_image(ds.read_image(smp))
+        gt = ds.read_mask(smp)
+        if not t:
+            continue
+        peaks = peak_response_maps(model, img, t)
+        p = peak_precision(peaks, gt, label_of=label_of)
+        if not np.isnan(p):
+            precisions.append(p)
+        preds.append(prm_instances(model, img, classes=t))
+        gts.append(gt)
+    ap = instance_ap(preds, gts, iou=0.5, label_of=label_of)
+    return {"peak_precision": float(np.mean(precisions)) if precisions else None, "instance_map50": ap["mAP"],
+            "instance_ap50_per_class": ap["ap"], "gt_instances": ap["gt_instances"], "images": len(gts),
+            "num_gt": ap["num_gt"], "num_pred": ap["num_pred"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"))
+    args = ap.parse_args()
+    s = settings(args.quick)
+    name = "attribution_quick" if args.quick else "attribution"
+    root = Path(args.runs) / name
+    started = time.time()
+    torch.manual_seed(0)
+
+    cam_clf, prm_clf, clf_figs = train_classifiers(root, s)
+    figures: dict = {"classifiers": clf_figs}
+
+    # 1. multi-scale CAM over all train+val images, threshold chosen on train
+    for split in ("train", "val"):
+        maps(cam_clf, root / f"cam_ms_{split}", "cam", split, limit=s["cam_limit"], scales=s["cam_scales"])
+    ms = protocol(root / "cam_ms_train", root / "cam_ms_val")
+    figures["cam_seed_miou"] = ms["val_miou"]
+    figures["cam_multiscale"] = ms
+    print(f"CAM (multi-scale): val seed mIoU {ms['val_miou']:.4f} at threshold {ms['threshold_chosen_on_train']} chosen on train", flush=True)
+
+    # 2. CAM vs AdvCAM on the fixed subset at scale 1.0
+    sub = {}
+    for method in ("cam", "advcam"):
+        t0 = time.time()
+        for split, n in (("train", s["subset_train"]), ("val", s["subset_val"])):
+            maps(cam_clf, root / f"{method}_subset_{split}", method, split, limit=n, scales=(s["subset_scale"],))
+        sub[method] = protocol(root / f"{method}_subset_train", root / f"{method}_subset_val")
+        sub[method]["seconds"] = round(time.time() - t0, 1)
+        print(f"{method} subset: val seed mIoU {sub[method]['val_miou']:.4f} (threshold {sub[method]['threshold_chosen_on_train']} from train)", flush=True)
+    figures["subset_cam_seed_miou"] = sub["cam"]["val_miou"]
+    figures["advcam_seed_miou"] = sub["advcam"]["val_miou"]
+    figures["advcam_minus_cam_subset"] = sub["advcam"]["val_miou"] - sub["cam"]["val_miou"]
+    figures["subset"] = sub
+    figures["advcam_vs_cam_per_class"] = {
+        c: (None if sub["advcam"]["val_per_class_iou"][c] is None or sub["cam"]["val_per_class_iou"][c] is None
+            else round(sub["advcam"]["val_per_class_iou"][c] - sub["cam"]["val_per_class_iou"][c], 4))
+        for c in sub["cam"]["val_per_class_iou"]
+    }
+    figures["advcam_vs_cam_by_size"] = {b: (None if sub["advcam"]["val_by_object_size"][b] is None or sub["cam"]["val_by_object_size"][b] is None
+                                            else round(sub["advcam"]["val_by_object_size"][b] - sub["cam"]["val_by_object_size"][b], 4))
+                                        for b in sub["cam"]["val_by_object_size"]}
+
+    # 3. sensitivity, train images only (best threshold of each variant's own train sweep: a train-side sweep)
+    from frugalseg.weak.maps_stage import eval_seeds
+
+    variants = {"default": {}, "lambda_0": {"restriction": 0.0},
+                "lambda_20": {"restriction": 20.0}, "T_13": {"steps": 13},
+                "raw_cam_penalty": {"gradcam_scale": False}, "clamp_previous": {"clamp": "previous"}}
+    if args.quick:
+        variants = {k: variants[k] for k in ("default", "lambda_0")}
+    sens = []
+    for vname, kw in variants.items():
+        d = root / f"sens_{vname}"
+        maps(cam_clf, d, "advcam", "train", limit=s["sensitivity_images"], scales=(1.0,), **kw)
+        r = eval_seeds(d, split="train", sweep=SWEEP)
+        best = r["sweep"]["best_miou_on_this_split"]
+        at_fixed = [row for row in r["sweep"]["rows"] if abs(row["threshold"] - 0.15) < 1e-9]
+        sens.append({"variant": vname, **kw, "train_best_miou": best, "train_best_threshold": r["chosen_threshold"],
+                     "train_miou_at_0.15": at_fixed[0]["miou"] if at_fixed else None, "images": r["images"]})
+    d = root / "sens_cam"
+    maps(cam_clf, d, "cam", "train", limit=s["sensitivity_images"], scales=(1.0,))
+    r = eval_seeds(d, split="train", sweep=SWEEP)
+    sens.append({"variant": "cam (no climbing)", "train_best_miou": r["sweep"]["best_miou_on_this_split"],
+                 "train_best_threshold": r["chosen_threshold"], "images": r["images"]})
+    figures["advcam_sensitivity_train"] = sens
+    print_table([(v["variant"], "train", f"{v['train_best_miou']:.4f}", v["train_best_threshold"]) for v in sens],
+                ("AdvCAM variant", "split", "best mIoU (train sweep)", "at threshold"))
+
+    # 4. speed
+    sp = speed(cam_clf, s["speed_images"])
+    figures["speed"] = sp
+    figures["advcam_images_per_s"] = sp["advcam_images_per_s"]
+    figures["advcam_speedup"] = sp["advcam_speedup"]
+    print(f"AdvCAM speed (CPU, scale 1.0, T=27): batched {sp['advcam_images_per_s']:.3f} img/s, loop {sp['oracle_images_per_s']:.3f} img/s, speed-up {sp['advcam_speedup']:.2f}x", flush=True)
+
+    # 5. PRM
+    for split, n in (("train", s["prm_train"]), ("val", s["prm_val"])):
+        maps(prm_clf, root / f"prm_{split}", "prm", split, limit=n)
+    pr = protocol(root / "prm_train", root / "prm_val")
+    figures["prm_seed_miou"] = pr["val_miou"]
+    figures["prm_seeds"] = pr
+    figures["prm_instances"] = prm_instances_eval(prm_clf, s["prm_val"])
+    print(f"PRM: val seed mIoU {pr['val_miou']:.4f}; peak precision {figures['prm_instances']['peak_precision']}; "
+          f"instance mAP@0.5 {figures['prm_instances']['instance_map50']}", flush=True)
+
+    rows = [("cam (multi-scale)", "val", f"{figures['cam_seed_miou']:.4f}", ms["val_images"]),
+            ("cam (subset, scale 1)", "val", f"{figures['subset_cam_seed_miou']:.4f}", sub["cam"]["val_images"]),
+            ("advcam (subset, scale 1)", "val", f"{figures['advcam_seed_miou']:.4f}", sub["advcam"]["val_images"]),
+            ("prm (subset)", "val", f"{figures['prm_seed_miou']:.4f}", pr["val_images"])]
+    print_table(rows, ("seeds", "split", "mIoU (threshold from train)", "images"))
+    figures["wall_seconds"] = round(time.time() - started, 1)
+    path = save_results(name, {"msrc_objects": figures}, {"attribution": s, "quick": args.quick}, started)
+    print(f"wrote {path} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
