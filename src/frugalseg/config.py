@@ -64,17 +64,22 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
-        if not self.data:
-            raise ConfigError("No dataset given: pass --data FOLDER or a task name such as msrc-objects.")
-        if self.epochs < 1 and self.max_steps < 1:
-            raise ConfigError("epochs must be >= 1.")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size must be >= 1.")
+        check_common(self)
         if self.mask_fraction is not None and not 0 < self.mask_fraction <= 1:
             raise ConfigError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}.")
-        if self.output_stride not in (8, 16, 32):
-            raise ConfigError("output_stride must be 8, 16 or 32.")
         return self
+
+
+def check_common(cfg: Any) -> None:
+    """Checks every training config shares: a dataset, a schedule, a batch, a valid output stride."""
+    if not cfg.data:
+        raise ConfigError("No dataset given: pass --data FOLDER or a task name such as msrc-objects.")
+    if cfg.epochs < 1 and cfg.max_steps < 1:
+        raise ConfigError("epochs must be >= 1.")
+    if cfg.batch_size < 1:
+        raise ConfigError("batch_size must be >= 1.")
+    if getattr(cfg, "output_stride", 16) not in (8, 16, 32):
+        raise ConfigError("output_stride must be 8, 16 or 32.")
 
 
 def load_config(path: str | Path, cls=TrainConfig, **overrides: Any):

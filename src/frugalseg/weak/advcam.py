@@ -39,7 +39,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from frugalseg.weak.cam import DEFAULT_SCALES, ClassMaps, check_tags, finish_maps, merge_flips, scaled, with_flips
+from frugalseg.weak.cam import DEFAULT_SCALES, ClassMaps, check_batch, finish_maps, merge_flips, scaled, with_flips
 
 
 @dataclass
@@ -174,12 +174,8 @@ def advcam_maps(
     one tensor (memory); by default all of the batch do.
     """
     cfg = cfg or AdvCAMConfig()
-    if images.ndim != 4:
-        raise ValueError(f"advcam_maps expects a (B, 3, H, W) batch, got shape {tuple(images.shape)}.")
-    if len(tags) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(tags)} tag lists.")
     num_classes = model.classifier.out_channels
-    check_tags(tags, num_classes)
+    check_batch(images, tags, num_classes, "advcam_maps")
     pair_image = torch.as_tensor([b for b, t in enumerate(tags) for _ in t], dtype=torch.long)
     pair_class = torch.as_tensor([int(c) for t in tags for c in t], dtype=torch.long)
     out_empty = [ClassMaps(torch.zeros(0, dtype=torch.long), *_empty_maps(images.shape[-2:])) for _ in tags]

@@ -30,6 +30,15 @@ class ClassMaps:
     high_res: torch.Tensor
 
 
+def check_batch(images: torch.Tensor, tags: Sequence[Sequence[int]], num_classes: int, method: str) -> None:
+    """Clear errors for a batch a map method cannot use: wrong shape, tag lists not matching, bad ids."""
+    if images.ndim != 4:
+        raise ValueError(f"{method} expects a (B, 3, H, W) batch, got shape {tuple(images.shape)}.")
+    if len(tags) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(tags)} tag lists.")
+    check_tags(tags, num_classes)
+
+
 def check_tags(tags: Sequence[Sequence[int]], num_classes: int, ids: Sequence[str] | None = None) -> None:
     """Clear errors for tag lists a map method cannot use."""
     for i, t in enumerate(tags):
@@ -95,12 +104,7 @@ def cam_maps(
     `model` is a `TagClassifier` (anything with `class_maps(images) -> (B, K, h, w)` raw maps).
     An image with no tags gets empty maps (its seed is all background).
     """
-    if images.ndim != 4:
-        raise ValueError(f"cam_maps expects a (B, 3, H, W) batch, got shape {tuple(images.shape)}.")
-    if len(tags) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(tags)} tag lists.")
-    num_classes = model.classifier.out_channels
-    check_tags(tags, num_classes)
+    check_batch(images, tags, model.classifier.out_channels, "cam_maps")
     per_image: list[list[torch.Tensor]] = [[] for _ in tags]
     for s in scales:
         maps = F.relu(model.class_maps(with_flips(scaled(images, s))).float())

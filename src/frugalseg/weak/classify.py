@@ -63,14 +63,9 @@ class ClassifyConfig:
     progress: bool = True
 
     def validate(self) -> "ClassifyConfig":
-        if not self.data:
-            raise ConfigError("No dataset given: pass --data FOLDER or a task name such as msrc-objects.")
-        if self.epochs < 1 and self.max_steps < 1:
-            raise ConfigError("epochs must be >= 1.")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size must be >= 1.")
-        if self.output_stride not in (8, 16, 32):
-            raise ConfigError("output_stride must be 8, 16 or 32.")
+        from frugalseg.config import check_common
+
+        check_common(self)
         return self
 
 
