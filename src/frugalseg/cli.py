@@ -141,14 +141,44 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("frugalseg").setLevel(logging.INFO if verbose == 0 else level)
     if verbose < 2:
-        # Lightning attaches its own handler; keep its start-up chatter out of the user's way.
-        for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        _quiet_lightning()
     import warnings
 
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+
+
+def _quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (GPU/TPU lines, tips) out of the user's way.
+
+    Lightning sets its loggers to INFO with a handler of its own *when imported*, which happens lazily inside
+    the commands, after this group callback. So the levels are set now and again right after that import,
+    through a one-shot import hook; and propagation is cut so nothing prints twice.
+    """
+    import importlib.abc
+    import sys
+
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+             "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+    def apply() -> None:
+        for name in names:
+            lg = logging.getLogger(name)
+            lg.setLevel(logging.WARNING)
+            lg.propagate = False if lg.handlers else lg.propagate
+
+    apply()
+    if "lightning.pytorch" in sys.modules:
+        return
+
+    class _AfterLightning(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname == "lightning.pytorch.trainer":  # imported once lightning.pytorch has set up logging
+                apply()
+            return None
+
+    sys.meta_path.insert(0, _AfterLightning())
 
 
 def _echo_json(data: Any) -> None:
