@@ -52,6 +52,24 @@ HELP = {
 }
 
 
+# Where a field means something else in another command's config.
+HELP_BY_CONFIG = {
+    "MapsConfig": {
+        "out": "Folder for the maps [default: <classifier>/maps_<method>_<split>].",
+        "data": "Dataset to map [default: the classifier's].",
+        "split": "Split(s) to map; '+' joins splits (train+val).",
+        "batch_size": "Images per batch (AdvCAM climbs all their tagged classes at once).",
+    },
+    "ClassifyConfig": {
+        "out": "Run directory for the classifier (config, checkpoints, model/, metrics/).",
+        "train_split": "Split(s) whose tags train the classifier; '+' joins splits (train+val).",
+        "eval_split": "Split for per-class AP / F1 (empty to skip).",
+        "crop_size": "Training crop after the random rescale.",
+        "base_size": "Longer image side before the random scale factor.",
+    },
+}
+
+
 def _click_type(tp: Any) -> tuple[Any, dict]:
     """Map a dataclass annotation to a click type and extra option settings."""
     origin = get_origin(tp)
@@ -98,7 +116,7 @@ def config_options(cls):
             tp, extra = _click_type(hints[fld.name])
             default = fld.default if fld.default is not dataclasses.MISSING else None
             name = "--" + fld.name.replace("_", "-")
-            help_text = HELP.get(fld.name, "")
+            help_text = HELP_BY_CONFIG.get(cls.__name__, {}).get(fld.name) or HELP.get(fld.name, "")
             if tp is bool:
                 f = click.option(f"{name}/--no-{fld.name.replace('_', '-')}", fld.name, default=None,
                                  help=f"{help_text} [default: {default}]")(f)
