@@ -167,3 +167,14 @@ def test_classify_without_tags_is_a_clear_error(tmp_path):
                                  "--no-progress"])
     assert r.exit_code != 0
     assert "no image has tags or a mask" in str(r.exception)
+
+
+def test_fold_batchnorm_is_exact_and_removes_bn(model):
+    from frugalseg.weak.advcam import fold_batchnorm
+
+    fused = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.backbone.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())  # the original is untouched
+    x = torch.rand(2, 3, 48, 64)
+    ref = model.class_maps(x)
+    assert (fused.class_maps(x) - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6

@@ -42,6 +42,7 @@ HELP = {
     "method": "cam (forward pass), advcam (anti-adversarial climbing) or prm (peak response maps + instances).",
     "classifier": "A classify run directory.",
     "scales": "Image scales for maps (repeat the option: --scales 1.0 --scales 0.5).",
+    "autocast": "AdvCAM network passes in bf16: auto (GPU only), bf16 (also on CPUs with bf16 support), off.",
     "limit": "Only the first N images of the split (a fixed, stated subset).",
     "restriction": "AdvCAM lambda: weight of the restriction penalty (fractional allowed).",
     "step_size": "AdvCAM xi: step per climb, after max-normalising the gradient.",

@@ -44,6 +44,7 @@ class MapsConfig:
     mask_threshold: float = 0.5
     gradcam_scale: bool = True
     clamp: Literal["original", "previous"] = "original"
+    autocast: Literal["auto", "bf16", "off"] = "auto"
     # PRM
     peak_threshold: float = 0.0
     proposal_count: int = 100
@@ -67,7 +68,7 @@ class MapsConfig:
 
         return AdvCAMConfig(steps=self.steps, step_size=self.step_size, restriction=self.restriction,
                             mask_threshold=self.mask_threshold, scales=tuple(self.scales),
-                            gradcam_scale=self.gradcam_scale, clamp=self.clamp)
+                            gradcam_scale=self.gradcam_scale, clamp=self.clamp, autocast=self.autocast)
 
 
 def default_out(cfg: MapsConfig) -> Path:
