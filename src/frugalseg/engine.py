@@ -50,6 +50,13 @@ def poly_lambda(total_steps: int, power: float = 0.9):
     return lambda step: max(0.0, 1 - min(step, total) / total) ** power
 
 
+def pass_epoch_to_dataset(module: L.LightningModule) -> None:
+    """Tell the training dataset the epoch: its augmentation is seeded per (seed, epoch, index)."""
+    ds = getattr(module.trainer.train_dataloader, "dataset", None)
+    if hasattr(ds, "set_epoch"):
+        ds.set_epoch(module.current_epoch)
+
+
 class SegmentationModule(L.LightningModule):
     """Supervised training of any model returning logits, or (logits, aux) through `forward_train`."""
 
@@ -96,10 +103,7 @@ class SegmentationModule(L.LightningModule):
             self.log("val/dice_fg", m["mean_dice_foreground"], prog_bar=True, sync_dist=False)
 
     def on_train_epoch_start(self) -> None:
-        dl = self.trainer.train_dataloader
-        ds = getattr(dl, "dataset", None)
-        if hasattr(ds, "set_epoch"):
-            ds.set_epoch(self.current_epoch)
+        pass_epoch_to_dataset(self)
 
     def configure_optimizers(self):
         cfg = self.cfg
@@ -221,9 +225,7 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
-        ds = getattr(self.trainer.train_dataloader, "dataset", None)
-        if hasattr(ds, "set_epoch"):
-            ds.set_epoch(self.current_epoch)
+        pass_epoch_to_dataset(self)
 
     def configure_optimizers(self):
         cfg = self.cfg

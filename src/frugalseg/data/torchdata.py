@@ -18,6 +18,11 @@ from frugalseg.data.samples import SegDataset
 from frugalseg.data.transforms import to_tensor_image
 
 
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The augmentation generator of one sample in one epoch: reproducible whatever the worker count."""
+    return torch.Generator().manual_seed(hash((seed, epoch, index)) & 0x7FFFFFFF)
+
+
 class MaskedImages(Dataset):
     """(image, mask) pairs of the samples whose supervision is a mask (or all, with `all_samples`)."""
 
@@ -56,9 +61,7 @@ class MaskedImages(Dataset):
     def __getitem__(self, i: int) -> dict:
         image, mask = self.load(i)
         if self.transform is not None:
-            # Seeded per (seed, epoch, index): reproducible regardless of worker count.
-            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-            image, mask = self.transform(image, mask, gen)
+            image, mask = self.transform(image, mask, sample_generator(self.seed, self.epoch, i))
         return {"image": image, "mask": mask, "index": i}
 
 

@@ -183,7 +183,8 @@ def advcam_maps(
     check_batch(images, tags, num_classes, "advcam_maps")
     pair_image = torch.as_tensor([b for b, t in enumerate(tags) for _ in t], dtype=torch.long)
     pair_class = torch.as_tensor([int(c) for t in tags for c in t], dtype=torch.long)
-    out_empty = [ClassMaps(torch.zeros(0, dtype=torch.long), *_empty_maps(images.shape[-2:])) for _ in tags]
+    no_keys = torch.zeros(0, dtype=torch.long)
+    out_empty = [finish_maps([], no_keys, tuple(images.shape[-2:])) for _ in tags]
     if len(pair_class) == 0:
         return out_empty
     device = images.device
@@ -214,11 +215,6 @@ def advcam_maps(
         out.append(finish_maps(scale_maps, torch.as_tensor(list(t), dtype=torch.long), tuple(images.shape[-2:])))
         k += len(t)
     return out
-
-
-def _empty_maps(size) -> tuple[torch.Tensor, torch.Tensor]:
-    h, w = size
-    return torch.zeros(0, -(-h // 4), -(-w // 4)), torch.zeros(0, h, w)
 
 
 def count_passes(tags_per_image: Sequence[int], cfg: AdvCAMConfig) -> dict[str, float]:

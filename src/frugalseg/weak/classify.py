@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from frugalseg.data.labels import LabelSpec
 from frugalseg.data.samples import SegDataset
+from frugalseg.data.torchdata import sample_generator
 from frugalseg.data.transforms import CropTransform, to_tensor_image
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.runs import RunDir, write_json
@@ -123,9 +124,8 @@ class TaggedImages(Dataset):
             self._cache[i] = to_tensor_image(self.ds.read_image(self.ds[i]))
         image = self._cache[i]
         if self.transform is not None:
-            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
             dummy = torch.zeros(image.shape[-2:], dtype=torch.long)
-            image, _ = self.transform(image, dummy, gen)
+            image, _ = self.transform(image, dummy, sample_generator(self.seed, self.epoch, i))
         return {"image": image, "target": self.targets[i], "index": i}
 
 
@@ -191,8 +191,6 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float | None:
 @torch.no_grad()
 def evaluate_classifier(model, ds: SegDataset, class_ids: list[int], labels: LabelSpec, batch_size: int = 8) -> dict:
     """Per-class AP and F1 (probability threshold 0.5) against the split's tags (from masks where present)."""
-    from frugalseg.data.torchdata import pad_collate  # noqa: F401  (images differ in size: one at a time)
-
     data = TaggedImages(ds, class_ids, None)
     device = next(model.parameters()).device
     scores, targets = [], []

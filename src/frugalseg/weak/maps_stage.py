@@ -112,23 +112,30 @@ def make_maps(cfg: MapsConfig) -> dict:
         raise DataError(f"{ds.name}: no image has tags or a mask; there is nothing to map.")
     todo = [s for s in samples if not maps_path(out, s.id).exists()]
     log.info("%s: %d images, %d already mapped", ds.name, len(samples), len(samples) - len(todo))
-    groups: dict[tuple, list] = defaultdict(list)
-    images: dict[str, torch.Tensor] = {}
-    for s in todo:
-        img = to_tensor_image(ds.read_image(s))
-        images[s.id] = img
-        groups[tuple(img.shape)].append(s)
+    # Images are read as they come and batched by size; a batch runs once it is full, so memory holds at
+    # most one partial batch per image size, however large the split.
+    pending: dict[tuple, list[tuple]] = defaultdict(list)
     t0 = time.time()
     bar = tqdm(total=len(todo), desc=f"{cfg.method} maps", disable=not cfg.progress)
-    for shape, group in groups.items():
-        for start in range(0, len(group), cfg.batch_size):
-            batch = group[start : start + cfg.batch_size]
-            tags = [sorted(c for c in ds.tags_of(s) if c in to_clf) for s in batch]
-            clf_tags = [[to_clf[c] for c in t] for t in tags]
-            x = torch.stack([images[s.id] for s in batch]).to(device)
-            for s, t, maps in zip(batch, tags, _maps_of(cfg, model, x, clf_tags)):
-                save_maps(maps_path(out, s.id), np.asarray(t, dtype=np.int64), maps[0], maps[1], method=cfg.method)
-            bar.update(len(batch))
+
+    def run(batch: list[tuple]) -> None:
+        tags = [sorted(c for c in ds.tags_of(s) if c in to_clf) for s, _ in batch]
+        clf_tags = [[to_clf[c] for c in t] for t in tags]
+        x = torch.stack([img for _, img in batch]).to(device)
+        for (s, _), t, maps in zip(batch, tags, _maps_of(cfg, model, x, clf_tags)):
+            save_maps(maps_path(out, s.id), np.asarray(t, dtype=np.int64), maps[0], maps[1], method=cfg.method)
+        bar.update(len(batch))
+
+    for s in todo:
+        img = to_tensor_image(ds.read_image(s))
+        group = pending[tuple(img.shape)]
+        group.append((s, img))
+        if len(group) == cfg.batch_size:
+            run(group)
+            group.clear()
+    for group in pending.values():
+        if group:
+            run(group)
     bar.close()
     seconds = time.time() - t0
     manifest = {
@@ -156,14 +163,15 @@ def _maps_of(cfg: MapsConfig, model, x: torch.Tensor, clf_tags: list[list[int]])
 
         res = advcam_maps(model, x, clf_tags, cfg.advcam())
         return [(m.cam.cpu().numpy(), m.high_res.cpu().numpy()) for m in res]
-    from frugalseg.weak.cam import output_sizes, resize_maps
+    from frugalseg.weak.cam import finish_maps, output_sizes, resize_maps
     from frugalseg.weak.prm import prm_class_maps, prm_instances
 
     out = []
     for img, t in zip(x, clf_tags):
         h, w = img.shape[-2:]
         if not t:
-            out.append((np.zeros((0, -(-h // 4), -(-w // 4)), np.float32), np.zeros((0, h, w), np.float32)))
+            empty = finish_maps([], torch.zeros(0, dtype=torch.long), (h, w))
+            out.append((empty.cam.numpy(), empty.high_res.numpy()))
             continue
         inst = prm_instances(model, img, classes=t, peak_kwargs={"peak_threshold": cfg.peak_threshold},
                              proposal_kwargs={"proposal_count": cfg.proposal_count})
