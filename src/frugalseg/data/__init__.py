@@ -13,7 +13,7 @@ from pathlib import Path
 from frugalseg.data.budget import LabelBudget, apply_budget, holdout
 from frugalseg.data.labels import ClassMap, LabelSpec, merge_into_background
 from frugalseg.data.samples import Sample, SegDataset
-from frugalseg.errors import DataError
+from frugalseg.errors import ConfigError, DataError
 
 __all__ = [
     "ClassMap", "LabelBudget", "LabelSpec", "Sample", "SegDataset", "apply_budget", "data_root",
@@ -54,8 +54,27 @@ def _named(name: str, split: str) -> SegDataset | None:
     return None
 
 
+HOLDOUT_FRACTION = 0.2
+HOLDOUT_PARTS = ("fit", "holdout")
+
+
 def open_dataset(source: str | Path, split: str = "train") -> SegDataset:
-    """Open a dataset by folder path or task name, detecting its layout."""
+    """Open a dataset by folder path or task name, detecting its layout.
+
+    `split` may name a part of a split carved by `holdout` (20 %, seed 0): "train:fit" and "train:holdout"
+    are disjoint and together make "train". This is how hyperparameters are chosen without touching the
+    split that is reported (msrc-objects, for one, ships no test split: its val split is the one reported).
+    """
+    base, sep, part = split.partition(":")
+    if sep:
+        if part not in HOLDOUT_PARTS:
+            raise ConfigError(f"Unknown split part '{part}' in '{split}'; use '{base}:fit' or '{base}:holdout'.")
+        fit, held = holdout(_open_dataset(source, base), fraction=HOLDOUT_FRACTION, seed=0)
+        return fit if part == "fit" else held
+    return _open_dataset(source, split)
+
+
+def _open_dataset(source: str | Path, split: str) -> SegDataset:
     named = _named(str(source), split) if not Path(source).exists() else None
     if named is not None:
         return named
