@@ -233,3 +233,15 @@ def test_budget_errors_and_listed():
     assert listed.summary()["mask"] == 5 and listed.summary()["none"] == 54
     tr, va = holdout(ds, 0.2, seed=0)
     assert len(tr) + len(va) == 59 and not {s.id for s in tr} & {s.id for s in va}
+
+
+def test_split_parts_fit_and_holdout_partition_train():
+    train = open_dataset("msrc-objects", "train")
+    fit = open_dataset("msrc-objects", "train:fit")
+    held = open_dataset("msrc-objects", "train:holdout")
+    fit_ids, held_ids = {s.id for s in fit.samples}, {s.id for s in held.samples}
+    assert (len(fit_ids), len(held_ids)) == (221, 55)
+    assert not fit_ids & held_ids and fit_ids | held_ids == {s.id for s in train.samples}
+    assert held_ids == {s.id for s in open_dataset("msrc-objects", "train:holdout").samples}  # deterministic
+    with pytest.raises(ConfigError, match="use 'train:fit' or 'train:holdout'"):
+        open_dataset("msrc-objects", "train:test")

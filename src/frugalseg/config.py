@@ -30,7 +30,7 @@ class TrainConfig:
     backbone: str = "tf_efficientnet_lite0"
     pretrained: bool | str = True
     output_stride: int = 16
-    aux_stage: Literal["last", "penultimate"] = "last"
+    aux_stage: Literal["last", "penultimate"] = "penultimate"  # chosen on a train holdout (benchmarks/supervised.py)
     # optimisation
     epochs: int = 30
     max_steps: int = -1
