@@ -49,6 +49,13 @@ HELP = {
     "mask_threshold": "AdvCAM tau: restriction mask = map > tau * max, rebuilt every step.",
     "gradcam_scale": "AdvCAM: penalise the reference's Grad-CAM-scaled maps (else raw CAM values).",
     "background_classes": "Class names merged into background (repeat the option).",
+    "mask_dir": "Train on the masks in this folder (<id>.png in the dataset's class ids, 255 = ignore), e.g. pseudo-masks.",
+    "seeds": "Where seeds come from: cam, advcam, prm, or group (co-attention over groups of images sharing a tag).",
+    "refine": "crf: dense-CRF pseudo-masks with confidence-based ignore regions; none: seeds go straight to mining.",
+    "rounds": "MCOF iterations: mine regions from the seeds, train a segmenter on them, its predictions seed the next.",
+    "saliency_rounds": "Rounds that refine regions with saliency under a Bayesian rule (MCOF: the first only).",
+    "fg_threshold": "CRF pseudo-masks: foreground where the CRF of maps vs this background level says so (AdvCAM 0.35).",
+    "bg_threshold": "CRF pseudo-masks: background where the CRF of maps vs this level says so; between = ignore (0.15).",
     "ignore_classes": "Class names turned into void, excluded from loss and metrics (repeat the option).",
 }
 
@@ -286,6 +293,23 @@ def cams(**options) -> None:
     rate = f", {m['images_per_s_now']:.3f} images/s" if m["images_per_s_now"] else ""
     click.echo(f"{m['method']} maps for {m['images']} images in {default_out(cfg)} ({m['computed_now']} computed now{rate})")
     click.echo(f"gallery: {default_out(cfg) / 'gallery.html'}")
+
+
+@cli.command("run")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Re-run from a saved config.yaml; other options override it.")
+@config_options(__import__("frugalseg.weak.pipeline", fromlist=["PipelineConfig"]).PipelineConfig)
+def run_cmd(config_file: str | None, **options) -> None:
+    """Tags to a segmentation model: classifier, seeds, CRF, mining rounds with a segmenter; resumable."""
+    from frugalseg.weak.pipeline import PipelineConfig, run_pipeline
+
+    cfg = build_config(PipelineConfig, options, config_file)
+    summary = run_pipeline(cfg)
+    for r in summary["stages"]:
+        v = "-" if r["miou"] is None else f"{r['miou']:.4f}"
+        click.echo(f"{r['stage']:22s} {r['split']} pseudo-mask mIoU {v}")
+    if summary["final_val_miou"] is not None:
+        click.echo(f"final segmenter: {summary['val_split']} mIoU {summary['final_val_miou']:.4f}")
+    click.echo(f"report: {Path(cfg.out) / 'report.html'}")
 
 
 @cli.command("eval-seeds")

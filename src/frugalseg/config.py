@@ -25,6 +25,7 @@ class TrainConfig:
     background_classes: list[str] | None = None  # merged into the background class
     ignore_classes: list[str] | None = None  # become void (255)
     val_split: str | None = "val"
+    mask_dir: str | None = None  # train on these masks (<id>.png, 255 = ignore) instead of the dataset's, e.g. pseudo-masks
     # model
     arch: Literal["ocr", "fcn", "unet2d"] = "ocr"
     backbone: str = "tf_efficientnet_lite0"

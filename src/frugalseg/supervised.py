@@ -73,6 +73,10 @@ def open_with_classes(cfg: TrainConfig, split: str) -> SegDataset:
 
 def load_training_data(cfg: TrainConfig) -> tuple[SegDataset, SegDataset | None, LabelBudget | None]:
     train_ds = open_with_classes(cfg, cfg.train_split)
+    if cfg.mask_dir:
+        from frugalseg.data.samples import with_mask_folder
+
+        train_ds = with_mask_folder(train_ds, cfg.mask_dir)
     budget = budget_of(cfg)
     if budget is not None:
         train_ds = apply_budget(train_ds, budget)

@@ -154,3 +154,29 @@ class SegDataset:
         for s in self.samples:
             out[s.supervision] += 1
         return out
+
+
+def with_mask_folder(ds: SegDataset, folder: str | Path) -> SegDataset:
+    """The samples of `ds` that have a mask in `folder` (`<safe id>.png`, ids of `ds.labels`, 255 = ignore).
+
+    This is how pseudo-masks (CRF, mining rounds) become training labels: the masks are already in the
+    dataset's class ids, so no class map is applied to them, and each sample keeps the tags of the original
+    dataset (given, or derived from its own masks) so nothing re-derives tags from the pseudo-masks.
+    Samples without a file are left out; a folder with none of them is an error.
+    """
+    from frugalseg.data.labels import identity_map
+    from frugalseg.weak.maps_io import safe_name
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"Mask folder {folder} does not exist.")
+    samples = []
+    for s in ds.samples:
+        path = folder / f"{safe_name(s.id)}.png"
+        if path.exists():
+            samples.append(replace(s, mask=path, tags=ds.tags_of(s), supervision="mask"))
+    if not samples:
+        raise DataError(f"{folder}: no mask named after a sample of {ds.name} (expected files like "
+                        f"{safe_name(ds.samples[0].id) if ds.samples else 'ID'}.png).")
+    return SegDataset(name=f"{ds.name}+{folder.name}", samples=samples, labels=ds.labels,
+                      class_map=identity_map(ds.labels), ndim=ds.ndim)

@@ -1,0 +1,104 @@
+"""From tags to a segmentation model on msrc-objects (issue: weak supervision II).
+
+Tags only for the training images (derived from their masks; the masks themselves are read only to score
+each stage). One `frugalseg run` with CAM seeds -> CRF -> MCOF mining rounds (regions, OCR segmenter,
+tag-restricted predictions as the next seeds), and a second run that shares its tag classifier and makes
+group-wise seeds (co-attention over groups of 3 images) for `group_seed_miou`.
+
+Figures: pseudo-mask mIoU per stage on the *train* images (IRN's convention: ignored pixels count as
+background), `group_seed_miou` vs `cam_seed_miou` (both at IRN's fixed threshold 0.15, train images),
+`tags_only_val_miou` (the last round's segmenter on the *val* split) and `ratio_to_full`, the latter divided
+by `ocr_pretrained_miou` of benchmarks/results/supervised.json (40 epochs; this run's segmenter schedule is
+stated beside it). Nothing is chosen on val or on the training masks.
+
+    python benchmarks/tags_to_model.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from common import ROOT, default_data_root, print_table, save_results
+
+os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
+
+from frugalseg.weak.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(limit=48, classifier_epochs=4, scales=(1.0,), rounds=2, seg_epochs=6, crop_size=192, group_epochs=2)
+    return dict(limit=None, classifier_epochs=8, scales=(1.0, 0.5, 1.5, 2.0), rounds=3, seg_epochs=20,
+                crop_size=256, group_epochs=4)
+
+
+def full_supervision_miou() -> tuple[float | None, dict]:
+    path = ROOT / "benchmarks" / "results" / "supervised.json"
+    if not path.exists():
+        return None, {}
+    data = json.loads(path.read_text())
+    msrc = data["figures"].get("msrc_objects", {})
+    return msrc.get("ocr_pretrained_miou"), {"source": "supervised.json msrc_objects.ocr_pretrained_miou",
+                                             "aux_stage": msrc.get("aux_stage"),
+                                             "measured_on": data.get("measured_on", {}).get("msrc_objects", {}).get("machine", {}).get("gpu", "cpu")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="48 training images, short schedules (minutes here).")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--skip-group", action="store_true", help="Only the CAM pipeline.")
+    args = ap.parse_args()
+    started = time.time()
+    s = settings(args.quick)
+    root = Path(args.runs) / ("tags_to_model_quick" if args.quick else "tags_to_model")
+    common = dict(data="msrc-objects", train_split="train", val_split="val", progress=False, **s)
+
+    main_cfg = PipelineConfig(out=str(root / "cam_crf_mining"), seeds="cam", refine="crf", **common)
+    summary = run_pipeline(main_cfg)
+    stages = {r["stage"]: r for r in summary["stages"]}
+    figures: dict = {"train_images": summary["train_images"], "val_split": "val", "stages_split": "train"}
+    figures["pseudo_mask_miou"] = {name: r["miou"] for name, r in stages.items()}
+    figures["pseudo_mask_miou_labelled"] = {name: r["miou_labelled"] for name, r in stages.items()}
+    figures["labelled_fraction"] = {name: r["labelled_fraction"] for name, r in stages.items()}
+    figures["cam_seed_miou"] = stages["seed"]["miou"]
+    figures["crf_miou"] = stages["crf"]["miou"]
+    for r in range(1, s["rounds"] + 1):
+        figures[f"round{r}_regions_miou"] = stages[f"round{r}_regions"]["miou"]
+        figures[f"round{r}_predictions_miou"] = stages[f"round{r}_predictions"]["miou"]
+    figures["val_miou_by_round"] = {str(r): v["miou"] for r, v in summary["val_by_round"].items()}
+    figures["val_per_class_iou_last_round"] = summary["val_by_round"][max(summary["val_by_round"])]["per_class"]
+    figures["tags_only_val_miou"] = summary["final_val_miou"]
+    full, full_src = full_supervision_miou()
+    figures["full_supervision_val_miou"] = full
+    figures["full_supervision_source"] = full_src
+    figures["ratio_to_full"] = round(summary["final_val_miou"] / full, 4) if full else None
+    figures["stage_seconds"] = summary["stage_seconds"]
+    figures["cam_pipeline_seconds"] = summary["seconds"]
+
+    if not args.skip_group:
+        group_cfg = PipelineConfig(**{**common, "rounds": 0}, out=str(root / "group_seeds"), seeds="group", refine="none",
+                                   classifier=str(root / "cam_crf_mining" / "classifier"))
+        gsum = run_pipeline(group_cfg)
+        figures["group_seed_miou"] = {r["stage"]: r for r in gsum["stages"]}["seed"]["miou"]
+        figures["group_minus_cam_seed_miou"] = round(figures["group_seed_miou"] - figures["cam_seed_miou"], 6)
+        figures["group_seconds"] = gsum["seconds"]
+
+    rows = [(name, "train", f"{v:.4f}" if v is not None else "-") for name, v in figures["pseudo_mask_miou"].items()]
+    if "group_seed_miou" in figures:
+        rows.insert(1, ("group seed", "train", f"{figures['group_seed_miou']:.4f}"))
+    rows += [(f"segmenter round {r}", "val", f"{v:.4f}") for r, v in figures["val_miou_by_round"].items()]
+    print_table(rows, ("stage", "split", "mIoU"))
+    ratio = f"{figures['ratio_to_full']:.3f}" if figures["ratio_to_full"] is not None else "n/a"
+    print(f"tags-only val mIoU {figures['tags_only_val_miou']:.4f}; ratio to full supervision {ratio}")
+    settings_out = {"pipeline": {k: v for k, v in vars(main_cfg).items() if k not in ("out", "progress")}, "quick": args.quick}
+    path = save_results("tags_to_model_quick" if args.quick else "tags_to_model", {"msrc_objects": figures}, settings_out, started)
+    print(f"wrote {path} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

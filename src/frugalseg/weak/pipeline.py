@@ -1,0 +1,415 @@
+"""From image tags to a segmentation model: `frugalseg run`.
+
+The chain (each a stage of the run directory, skipped when its `stages/<name>.done` marker exists, so a
+killed run resumes at the stage it was in):
+
+1. `classify`   tag classifier on the training split's tags (masks never seen);
+2. `group`      (seeds = group) the group-wise co-attention classifier, started from the tag classifier;
+3. `maps`       class maps of the training images: cam | advcam | prm | group;
+4. `seeds`      seed label maps at IRN's fixed background threshold 0.15 (written, for the report);
+5. `crf`        dense-CRF pseudo-masks with confidence-based ignore regions (AdvCAM's 0.35 / 0.15);
+6. `round<r>`   MCOF's loop, `rounds` times: bottom-up mining of common object features (superpixels,
+                one region classifier over the whole training set, saliency under a Bayesian rule in the
+                first `saliency_rounds` rounds) -> refined regions; top-down: a segmentation network (OCR
+                head) trained on those regions; its predictions on the training images, restricted to each
+                image's tags, are the next round's seeds.
+
+Ground-truth masks of the training images are read only to *report* how good each stage's masks are
+(pseudo-mask mIoU per stage); no threshold or setting is chosen with them. The final model is scored on
+the validation split. Everything lands in `summary.json` and `report.html`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from frugalseg.data.io import read_label_png, write_label_png
+from frugalseg.errors import ConfigError, DataError
+from frugalseg.runs import RunDir, write_json
+
+log = logging.getLogger(__name__)
+
+SEED_METHODS = ("cam", "advcam", "prm", "group")
+IRN_SEED_THRESHOLD = 0.15
+
+
+@dataclass
+class PipelineConfig:
+    data: str = ""
+    out: str = "runs/tags"
+    train_split: str = "train"  # tags of these images train everything; their masks are only scored
+    val_split: str | None = "val"  # the final model is scored here
+    background_classes: list[str] | None = None
+    ignore_classes: list[str] | None = None
+    limit: int | None = None  # only the first N training images (a fixed, stated subset for CPU runs)
+    seeds: Literal["cam", "advcam", "prm", "group"] = "cam"
+    classifier: str | None = None  # an existing `frugalseg classify` run to use instead of training one
+    refine: Literal["crf", "none"] = "crf"
+    rounds: int = 3  # MCOF iterations (bottom-up mining + top-down segmenter)
+    saliency_rounds: int = 1  # MCOF: the Bayesian saliency refinement in the first round only
+    # classifier and maps
+    classifier_epochs: int = 8
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    steps: int = 27  # AdvCAM
+    restriction: float = 7.0  # AdvCAM lambda
+    group_size: int = 3
+    group_epochs: int = 6
+    # CRF pseudo-masks
+    fg_threshold: float = 0.35
+    bg_threshold: float = 0.15
+    crf_workers: int | None = None
+    # mining
+    superpixel_method: Literal["felzenszwalb", "slic"] = "felzenszwalb"
+    min_coverage: float = 0.5
+    expand_only: bool = False  # True: mining only fills unknown pixels; False (MCOF): the region classifier relabels every superpixel
+    mining_confidence: float = 0.5  # region-classifier probability needed to fill an unknown region
+    prediction_confidence: float = 0.5  # segmenter pixels below this (within the tags) are unknown next round
+    # segmenter
+    seg_arch: Literal["ocr", "fcn"] = "ocr"
+    seg_epochs: int = 30
+    crop_size: int = 256
+    batch_size: int = 8
+    lr: float = 0.01
+    # machinery
+    seed: int = 0
+    precision: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+
+    def validate(self) -> "PipelineConfig":
+        if not self.data:
+            raise ConfigError("No dataset given: pass --data FOLDER or a task name such as msrc-objects.")
+        if self.seeds not in SEED_METHODS:
+            raise ConfigError(f"Unknown seeds '{self.seeds}'; choose one of {SEED_METHODS}.")
+        if self.rounds < 0:
+            raise ConfigError(f"rounds must be >= 0, got {self.rounds}.")
+        if not 0 <= self.bg_threshold <= self.fg_threshold <= 1:
+            raise ConfigError("Need 0 <= bg_threshold <= fg_threshold <= 1.")
+        if self.limit is not None and self.limit < 2:
+            raise ConfigError("limit must leave at least 2 training images.")
+        return self
+
+
+# ---- data -------------------------------------------------------------------------------------
+def open_training_images(cfg: PipelineConfig):
+    """The training split (optionally its first `limit` images), with a clear error when it has no tags."""
+    from frugalseg.config import TrainConfig
+    from frugalseg.supervised import open_with_classes
+
+    ds = open_with_classes(TrainConfig(data=cfg.data, background_classes=cfg.background_classes,
+                                       ignore_classes=cfg.ignore_classes), cfg.train_split)
+    if cfg.limit is not None:
+        ds = ds.with_samples(ds.samples[: cfg.limit])
+    tagged = []
+    for s in ds.samples:
+        if s.tags is None and s.mask is None:
+            continue
+        if ds.tags_of(s):
+            tagged.append(s)
+    if not tagged:
+        raise DataError(
+            f"{ds.name}: no image of split '{cfg.train_split}' has image-level tags (give a tags.csv, or masks "
+            "to derive them from); learning from tags needs at least one tagged image."
+        )
+    return ds.with_samples(tagged)
+
+
+def has_ground_truth(ds) -> bool:
+    return all(s.mask is not None for s in ds.samples)
+
+
+def mask_file(folder: Path, sample_id: str) -> Path:
+    from frugalseg.weak.maps_io import safe_name
+
+    return folder / f"{safe_name(sample_id)}.png"
+
+
+def write_masks(folder: Path, ds, masks: dict[str, np.ndarray]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for sid, m in masks.items():
+        write_label_png(mask_file(folder, sid), m.astype(np.uint8), ds.labels.palette_bytes())
+
+
+def read_masks(folder: Path, ds) -> dict[str, np.ndarray]:
+    return {s.id: read_label_png(mask_file(folder, s.id)) for s in ds.samples if mask_file(folder, s.id).exists()}
+
+
+def score_masks(folder: Path, ds) -> dict[str, Any] | None:
+    """Pseudo-mask quality against the training images' own masks (report only), IRN's convention."""
+    if not has_ground_truth(ds):
+        return None
+    from frugalseg.weak.crf import evaluate_pseudo_masks
+
+    return evaluate_pseudo_masks(folder, ds, save=True)
+
+
+# ---- stages -----------------------------------------------------------------------------------
+def stage_classify(cfg: PipelineConfig, run: RunDir) -> Path:
+    from frugalseg.weak.classify import ClassifyConfig, train_classifier
+
+    if cfg.classifier:
+        if not (Path(cfg.classifier) / "model").is_dir():
+            raise ConfigError(f"--classifier {cfg.classifier}: not a classify run directory (no model/ folder).")
+        return Path(cfg.classifier)
+    out = run / "classifier"
+    if not run.stage_done("classify"):
+        ccfg = ClassifyConfig(data=cfg.data, out=str(out), train_split=cfg.train_split, eval_split=cfg.val_split,
+                              background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes,
+                              epochs=cfg.classifier_epochs, peak_stimulation=cfg.seeds == "prm", seed=cfg.seed,
+                              precision=cfg.precision, num_workers=cfg.num_workers, progress=cfg.progress,
+                              resume=(out / "checkpoints" / "last.ckpt").exists())
+        res = train_classifier(ccfg)
+        run.mark_done("classify", {"eval": res.get("eval")})
+    return out
+
+
+def stage_maps(cfg: PipelineConfig, run: RunDir, classifier: Path, ds) -> Path:
+    maps_dir = run / "cams"  # maps.json, maps/<id>.npz, gallery.html
+    if run.stage_done("maps"):
+        return maps_dir
+    limit = cfg.limit
+    if cfg.seeds == "group":
+        from frugalseg.weak.group import GroupConfig, GroupMapsConfig, make_group_maps, train_group_classifier
+
+        gout = run / "group"
+        if not run.stage_done("group"):
+            train_group_classifier(GroupConfig(
+                data=cfg.data, out=str(gout), train_split=cfg.train_split, limit=limit,
+                background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes,
+                init_classifier=str(classifier), group_size=cfg.group_size, epochs=cfg.group_epochs,
+                lr_steps=tuple(e for e in (cfg.group_epochs // 3, 2 * cfg.group_epochs // 3) if e > 0),
+                seed=cfg.seed, precision=cfg.precision, num_workers=cfg.num_workers, progress=cfg.progress,
+                resume=(gout / "checkpoints" / "last.ckpt").exists()))
+            run.mark_done("group")
+        make_group_maps(GroupMapsConfig(classifier=str(gout), out=str(maps_dir), data=cfg.data, split=cfg.train_split,
+                                        scales=tuple(cfg.scales), limit=limit, seed=cfg.seed, progress=cfg.progress))
+    else:
+        from frugalseg.weak.maps_stage import MapsConfig, make_maps
+
+        make_maps(MapsConfig(classifier=str(classifier), out=str(maps_dir), method=cfg.seeds, data=cfg.data,
+                             split=cfg.train_split, scales=tuple(cfg.scales), limit=limit, steps=cfg.steps,
+                             restriction=cfg.restriction, progress=cfg.progress))
+    run.mark_done("maps")
+    return maps_dir
+
+
+def stage_seeds(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds) -> Path:
+    """Seeds at IRN's fixed threshold, written as PNGs (the report shows them; round 1 uses them if no CRF)."""
+    from frugalseg.weak.maps_io import load_maps, maps_path
+    from frugalseg.weak.seeds import seed_from_maps
+
+    out = run / "seeds"
+    if not run.stage_done("seeds"):
+        masks = {}
+        for s in ds.samples:
+            m = load_maps(maps_path(maps_dir, s.id))
+            masks[s.id] = seed_from_maps(m.high_res, m.keys, IRN_SEED_THRESHOLD, ds.labels.background)
+        write_masks(out, ds, masks)
+        run.mark_done("seeds", {"threshold": IRN_SEED_THRESHOLD, "images": len(masks)})
+    return out
+
+
+def stage_crf(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds) -> Path:
+    from frugalseg.weak.crf import refine_dataset
+
+    out = run / "crf"
+    if not run.stage_done("crf"):
+        refine_dataset(maps_dir, ds, out, workers=cfg.crf_workers, fg_threshold=cfg.fg_threshold,
+                       bg_threshold=cfg.bg_threshold, progress=cfg.progress)
+        run.mark_done("crf")
+    return out
+
+
+class MiningInputs:
+    """Images, frozen ImageNet features, superpixels and saliency of the training images, computed once."""
+
+    def __init__(self, cfg: PipelineConfig, ds):
+        from frugalseg.weak.mining import backbone_features, superpixels
+        from frugalseg.weak.saliency import manifold_ranking_saliency
+
+        t0 = time.time()
+        self.ids = [s.id for s in ds.samples]
+        self.images = [ds.read_image(s) for s in ds.samples]
+        self.tags = [sorted(ds.tags_of(s)) for s in ds.samples]
+        self.features = backbone_features(self.images)
+        self.superpixels = [superpixels(im, method=cfg.superpixel_method) for im in self.images]
+        self.saliency = [manifold_ranking_saliency(im) for im in self.images]
+        log.info("mining inputs for %d images in %.0f s", len(self.images), time.time() - t0)
+
+
+def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, inputs: "MiningInputs | None") -> tuple[Path, Path, "MiningInputs | None"]:
+    """One MCOF round: regions mined from `seeds_dir`, a segmenter trained on them, its tag-restricted
+    predictions on the training images (the next round's seeds)."""
+    from frugalseg.config import TrainConfig
+    from frugalseg.supervised import train
+
+    rdir = run / f"round{r}"
+    regions_dir, preds_dir = rdir / "regions", rdir / "predictions"
+    if not run.stage_done(f"round{r}_regions"):
+        from frugalseg.weak.mining import mine_round
+
+        inputs = inputs or MiningInputs(cfg, ds)
+        seeds = read_masks(seeds_dir, ds)
+        missing = [i for i in inputs.ids if i not in seeds]
+        if missing:
+            raise DataError(f"{seeds_dir}: no seed mask for {missing[:5]} ({len(missing)} images).")
+        regions, stats = mine_round(
+            inputs.images, [seeds[i] for i in inputs.ids], inputs.tags, inputs.features,
+            num_classes=ds.labels.num_classes, background_index=ds.labels.background,
+            use_saliency=r <= cfg.saliency_rounds and ds.labels.background is not None,
+            superpixel_maps=inputs.superpixels, saliency_maps=inputs.saliency,
+            min_coverage=cfg.min_coverage, min_confidence=cfg.mining_confidence, keep_seeds=cfg.expand_only,
+            seed=cfg.seed + r)
+        write_masks(regions_dir, ds, dict(zip(inputs.ids, regions)))
+        write_json(rdir / "mining_stats.json", stats)
+        run.mark_done(f"round{r}_regions")
+    seg = TrainConfig(data=cfg.data, out=str(rdir / "segmenter"), train_split=cfg.train_split, val_split=cfg.val_split,
+                      background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes,
+                      mask_dir=str(regions_dir), arch=cfg.seg_arch, epochs=cfg.seg_epochs, crop_size=cfg.crop_size,
+                      batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, precision=cfg.precision,
+                      num_workers=cfg.num_workers, progress=cfg.progress, val_every=10_000,
+                      resume=(rdir / "segmenter" / "checkpoints" / "last.ckpt").exists())
+    train(seg)
+    if not run.stage_done(f"round{r}_predictions"):
+        predict_within_tags(rdir / "segmenter" / "model", ds, preds_dir, cfg.prediction_confidence)
+        run.mark_done(f"round{r}_predictions")
+    return regions_dir, preds_dir, inputs
+
+
+@torch.no_grad()
+def predict_within_tags(model_dir: Path, ds, out: Path, min_confidence: float = 0.0) -> None:
+    """The segmenter's labels on the training images, with classes outside each image's tags forbidden
+    (MCOF: 'predictions restricted to image labels' seed the next round). Pixels whose probability,
+    renormalised over the allowed classes, is below `min_confidence` become unknown (255) for the miner."""
+    from frugalseg.export import load_export
+    from frugalseg.supervised import _device, predict_images
+
+    model, spec, labels = load_export(model_dir)
+    device = _device()
+    model = model.to(device).eval()
+    masks = {}
+    for s in ds.samples:
+        image = torch.from_numpy(np.array(ds.read_image(s))).permute(2, 0, 1).float().div(255)
+        probs = predict_images(model, image[None].to(device), spec.get("input_size"))[0]
+        allowed = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
+        allowed[list(ds.tags_of(s))] = True
+        if labels.background is not None:
+            allowed[labels.background] = True
+        probs = probs.masked_fill(~allowed[:, None, None], 0)
+        conf, label = (probs / probs.sum(0, keepdim=True).clamp_min(1e-8)).max(0)
+        label[conf < min_confidence] = labels.ignore_index
+        masks[s.id] = label.to(torch.uint8).cpu().numpy()
+    write_masks(out, ds, masks)
+
+
+# ---- the whole run ----------------------------------------------------------------------------
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the summary (also `summary.json`), writes `report.html`."""
+    cfg.validate()
+    run = RunDir(cfg.out)
+    run.save_config(cfg)
+    ds = open_training_images(cfg)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        t = time.time()
+        out = fn(*args)
+        timings[name] = round(time.time() - t, 1)
+        return out
+
+    classifier = timed("classify", stage_classify, cfg, run)
+    maps_dir = timed("maps", stage_maps, cfg, run, classifier, ds)
+    seeds_dir = timed("seeds", stage_seeds, cfg, run, maps_dir, ds)
+    stages = [("seed", seeds_dir)]
+    current = seeds_dir
+    if cfg.refine == "crf":
+        current = timed("crf", stage_crf, cfg, run, maps_dir, ds)
+        stages.append(("crf", current))
+    inputs = None
+    val_by_round = {}
+    for r in range(1, cfg.rounds + 1):
+        regions, preds, inputs = timed(f"round{r}", stage_round, cfg, run, r, current, ds, inputs)
+        stages += [(f"round{r}_regions", regions), (f"round{r}_predictions", preds)]
+        metrics = run / f"round{r}" / "segmenter" / "metrics" / f"{cfg.val_split}.json"
+        if cfg.val_split and metrics.exists():
+            val_by_round[r] = json.loads(metrics.read_text())
+        current = preds
+    summary = summarise(cfg, ds, stages, val_by_round, timings, time.time() - t0)
+    write_json(run / "summary.json", summary)
+    write_pipeline_report(run.path, ds, stages, summary)
+    return summary
+
+
+def summarise(cfg: PipelineConfig, ds, stages, val_by_round: dict, timings: dict, seconds: float) -> dict[str, Any]:
+    rows = []
+    for name, folder in stages:
+        score = score_masks(folder, ds)
+        rows.append({"stage": name, "folder": str(folder), "split": cfg.train_split,
+                     "miou": None if score is None else score["miou"],
+                     "miou_labelled": None if score is None else score["miou_labelled"],
+                     "labelled_fraction": None if score is None else score["labelled_fraction"]})
+    val = {r: {"miou": m.get("miou"), "per_class": {k: v.get("iou") for k, v in m.get("per_class", {}).items()}}
+           for r, m in val_by_round.items()}
+    final = val[max(val)]["miou"] if val else None
+    return {"config": dataclasses.asdict(cfg), "train_images": len(ds), "stages": rows,
+            "val_by_round": val, "final_val_miou": final, "val_split": cfg.val_split,
+            "stage_seconds": timings, "seconds": round(seconds, 1)}
+
+
+def write_pipeline_report(run_dir: Path, ds, stages, summary: dict, max_images: int = 16) -> Path:
+    """Seeds, pseudo-masks and predictions side by side per image, and the per-stage mIoU table."""
+    from frugalseg.data.io import atomic_path, write_rgb
+    from frugalseg.report.overlays import colourise, panel
+
+    assets = run_dir / "report_assets"
+    assets.mkdir(exist_ok=True)
+    rows_html = []
+    for s in ds.samples[:max_images]:
+        image = ds.read_image(s)
+        tiles, titles = [image], ["image"]
+        if s.mask is not None:
+            tiles.append(colourise(ds.read_mask(s), ds.labels))
+            titles.append("truth")
+        for name, folder in stages:
+            f = mask_file(Path(folder), s.id)
+            if f.exists():
+                tiles.append(colourise(read_label_png(f), ds.labels))
+                titles.append(name.replace("_", " "))
+        path = assets / f"{mask_file(Path(''), s.id).stem}.jpg"
+        write_rgb(path, panel(tiles, titles))
+        rows_html.append(f'<div class="row"><p>{html.escape(s.id)}</p><img src="report_assets/{path.name}"></div>')
+    table = "".join(
+        f"<tr><td>{html.escape(r['stage'])}</td><td>{r['split']}</td><td>{_fmt(r['miou'])}</td>"
+        f"<td>{_fmt(r['miou_labelled'])}</td><td>{_fmt(r['labelled_fraction'])}</td></tr>" for r in summary["stages"])
+    val_rows = "".join(f"<tr><td>round {r}</td><td>{summary['val_split']}</td><td>{_fmt(v['miou'])}</td></tr>"
+                       for r, v in summary["val_by_round"].items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>frugalseg run: tags to model</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+.row img{{max-width:100%}}.row p{{margin:.8em 0 .2em;font-weight:bold}}</style></head><body>
+<h1>From tags to a segmentation model</h1>
+<p>{summary['train_images']} training images ({html.escape(str(summary['config']['train_split']))}), seeds from
+<b>{summary['config']['seeds']}</b>, refinement {summary['config']['refine']}, {summary['config']['rounds']} mining rounds;
+{summary['seconds']:.0f} s. Training-image masks are used only to score the stages below, never to choose anything.</p>
+<h2>Pseudo-mask mIoU per stage (training images)</h2>
+<table><tr><th>stage</th><th>split</th><th>mIoU (ignore = background)</th><th>mIoU of labelled pixels</th><th>labelled fraction</th></tr>{table}</table>
+<h2>Segmenter per round</h2><table><tr><th>round</th><th>split</th><th>mIoU</th></tr>{val_rows}</table>
+<h2>Per image</h2>{''.join(rows_html)}</body></html>"""
+    out = run_dir / "report.html"
+    with atomic_path(out) as tmp:
+        tmp.write_text(page)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.4f}"
