@@ -1,0 +1,487 @@
+"""Deep co-training for semi-supervised segmentation (Peng, Estrada, Pedersoli, Desrosiers; Pattern
+Recognition 2020), generalised to K ≥ 2 models.
+
+An ensemble of K networks, trained jointly with one optimiser on
+
+    L = Σ_k L_sup(f_k on its view)  +  λ_cot(t) · JSD(f_1..f_K on unlabelled)  +  λ_dif(t) · L_dif
+
+- **Views.** Model k is supervised only on its own subset ("view") of the labelled images
+  (`assign_views`). Default: a seeded *disjoint* split by patient that covers the labelled set
+  (`overlap=0`: the "exclusive labelled sets" of the official code's first version and the paper's
+  "different subset of labelled images"); `overlap=f` shares a fraction f of the units with every model
+  and splits the rest (the later official ACDC config used `partition_overlap: 1`, i.e. every model sees
+  every labelled image); `mode="bootstrap"` draws, per model, as many units as there are, with
+  replacement (the view is the set drawn). Units are patients by default (slices of one patient are
+  near-duplicates, so splitting slices would not give different views).
+- **Agreement.** The generalised Jensen–Shannon divergence of the K softmax maps on the same unlabelled
+  batch: H(mean_k p_k) − mean_k H(p_k) per pixel, averaged over pixels (`generalized_jsd`, the
+  official JSD_2D). It is ≥ 0, zero iff all K distributions agree, and symmetric in the models.
+- **Diversity** (the view-difference loss of Deep Co-Training). Per attacked model i and step, a coin
+  (p = 0.5, as the official code) picks either an FGSM example of a labelled image of model i's view
+  (CE against the ground truth, eps = 0.05 per pixel) or a VAT example of the unlabelled batch
+  (one power iteration, L2 norm eps = 0.05 per sample); each other model j must then match model i's
+  clean prediction on it: KL(p_i(x) ‖ p_j(x_adv_i)), with p_i(x) detached (the target; the official
+  code lets gradient reach model i through the target too). `pairs="all"`: model i's adversarials go
+  to every j ≠ i; `pairs="ring"`: only to j = i + 1 mod K. For K = 2 both equal the official code,
+  which only supports 2 models. The term is the mean over pairs. `adversarial=False` drops it.
+- **Ramps.** λ(t) = λ_max · exp(−5 (1 − t/T)²), 0 at t = 0 and λ_max for t ≥ T (the official
+  RampScheduler, the same Gaussian ramp as Qiao et al. and Laine & Aila), t in "epochs" of
+  `epoch_steps` iterations. Defaults λ_cot = 1, λ_dif = 0.005, T = 100: the official ACDC config
+  (the paper's own table of values was not available; Qiao et al.'s classification values are
+  λ_cot = 10, λ_dif = 0.5, T = 80, the official trainer's constructor defaults).
+- **Prediction.** The ensemble's mean softmax (`EnsembleSegmenter`).
+
+Deliberate differences from the official code (jizongFox/Deep-Co-Training-for-Semi-Supervised-Image-
+Segmentation): one summed loss and one optimiser step per batch (`cotraining.py` does three separate
+zero_grad/step calls, `cotraining_totalloss.py` sums, as here); VAT's probe xi = 1e-3 instead of 1e-6
+(1e-6 drowns in float32 rounding, see `semi.adversarial`); the VAT KL uses every class (the official
+generator sums over the foreground classes only); K ≥ 2. One official `Segmentator.predict` revision
+returns `softmax(img)` instead of the softmax of the prediction when `logit=False`, which makes its JSD
+and adversarial losses constant; nothing of that survives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
+from frugalseg.engine import CHECKPOINT_FORMAT, poly_lambda
+from frugalseg.errors import ConfigError
+from frugalseg.losses import segmentation_loss
+from frugalseg.metrics import ConfusionMatrix, summarise
+from frugalseg.semi.adversarial import fgsm, kl_divergence, vat
+from frugalseg.semi.batches import SemiConfig, make_optimizer, pass_epoch, split_batch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CoTrainConfig", "CoTrainModule", "EnsembleSegmenter", "adversarial_pairs", "assign_views",
+    "cotrain_ramp", "cotraining_loss", "generalized_jsd", "load_ensemble", "train_cotrain",
+]
+
+
+# ---- the pieces ----------------------------------------------------------------------------------
+def _entropy(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    return -(p * log_p).sum(1)
+
+
+def generalized_jsd(dists: Sequence[torch.Tensor] | torch.Tensor, *, log_probs: bool = False,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Generalised Jensen–Shannon divergence H(mean_k p_k) − mean_k H(p_k) of K class distributions.
+
+    `dists`: K tensors (B, C, *spatial) (or one (K, B, C, *spatial) tensor) of probabilities, or of
+    log-probabilities with `log_probs=True` (the exact, epsilon-free path training uses: log of the mean
+    is a logsumexp). With probabilities, 0·log 0 is taken as 0 (log of the smallest positive float).
+    `reduction`: "mean" over pixels and batch, or "none" for the (B, *spatial) map. Natural log (nats).
+    """
+    stack = torch.stack(list(dists)) if not torch.is_tensor(dists) else dists
+    if stack.shape[0] < 2:
+        raise ValueError(f"generalized_jsd needs at least two distributions, got {stack.shape[0]}.")
+    stack = stack.float()
+    k = stack.shape[0]
+    if log_probs:
+        log_p = stack
+        p = log_p.exp()
+        log_mean = torch.logsumexp(log_p, dim=0) - math.log(k)
+    else:
+        p = stack
+        tiny = torch.finfo(p.dtype).tiny
+        log_p = p.clamp_min(tiny).log()
+        log_mean = p.mean(0).clamp_min(tiny).log()
+    mean = p.mean(0)
+    jsd = _entropy(mean, log_mean) - torch.stack([_entropy(p[i], log_p[i]) for i in range(k)]).mean(0)
+    if reduction == "none":
+        return jsd
+    if reduction == "mean":
+        return jsd.mean()
+    raise ValueError(f"unknown reduction '{reduction}' (mean, none)")
+
+
+def assign_views(
+    ids: Sequence[str],
+    n_models: int,
+    *,
+    mode: str = "split",
+    overlap: float = 0.0,
+    seed: int = 0,
+    group: Callable[[str], str] | None = None,
+) -> list[tuple[str, ...]]:
+    """Each model's labelled ids (in the order of `ids`), deterministic in (ids, n_models, mode, overlap, seed).
+
+    Units are `group(id)` (e.g. the patient) or the ids themselves. `mode="split"`: a seeded
+    permutation of the units; the first round(overlap × n) go to every model, the rest are cut into
+    n_models near-equal disjoint parts. So overlap=0 gives disjoint views whose union is the labelled
+    set, overlap=1 gives every model every unit. `mode="bootstrap"`: each model draws n units with
+    replacement (its view is the set of distinct units drawn, about 63% of them). Every view must be
+    non-empty.
+    """
+    if n_models < 1:
+        raise ConfigError(f"n_models must be >= 1, got {n_models}.")
+    if not 0.0 <= overlap <= 1.0:
+        raise ConfigError(f"view overlap must be in [0, 1], got {overlap}.")
+    unit_of = group or (lambda i: i)
+    units: list[str] = []
+    for i in ids:
+        u = unit_of(i)
+        if u not in units:
+            units.append(u)
+    if not units:
+        raise ConfigError("No labelled image to split between the co-trained models.")
+    rng = np.random.default_rng(seed)
+    n = len(units)
+    if mode == "split":
+        order = rng.permutation(n)
+        n_shared = int(round(overlap * n))
+        shared = set(order[:n_shared].tolist())
+        parts = np.array_split(order[n_shared:], n_models)
+        chosen = [shared | set(part.tolist()) for part in parts]
+    elif mode == "bootstrap":
+        chosen = [set(rng.integers(0, n, size=n).tolist()) for _ in range(n_models)]
+    else:
+        raise ConfigError(f"unknown view mode '{mode}' (split, bootstrap)")
+    empty = [k for k, c in enumerate(chosen) if not c]
+    if empty:
+        what = "patients" if group is not None else "images"
+        raise ConfigError(
+            f"{n_models} models with disjoint views need at least {n_models} labelled {what}; there are {n}, "
+            f"so model {empty[0]} would get none. Label more, lower n_models, or raise view_overlap."
+        )
+    views = []
+    for c in chosen:
+        names = {units[u] for u in c}
+        views.append(tuple(i for i in ids if unit_of(i) in names))
+    return views
+
+
+def adversarial_pairs(n_models: int, pairs: str = "all") -> list[tuple[int, int]]:
+    """(attacked model i, model j that must resist i's adversarials) for every used pair."""
+    if n_models < 2:
+        return []
+    if pairs == "all":
+        return [(i, j) for i in range(n_models) for j in range(n_models) if i != j]
+    if pairs == "ring":
+        return [(i, (i + 1) % n_models) for i in range(n_models)]
+    raise ConfigError(f"unknown adversarial pairs '{pairs}' (all, ring)")
+
+
+def cotrain_ramp(t: float, length: float, max_value: float, mult: float = -5.0) -> float:
+    """The official RampScheduler: 0 at t = 0, max·exp(mult·(1 − t/T)²) below T, max from T on; T = 0: max."""
+    if length <= 0:
+        return float(max_value)
+    if t <= 0:
+        return 0.0
+    if t >= length:
+        return float(max_value)
+    return float(max_value * math.exp(mult * (1.0 - t / length) ** 2))
+
+
+class EnsembleSegmenter(nn.Module):
+    """Mean softmax of K segmentation networks, returned as log-probabilities.
+
+    softmax(log(mean p)) = mean p, so everything that softmaxes a model's output (inference, evaluation)
+    reads the ensemble's mean softmax unchanged.
+    """
+
+    def __init__(self, models: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([_first(m(x)).float().softmax(1) for m in self.members]).mean(0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def cotraining_loss(
+    models: Sequence[nn.Module],
+    x_lab: torch.Tensor,
+    y_lab: torch.Tensor,
+    stream: torch.Tensor,
+    x_unl: torch.Tensor,
+    *,
+    w_cot: float,
+    w_dif: float,
+    adversarial: bool = True,
+    pairs: str = "all",
+    adv_source: str = "coin",
+    fgsm_eps: float = 0.05,
+    vat_xi: float = 1e-3,
+    vat_eps: float = 0.05,
+    vat_power_iterations: int = 1,
+    clamp: Sequence[float] | None = (0.0, 1.0),
+    attack_eval_mode: bool = True,
+    loss_kind: str = "dice_ce",
+    ignore_index: int = IGNORE_INDEX,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The co-training loss of one batch and its terms (loss, sup, jsd, dif).
+
+    `stream[b]` is the model whose view labelled sample b belongs to; `x_unl` the unlabelled batch.
+    The diversity term is computed only when `adversarial` and `w_dif > 0` (it costs one attack per
+    model and one forward/backward per pair).
+    """
+    k = len(models)
+    sup_terms, lab_logits = [], []
+    for m, model in enumerate(models):
+        sel = stream == m
+        if not bool(sel.any()):
+            raise ValueError(f"cotraining_loss: the labelled batch has no sample of model {m}'s view.")
+        logits = _first(model(x_lab[sel]))
+        lab_logits.append(logits)
+        sup_terms.append(segmentation_loss(logits, y_lab[sel], loss_kind, ignore_index))
+    sup = torch.stack(sup_terms).sum()
+    unl_logits = [_first(model(x_unl)) for model in models]
+    jsd = generalized_jsd([F.log_softmax(z.float(), 1) for z in unl_logits], log_probs=True)
+    dif = sup.new_zeros(())
+    if adversarial and w_dif > 0 and k >= 2:
+        terms = []
+        by_attacker: dict[int, list[int]] = {}
+        for i, j in adversarial_pairs(k, pairs):
+            by_attacker.setdefault(i, []).append(j)
+        for i, targets in by_attacker.items():
+            if adv_source == "both":
+                sources = ["fgsm", "vat"]
+            elif adv_source == "coin":
+                sources = ["fgsm" if float(torch.rand((), generator=generator)) < 0.5 else "vat"]
+            else:
+                raise ConfigError(f"unknown adversarial source '{adv_source}' (coin, both)")
+            for source in sources:
+                if source == "fgsm":
+                    sel = stream == i
+                    clean, x_adv = lab_logits[i].detach(), fgsm(
+                        models[i], x_lab[sel], y_lab[sel], fgsm_eps, ignore_index, clamp=clamp,
+                        eval_mode=attack_eval_mode)
+                else:
+                    clean, x_adv = unl_logits[i].detach(), vat(
+                        models[i], x_unl, vat_xi, vat_eps, vat_power_iterations, clamp=clamp,
+                        eval_mode=attack_eval_mode, generator=generator)
+                for j in targets:
+                    terms.append(kl_divergence(clean, _first(models[j](x_adv))).mean())
+        dif = torch.stack(terms).mean()
+    loss = sup + w_cot * jsd + w_dif * dif
+    return {"loss": loss, "sup": sup.detach(), "jsd": jsd.detach(), "dif": dif.detach()}
+
+
+# ---- configuration -----------------------------------------------------------------------------------
+@dataclass
+class CoTrainConfig(SemiConfig):
+    """Deep co-training on 2D slices (defaults: the official ACDC config where it has one)."""
+
+    out: str = "runs/cotrain"
+    n_models: int = 2
+    views: str = "split"  # split | bootstrap
+    view_overlap: float = 0.0  # split: fraction of labelled units every model sees
+    view_unit: str = "patient"  # patient | image
+    adversarial: bool = True
+    adv_pairs: str = "all"  # all (i → every j ≠ i) | ring (i → i+1)
+    adv_source: str = "coin"  # coin (FGSM labelled or VAT unlabelled, p = 0.5, official) | both
+    fgsm_eps: float = 0.05  # L∞, per pixel
+    vat_xi: float = 1e-3  # L2 per sample; official 1e-6 underflows in float32
+    vat_eps: float = 0.05  # L2 per sample
+    vat_power_iterations: int = 1
+    adv_clamp: list[float] | None = field(default_factory=lambda: [0.0, 1.0])  # ACDC intensities are in [0, 1]
+    attack_eval_mode: bool = True
+    lambda_cot: float = 1.0
+    lambda_dif: float = 0.005
+    ramp_epochs: float = 100.0
+    ramp_mult: float = -5.0
+    eval_members: bool = False
+    # official: Adam lr 1e-3, weight decay 1e-4, 4 labelled (per model) + 4 unlabelled
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    labelled_batch_size: int = 4
+    unlabelled_batch_size: int = 4
+
+    def validate(self) -> "CoTrainConfig":
+        super().validate()
+        if self.n_models < 2:
+            raise ConfigError(f"co-training needs n_models >= 2, got {self.n_models}.")
+        if self.views not in ("split", "bootstrap"):
+            raise ConfigError(f"views must be split or bootstrap, got '{self.views}'.")
+        if self.view_unit not in ("patient", "image"):
+            raise ConfigError(f"view_unit must be patient or image, got '{self.view_unit}'.")
+        adversarial_pairs(self.n_models, self.adv_pairs)
+        if self.adv_source not in ("coin", "both"):
+            raise ConfigError(f"adv_source must be coin or both, got '{self.adv_source}'.")
+        return self
+
+
+# ---- Lightning ---------------------------------------------------------------------------------------
+class CoTrainModule(L.LightningModule):
+    """K models, one optimiser; batches follow `semi.batches` (one labelled stream per model)."""
+
+    def __init__(self, models: Sequence[nn.Module], labels: LabelSpec, cfg: CoTrainConfig, model_spec: dict):
+        super().__init__()
+        if len(models) < 2:
+            raise ConfigError("CoTrainModule needs at least two models.")
+        self.models = nn.ModuleList(models)
+        self.labels = labels
+        self.cfg = cfg
+        self.model_spec = model_spec
+        self.val_cm = ConfusionMatrix(labels.num_classes, labels.ignore_index)
+
+    @property
+    def ensemble(self) -> EnsembleSegmenter:
+        return EnsembleSegmenter(list(self.models))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ensemble(x)
+
+    def weights(self, step: int) -> tuple[float, float]:
+        t = step // max(1, self.cfg.epoch_steps)
+        return (cotrain_ramp(t, self.cfg.ramp_epochs, self.cfg.lambda_cot, self.cfg.ramp_mult),
+                cotrain_ramp(t, self.cfg.ramp_epochs, self.cfg.lambda_dif, self.cfg.ramp_mult))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        cfg = self.cfg
+        lab, unl = split_batch(batch)
+        w_cot, w_dif = self.weights(self.global_step)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.global_step)
+        out = cotraining_loss(
+            list(self.models), lab["image"], lab["mask"], lab["stream"], unl["image"],
+            w_cot=w_cot, w_dif=w_dif, adversarial=cfg.adversarial, pairs=cfg.adv_pairs,
+            adv_source=cfg.adv_source, fgsm_eps=cfg.fgsm_eps, vat_xi=cfg.vat_xi, vat_eps=cfg.vat_eps,
+            vat_power_iterations=cfg.vat_power_iterations, clamp=cfg.adv_clamp,
+            attack_eval_mode=cfg.attack_eval_mode, loss_kind=cfg.loss, ignore_index=self.labels.ignore_index,
+            generator=gen,
+        )
+        bs = batch["image"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        for name in ("sup", "jsd", "dif"):
+            self.log(f"train/{name}", out[name], on_step=True, on_epoch=False, batch_size=bs)
+        self.log("train/w_cot", w_cot, on_step=True, on_epoch=False, batch_size=bs)
+        self.log("train/w_dif", w_dif, on_step=True, on_epoch=False, batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        from frugalseg.inference import predict_volume_slices
+
+        probs = predict_volume_slices(self.ensemble, batch["volume"], size=self.cfg.patch_size)
+        self.val_cm.update(probs.argmax(1).to(self.device), batch["mask"].to(self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        m = summarise(self.val_cm.compute().cpu(), self.labels.names, self.labels.background)
+        self.val_cm.reset()
+        if m["mean_dice_foreground"] is not None:
+            self.log("val/dice_fg", m["mean_dice_foreground"], prog_bar=True)
+
+    def on_train_epoch_start(self) -> None:
+        pass_epoch(self)
+
+    def configure_optimizers(self):
+        opt = make_optimizer(self.models.parameters(), self.cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": "cotrain",
+                                   "labels": self.labels.to_dict(), "model": self.model_spec,
+                                   "n_models": len(self.models)}
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def save_ensemble(models: Sequence[nn.Module], spec: dict, labels: LabelSpec, out_dir: Path) -> Path:
+    """Each member as a standard export (members/<k>/) plus ensemble.json (combine = mean softmax)."""
+    import json
+
+    from frugalseg.data.io import write_text
+    from frugalseg.export import save_export
+
+    out_dir = Path(out_dir)
+    for k, m in enumerate(models):
+        save_export(m, spec, labels, out_dir / "members" / str(k))
+    write_text(out_dir / ENSEMBLE_FILE, json.dumps(
+        {"format_version": 1, "combine": "mean_softmax", "members": [f"members/{k}" for k in range(len(models))],
+         "model": spec, "labels": labels.to_dict()}, indent=2))
+    return out_dir
+
+
+def load_ensemble(path: str | Path) -> tuple[EnsembleSegmenter, dict, LabelSpec]:
+    """The ensemble written by `train_cotrain` (folder holding ensemble.json), eval mode, CPU."""
+    import json
+
+    from frugalseg.errors import DataError
+    from frugalseg.export import load_export
+
+    path = Path(path)
+    if not (path / ENSEMBLE_FILE).exists():
+        raise DataError(f"{path}: no {ENSEMBLE_FILE}; expected the models/ folder of a co-training run.")
+    meta = json.loads((path / ENSEMBLE_FILE).read_text())
+    members = [load_export(path / rel)[0] for rel in meta["members"]]
+    return EnsembleSegmenter(members).eval(), meta["model"], LabelSpec.from_dict(meta["labels"])
+
+
+def train_cotrain(cfg: CoTrainConfig) -> dict:
+    """Co-train K U-Nets on 2D slices in `cfg.out`, export the ensemble, evaluate it on the validation cases.
+
+    Returns {"run", "views", "train_seconds", "val": metrics}; the metrics are the volume metrics of
+    `supervised.evaluate_model` (per-class Dice, HD95, ASD in voxels for ACDC's HDF5 files, and the
+    case means `case_mean_dice`, `case_mean_hd95`). A finished run is not retrained (resume with
+    `cfg.resume`). With `eval_members`, each member's metrics are added under "members".
+    """
+    from frugalseg.data.hdf5 import patient_of
+    from frugalseg.models import build_model
+    from frugalseg.runs import RunDir, write_json
+    from frugalseg.semi.batches import SemiBatches, fit_semi, input_channels, open_semi_data
+
+    cfg.validate()
+    run = RunDir(cfg.out)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    train, labelled, unlabelled, val = open_semi_data(cfg)
+    views = assign_views(labelled, cfg.n_models, mode=cfg.views, overlap=cfg.view_overlap, seed=cfg.budget_seed,
+                         group=patient_of if cfg.view_unit == "patient" else None)
+    write_json(run / "views.json", {"labelled": list(labelled), "views": [list(v) for v in views],
+                                    "unlabelled": len(unlabelled)})
+    run.save_config(cfg)
+    spec = {"arch": "unet2d", "num_classes": train.labels.num_classes, "in_chans": input_channels(train),
+            "input_size": cfg.patch_size}
+    index = {s.id: i for i, s in enumerate(train.samples)}
+    t0 = time.time()
+    models_dir = run / "models"
+    if run.stage_done("train") and not cfg.resume:
+        log.info("%s: training already finished; skipping (delete stages/train.done to retrain).", run.path)
+        ensemble, _, _ = load_ensemble(models_dir)
+    else:
+        models = [build_model(spec) for _ in range(cfg.n_models)]
+        module = CoTrainModule(models, train.labels, cfg, spec)
+        batches = SemiBatches(train, [[index[i] for i in v] for v in views], unlabelled,
+                              labelled_batch_size=cfg.labelled_batch_size,
+                              unlabelled_batch_size=cfg.unlabelled_batch_size,
+                              steps=min(cfg.epoch_steps, cfg.iterations), patch_size=cfg.patch_size, seed=cfg.seed)
+        fit_semi(module, cfg, run, batches, val)
+        save_ensemble(list(module.models), spec, train.labels, models_dir)
+        run.mark_done("train", {"seconds": round(time.time() - t0, 1), "iterations": cfg.iterations,
+                                "n_models": cfg.n_models})
+        ensemble = module.ensemble
+    result: dict = {"run": str(run.path), "views": [len(v) for v in views], "train_seconds": round(time.time() - t0, 1)}
+    if val is not None:
+        from frugalseg.supervised import evaluate_model
+
+        metrics = evaluate_model(ensemble, val, train.labels, input_size=cfg.patch_size, progress=cfg.progress)
+        metrics.update(split=cfg.val_split, model={"ensemble": cfg.n_models, **spec})
+        if cfg.eval_members:
+            metrics["members"] = [
+                {k: v for k, v in evaluate_model(m, val, train.labels, input_size=cfg.patch_size,
+                                                 progress=cfg.progress).items() if k != "per_case"}
+                for m in ensemble.members
+            ]
+        run.write_metrics(cfg.val_split or "val", metrics)
+        result["val"] = metrics
+    return result
