@@ -199,14 +199,35 @@ def prm_instances_eval(classifier: Path, n_val: int) -> dict:
             "num_gt": ap["num_gt"], "num_pred": ap["num_pred"]}
 
 
+def advcam_multiscale(classifier: Path) -> None:
+    """AdvCAM at the default scales (1.0, 0.5, 1.5, 2.0) over every train and val image, threshold chosen
+    on train, applied to val; the reference's lambda 7 first, then lambda 0 (chosen by the train-only
+    sensitivity table). Each variant is saved as soon as it is done."""
+    root = classifier.parent
+    batch = 16 if torch.cuda.is_available() else 4
+    for tag, kw in (("advcam_multiscale", {}), ("advcam_multiscale_lambda0", {"restriction": 0.0})):
+        started = time.time()
+        for split in ("train", "val"):
+            maps(classifier, root / f"{tag}_{split}", "advcam", split, scales=(1.0, 0.5, 1.5, 2.0), batch_size=batch, **kw)
+        res = protocol(root / f"{tag}_train", root / f"{tag}_val")
+        res.update(seconds=round(time.time() - started, 1), scales=[1.0, 0.5, 1.5, 2.0], restriction=kw.get("restriction", 7.0))
+        print(f"{tag}: val seed mIoU {res['val_miou']:.4f} (threshold {res['threshold_chosen_on_train']} from train), {res['seconds']:.0f} s", flush=True)
+        save_results("attribution", {tag: res}, {tag: {"batch_size": batch}}, started)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--only-speed", action="store_true", help="Measure AdvCAM speed only (classifier must exist).")
     ap.add_argument("--speed-images", type=int, help="Val images timed (default 4, or 2 with --quick; a GPU needs more to fill it).")
+    ap.add_argument("--only-advcam-multiscale", action="store_true",
+                    help="Multi-scale AdvCAM (default scales) on all train+val images, lambda 7 then 0 (a GPU job).")
     args = ap.parse_args()
     s = settings(args.quick)
+    if args.only_advcam_multiscale:
+        advcam_multiscale(Path(args.runs) / "attribution" / "classifier_cam")
+        return
     if args.only_speed:
         name = "attribution_quick" if args.quick else "attribution"
         started = time.time()
