@@ -23,7 +23,7 @@ def tiny(shapes: Path, out: Path, **kw) -> PipelineConfig:
 
 
 def test_run_writes_every_stage_and_resumes_after_an_interrupted_stage(shapes_dataset, tmp_path, monkeypatch):
-    cfg = tiny(shapes_dataset, tmp_path / "run")
+    cfg = tiny(shapes_dataset, tmp_path / "run", mask_fraction=0.25)  # masks + tags
     real_crf = pipeline.stage_crf
 
     def crash(*args):
@@ -57,6 +57,11 @@ def test_run_writes_every_stage_and_resumes_after_an_interrupted_stage(shapes_da
     from frugalseg.weak.pipeline import mask_file
 
     ds = open_dataset(str(shapes_dataset), "train")
+    masked = json.loads((run / "budget.json").read_text())["mask"]
+    assert len(masked) == 3 and summary["masked_images"] == 3  # 25 % of the 12 training images
+    for sid in masked:  # the budget's masks replace the mined regions of their images
+        s = next(x for x in ds.samples if x.id == sid)
+        assert (read_label_png(mask_file(run / "round1" / "regions", sid)) == ds.read_mask(s)).all()
     for s in ds.samples[:8]:
         for folder in ("crf", "round1/regions", "round1/predictions"):
             present = set(np.unique(read_label_png(mask_file(run / folder, s.id))).tolist()) - {0, 255}

@@ -52,6 +52,8 @@ class PipelineConfig:
     background_classes: list[str] | None = None
     ignore_classes: list[str] | None = None
     limit: int | None = None  # only the first N training images (a fixed, stated subset for CPU runs)
+    mask_fraction: float | None = None  # masks + tags: this fraction of training images keeps its masks
+    budget_seed: int = 0
     seeds: Literal["cam", "advcam", "prm", "group"] = "cam"
     classifier: str | None = None  # an existing `frugalseg classify` run to use instead of training one
     refine: Literal["crf", "none"] = "crf"
@@ -95,6 +97,8 @@ class PipelineConfig:
             raise ConfigError(f"rounds must be >= 0, got {self.rounds}.")
         if not 0 <= self.bg_threshold <= self.fg_threshold <= 1:
             raise ConfigError("Need 0 <= bg_threshold <= fg_threshold <= 1.")
+        if self.mask_fraction is not None and not 0 < self.mask_fraction <= 1:
+            raise ConfigError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}.")
         if self.limit is not None and self.limit < 2:
             raise ConfigError("limit must leave at least 2 training images.")
         return self
@@ -122,6 +126,25 @@ def open_training_images(cfg: PipelineConfig):
             "to derive them from); learning from tags needs at least one tagged image."
         )
     return ds.with_samples(tagged)
+
+
+def given_masks(cfg: PipelineConfig, run: RunDir) -> dict[str, np.ndarray]:
+    """Masks + tags (the semi-supervised setting of AdvCAM): the label budget's masked training images keep
+    their masks, which then replace the pseudo-masks of those images in every round (mining learns from
+    them too). The budget is drawn over the whole training split, as `frugalseg train --mask-fraction` draws
+    it, so masks-only and masks+tags runs with the same seed use the same masked images."""
+    if cfg.mask_fraction is None:
+        return {}
+    from frugalseg.config import TrainConfig
+    from frugalseg.data.budget import LabelBudget, apply_budget, budget_manifest
+    from frugalseg.supervised import open_with_classes
+
+    full = open_with_classes(TrainConfig(data=cfg.data, background_classes=cfg.background_classes,
+                                         ignore_classes=cfg.ignore_classes), cfg.train_split)
+    budget = LabelBudget(mask_fraction=cfg.mask_fraction, rest="tags", seed=cfg.budget_seed)
+    budgeted = apply_budget(full, budget)
+    write_json(run / "budget.json", budget_manifest(budgeted, budget))
+    return {s.id: full.read_mask(s) for s in budgeted.samples if s.supervision == "mask"}
 
 
 def has_ground_truth(ds) -> bool:
@@ -247,7 +270,8 @@ class MiningInputs:
         log.info("mining inputs for %d images in %.0f s", len(self.images), time.time() - t0)
 
 
-def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, inputs: "MiningInputs | None") -> tuple[Path, Path, "MiningInputs | None"]:
+def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, inputs: "MiningInputs | None",
+                given: dict[str, np.ndarray] | None = None) -> tuple[Path, Path, "MiningInputs | None"]:
     """One MCOF round: regions mined from `seeds_dir`, a segmenter trained on them, its tag-restricted
     predictions on the training images (the next round's seeds)."""
     from frugalseg.config import TrainConfig
@@ -259,7 +283,7 @@ def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, i
         from frugalseg.weak.mining import mine_round
 
         inputs = inputs or MiningInputs(cfg, ds)
-        seeds = read_masks(seeds_dir, ds)
+        seeds = {**read_masks(seeds_dir, ds), **(given or {})}
         missing = [i for i in inputs.ids if i not in seeds]
         if missing:
             raise DataError(f"{seeds_dir}: no seed mask for {missing[:5]} ({len(missing)} images).")
@@ -270,7 +294,7 @@ def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, i
             superpixel_maps=inputs.superpixels, saliency_maps=inputs.saliency,
             min_coverage=cfg.min_coverage, min_confidence=cfg.mining_confidence, keep_seeds=cfg.expand_only,
             seed=cfg.seed + r)
-        write_masks(regions_dir, ds, dict(zip(inputs.ids, regions)))
+        write_masks(regions_dir, ds, {**dict(zip(inputs.ids, regions)), **(given or {})})
         write_json(rdir / "mining_stats.json", stats)
         run.mark_done(f"round{r}_regions")
     seg = TrainConfig(data=cfg.data, out=str(rdir / "segmenter"), train_split=cfg.train_split, val_split=cfg.val_split,
@@ -319,6 +343,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     run = RunDir(cfg.out)
     run.save_config(cfg)
     ds = open_training_images(cfg)
+    given = given_masks(cfg, run)
     t0 = time.time()
     timings: dict[str, float] = {}
 
@@ -339,13 +364,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     inputs = None
     val_by_round = {}
     for r in range(1, cfg.rounds + 1):
-        regions, preds, inputs = timed(f"round{r}", stage_round, cfg, run, r, current, ds, inputs)
+        regions, preds, inputs = timed(f"round{r}", stage_round, cfg, run, r, current, ds, inputs, given)
         stages += [(f"round{r}_regions", regions), (f"round{r}_predictions", preds)]
         metrics = run / f"round{r}" / "segmenter" / "metrics" / f"{cfg.val_split}.json"
         if cfg.val_split and metrics.exists():
             val_by_round[r] = json.loads(metrics.read_text())
         current = preds
     summary = summarise(cfg, ds, stages, val_by_round, timings, time.time() - t0)
+    summary["masked_images"] = len(given)
     write_json(run / "summary.json", summary)
     write_pipeline_report(run.path, ds, stages, summary)
     return summary
