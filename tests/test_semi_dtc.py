@@ -200,35 +200,58 @@ def test_levelset_networks_heads_and_gradients():
     assert vnet.features.net.in_tr.conv_block.conv.weight.grad.abs().sum() > 0
 
 
-# ---- data -----------------------------------------------------------------------------------------
+# ---- data (the shared semi batches, with DTC's SDF targets) --------------------------------------------
 def test_labelled_choice_and_mixed_batches_on_acdc():
-    from frugalseg.data import LabelBudget, apply_budget
     from frugalseg.data.hdf5 import load_hdf5, patient_of
-    from frugalseg.semi.dtc import DTCBatches, StepSampler, choose_labelled_ids
+    from frugalseg.semi.batches import SemiBatches, select_labelled
 
     ds = load_hdf5(data_path("acdc"), "train")
-    ids = choose_labelled_ids(ds, patients=1)
+    ids = select_labelled(ds, patients=1)
     assert {patient_of(i) for i in ids} == {patient_of(ds[0].id)}
-    drawn = choose_labelled_ids(ds, fraction=0.1, seed=3)
-    assert drawn == choose_labelled_ids(ds, fraction=0.1, seed=3) and len({patient_of(i) for i in drawn}) == 5
+    drawn = select_labelled(ds, fraction=0.1, seed=3)
+    assert drawn == select_labelled(ds, fraction=0.1, seed=3) and len({patient_of(i) for i in drawn}) == 5
     with pytest.raises(ConfigError, match="exactly one"):
-        choose_labelled_ids(ds, patients=1, fraction=0.1)
-    small = apply_budget(ds.with_samples(ds.samples[:40]), LabelBudget(listed=ids, rest="none"))
-    batches = DTCBatches(small, dims=2, patch_size=(48, 40), num_classes=4, labelled_bs=2, unlabelled_bs=3, seed=1)
-    b = batches[5]
+        select_labelled(ds, patients=1, fraction=0.1)
+    small = ds.with_samples(ds.samples[:40])
+    lab = [i for i, s in enumerate(small.samples) if s.id in set(ids)]
+    unl = [i for i, s in enumerate(small.samples) if s.id not in set(ids)]
+    batches = SemiBatches(small, [lab], unl, patch_size=(48, 40), sdf_classes=4, labelled_batch_size=2,
+                          unlabelled_batch_size=3, steps=8, seed=1)
+    b = batches.batch(5)
     assert b["image"].shape == (5, 1, 48, 40) and b["mask"].shape == (5, 48, 40) and b["sdf"].shape == (5, 3, 48, 40)
     assert b["labelled"].tolist() == [True, True, False, False, False]
     assert torch.all(b["mask"][2:] == 255) and torch.all(b["sdf"][2:] == 0)
     assert int(b["mask"][:2].max()) <= 3
     torch.testing.assert_close(b["sdf"][:2], sdf_targets(b["mask"][:2], 4))
-    assert all(small[int(i)].supervision == "mask" for i in b["index"][:2])
-    assert all(small[int(i)].supervision == "none" for i in b["index"][2:])
-    again = batches[5]
+    assert all(int(i) in lab for i in b["index"][:2]) and all(int(i) in unl for i in b["index"][2:])
+    again = batches.batch(5)
     assert torch.equal(again["image"], b["image"]) and torch.equal(again["mask"], b["mask"])
-    assert not torch.equal(batches[6]["image"], b["image"])
-    sampler = StepSampler(4)
-    sampler.set_epoch(2)
-    assert list(sampler) == [8, 9, 10, 11]
+    assert not torch.equal(batches.batch(6)["image"], b["image"])
+    batches.set_epoch(2)
+    assert batches.global_index(3) == 19 and not torch.equal(batches.batch(5)["image"], b["image"])
+
+
+def test_3d_patches_crops_and_sdf_on_la():
+    from frugalseg.data.hdf5 import load_hdf5
+    from frugalseg.semi.batches import SemiBatches
+
+    ds = load_hdf5(data_path("la2018"), "train")
+    kw = dict(labelled_batch_size=1, unlabelled_batch_size=1, steps=2, patch_size=[40, 36, 24], sdf_classes=2, seed=0)
+    b = SemiBatches(ds, [[0, 1]], [2, 3], **kw).batch(0)
+    assert b["image"].shape == (2, 1, 40, 36, 24) and b["mask"].shape == (2, 40, 36, 24)
+    assert b["sdf"].shape == (2, 1, 40, 36, 24) and torch.all(b["sdf"][1] == 0) and torch.all(b["mask"][1] == 255)
+    torch.testing.assert_close(b["sdf"][:1], sdf_targets(b["mask"][:1], 2))
+    # no augmentation: the centre crop of the volume, as the reference's CenterCrop
+    plain = SemiBatches(ds, [[0]], [2], **{**kw, "augment": "none"}).batch(0)
+    image, mask = ds.read_pair(ds[0])
+    d, h, w = image.shape
+    box = (slice((d - 40) // 2, (d - 40) // 2 + 40), slice((h - 36) // 2, (h - 36) // 2 + 36),
+           slice((w - 24) // 2, (w - 24) // 2 + 24))
+    assert torch.equal(plain["image"][0, 0], torch.from_numpy(image[box]))
+    assert torch.equal(plain["mask"][0], torch.from_numpy(mask[box].astype(np.int64)))
+    # a patch larger than the volume is zero-padded
+    big = SemiBatches(ds, [[0]], [2], **{**kw, "patch_size": [32, 32, 96]}).batch(0)
+    assert big["image"].shape[-1] == 96 and bool((big["image"][0, 0, :, :, :4] == 0).all())
 
 
 def _finite(losses: dict) -> bool:
@@ -240,8 +263,8 @@ def test_train_dtc_acdc_2d_three_iterations(tmp_path):
     from frugalseg.semi.dtc import DTCConfig, load_dtc_model, train_dtc
 
     data_path("acdc")
-    cfg = DTCConfig(data="acdc", out=str(tmp_path / "run"), labelled_patients=1, iterations=3, labelled_bs=2,
-                    unlabelled_bs=2, patch_size=[64, 64], channels=[8, 16, 32], max_val_cases=1, progress=False)
+    cfg = DTCConfig(data="acdc", out=str(tmp_path / "run"), labelled_patients=1, iterations=3, labelled_batch_size=2,
+                    unlabelled_batch_size=2, patch_size=[64, 64], channels=[8, 16, 32], val_limit=1, progress=False)
     result = train_dtc(cfg)
     assert _finite(result["losses"])
     assert result["losses"]["consistency_weight"] == pytest.approx(0.1 * math.exp(-5))  # 2D: SSL4MIS constants
@@ -259,8 +282,8 @@ def test_train_dtc_la_3d_tiny_patch(tmp_path):
     from frugalseg.semi.dtc import DTCConfig, train_dtc
 
     data_path("la2018")
-    cfg = DTCConfig(data="la2018", out=str(tmp_path / "run"), labelled_patients=2, iterations=2, labelled_bs=1,
-                    unlabelled_bs=1, patch_size=[32, 32, 16], arch="unet", channels=[4, 8], val_split=None,
+    cfg = DTCConfig(data="la2018", out=str(tmp_path / "run"), labelled_patients=2, iterations=2, labelled_batch_size=1,
+                    unlabelled_batch_size=1, patch_size=[32, 32, 16], arch="unet", channels=[4, 8], val_split=None,
                     progress=False)
     result = train_dtc(cfg)
     assert _finite(result["losses"])
@@ -309,33 +332,39 @@ def test_config_checks_and_epoch_alignment():
 
     with pytest.raises(ConfigError, match="exactly one of labelled_patients"):
         DTCConfig(data="acdc").validate()
-    cfg = DTCConfig(data="la2018", labelled_patients=16).resolved(3, ["test", "train"])
-    assert (cfg.arch, cfg.patch_size, cfg.iterations, cfg.labelled_bs, cfg.consistency, cfg.rampup, cfg.val_split) == \
-        ("vnet", [112, 112, 80], 6000, 2, 1.0, 40.0, "test")
-    assert cfg.epoch_steps == 150 and cfg.lr_schedule == "step" and cfg.dropout == 0.5
-    acdc = DTCConfig(data="acdc", labelled_patients=7).resolved(2, ["train", "train_slices", "val"])
-    assert (acdc.arch, acdc.patch_size, acdc.iterations, acdc.labelled_bs, acdc.consistency) == \
+    cfg = DTCConfig(data="la2018", labelled_patients=16).resolved(3)
+    assert (cfg.arch, cfg.patch_size, cfg.iterations, cfg.labelled_batch_size, cfg.consistency,
+            cfg.consistency_rampup) == ("vnet", [112, 112, 80], 6000, 2, 1.0, 40.0)
+    assert cfg.epoch_length == 150 and cfg.lr_schedule == "step" and cfg.dropout == 0.5
+    acdc = DTCConfig(data="acdc", labelled_patients=7).resolved(2)
+    assert (acdc.arch, acdc.patch_size, acdc.iterations, acdc.labelled_batch_size, acdc.consistency) == \
         ("unet", [256, 256], 30000, 12, 0.1)
+    assert DTCConfig(data="acdc", labelled_patients=7, patch_size=[128]).resolved(2).patch_size == [128, 128]
     # Runs end on an epoch boundary (where last.ckpt is written): epochs shrink to divide the iterations.
-    assert DTCConfig(iterations=1000, steps_per_epoch=150).epoch_steps == 125
-    assert DTCConfig(iterations=3, steps_per_epoch=150).epoch_steps == 3
+    assert DTCConfig(iterations=1000, epoch_steps=150).epoch_length == 125
+    assert DTCConfig(iterations=3, epoch_steps=150).epoch_length == 3
     with pytest.raises(ConfigError, match="V-Net is 3D"):
         DTCConfig(data="acdc", labelled_patients=1, arch="vnet").resolved(2)
+    with pytest.raises(ConfigError, match="must give 1 or 3 sizes"):
+        DTCConfig(data="la2018", labelled_patients=1, patch_size=[64, 64]).resolved(3)
 
 
 def test_train_dtc_resume_continues_with_the_next_batches(tmp_path, monkeypatch):
     import frugalseg.semi.dtc as dtc
+    from frugalseg.semi.batches import SemiBatches
 
     data_path("acdc")
     drawn: list[int] = []
-    original = dtc.DTCBatches.__getitem__
-    monkeypatch.setattr(dtc.DTCBatches, "__getitem__", lambda self, g: drawn.append(g) or original(self, g))
-    common = dict(data="acdc", out=str(tmp_path / "run"), labelled_patients=1, labelled_bs=1, unlabelled_bs=1,
-                  steps_per_epoch=2, patch_size=[32, 32], channels=[4, 8], val_split=None, progress=False)
+    original = SemiBatches.batch
+    monkeypatch.setattr(SemiBatches, "batch",
+                        lambda self, b, rank=0: drawn.append(self.global_index(b)) or original(self, b, rank))
+    common = dict(data="acdc", out=str(tmp_path / "run"), labelled_patients=1, labelled_batch_size=1,
+                  unlabelled_batch_size=1, epoch_steps=2, patch_size=[32, 32], channels=[4, 8], val_split=None,
+                  progress=False)
     dtc.train_dtc(dtc.DTCConfig(iterations=2, **common))
     assert drawn == [0, 1]
     drawn.clear()
     again = dtc.train_dtc(dtc.DTCConfig(iterations=4, resume=True, **common))
-    assert drawn == [2, 3]  # Lightning builds the resumed iterator before set_epoch: the module tells the sampler
+    assert drawn == [2, 3]  # the resumed run draws the batches the uninterrupted run would have
     assert _finite(again["losses"])
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4

@@ -1,6 +1,7 @@
 """The `frugalseg` command: parses options, builds a config, calls a stage. Nothing else lives here.
 
-Options of `train` are generated from `TrainConfig`'s fields, so the dataclass is the single source of
+Options of `train` are generated from `TrainConfig`'s fields and, for `train --semi METHOD`, from the
+semi-supervised methods' configs (`frugalseg.semi.methods()`), so the dataclasses are the single source of
 truth for names, types, defaults and `--help`. Errors caused by input print one clear line (exit 2);
 anything else is a bug and keeps its traceback.
 """
@@ -25,7 +26,7 @@ log = logging.getLogger("frugalseg")
 HELP = {
     "data": "Dataset folder (VOC, folders, SSL4MIS HDF5, MSD NIfTI) or task name (msrc-objects, acdc, la2018, ...).",
     "out": "Run directory to write (config, checkpoints, metrics, predictions, report.html).",
-    "arch": "Model: ocr or fcn head on a timm backbone, or unet2d for medical slices.",
+    "arch": "Model: ocr or fcn head on a timm backbone, or unet2d for medical slices; with --semi: unet (2D/3D) or vnet (3D).",
     "backbone": "Any timm model name; tf_efficientnet_lite0/1/2 have offline ImageNet weights.",
     "aux_stage": "Backbone stage feeding the auxiliary head (OCR's soft object regions): last (HRNet-OCR) or penultimate (ResNet-OCR).",
     "pretrained": "true (ImageNet weights), false (random init), or a path to a weight file.",
@@ -57,6 +58,36 @@ HELP = {
     "fg_threshold": "CRF pseudo-masks: foreground where the CRF of maps vs this background level says so (AdvCAM 0.35).",
     "bg_threshold": "CRF pseudo-masks: background where the CRF of maps vs this level says so; between = ignore (0.15).",
     "ignore_classes": "Class names turned into void, excluded from loss and metrics (repeat the option).",
+    # semi-supervised training (train --semi)
+    "labelled_patients": "Labelled set: every slice of the first N patients of the list (SSL4MIS/DTC protocol: 3 or 7 on ACDC).",
+    "labelled_fraction": "Labelled set: this fraction of the patients (cases), drawn with --budget-seed; the rest is unlabelled.",
+    "budget_seed": "Seed of the label-budget draw.",
+    "unlabelled_limit": "Use only the first N unlabelled samples.",
+    "val_limit": "Evaluate on the first N validation cases only.",
+    "dims": "2 (slices) or 3 (volumes) [default: the training split's].",
+    "channels": "U-Net channels per level, e.g. 16,32,64,128,256.",
+    "dropout": "Dropout [default: 0 for the U-Net, 0.5 for the V-Net].",
+    "patch_size": "Training patch: one size (square/cube) or one per axis, e.g. 256 or 112,112,80 [default: by dims].",
+    "labelled_batch_size": "Labelled samples per batch (per model for co-training) [default: by dims and method].",
+    "unlabelled_batch_size": "Unlabelled samples per batch [default: by dims and method; 0 for --semi none].",
+    "augment": "ssl4mis (rot90/flip or ±20° rotation in 2D, RandomRotFlip in 3D), rotflip, or none.",
+    "iterations": "Training iterations [default: 30000 in 2D (SSL4MIS), 6000 in 3D (DTC)].",
+    "epoch_steps": "Iterations per epoch: checkpoint and validation interval.",
+    "rampup_every": "Iterations per unit of the consistency ramps (SSL4MIS/DTC: 150).",
+    "lr_schedule": "poly (power 0.9) or step (x0.1 every --lr-step) [default: poly in 2D, step in 3D].",
+    "val_overlap": "Sliding-window overlap of 3D inference.",
+    "largest_component": "Keep each class's largest connected component in evaluation (DTC's nms).",
+    "n_models": "Number K >= 2 of co-trained models.",
+    "adversarial": "Co-training's adversarial view-difference (diversity) term.",
+    "consistency": "Maximum consistency weight [default: by dims: 0.1 in 2D; DTC 1.0 in 3D].",
+    "consistency_rampup": "Consistency ramp-up length in units of --rampup-every iterations.",
+    "beta": "DTC: weight of the level-set (SDF) regression.",
+    "k": "DTC: k of the transform sigmoid(-k * sdf).",
+    "ema_decay": "Mean teacher: EMA decay of the teacher.",
+    "evaluate": "Mean teacher: the network evaluated and exported as model/ (student or teacher).",
+    "network": "Supervised-only baseline: plain (U-Net/V-Net) or levelset (DTC's network, level-set head unused).",
+    "views": "Co-training views of the labelled set: split (disjoint by patient) or bootstrap.",
+    "view_overlap": "Co-training: fraction of labelled patients every model sees.",
 }
 
 
@@ -111,6 +142,105 @@ class _BoolOrPath(click.ParamType):
         if low in ("false", "no", "0", "none"):
             return False
         return str(value)
+
+
+class _Sizes(click.ParamType):
+    """A list of integers written 112,112,80 or 112x112x80 (or one integer)."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return [int(v) for v in value]
+        try:
+            return [int(v) for v in str(value).replace("x", ",").split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"'{value}' is not a list of integers such as 112,112,80.", param, ctx)
+
+
+CUSTOM_TYPES = {"patch_size": _Sizes(), "channels": _Sizes()}
+ALIASES = {"n_models": ("--models",)}  # `frugalseg train --semi cotrain --models 3`
+
+
+def _field_default(fld: dataclasses.Field):
+    if fld.default is not dataclasses.MISSING:
+        return fld.default
+    if fld.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return fld.default_factory()  # type: ignore[misc]
+    return None
+
+
+def merged_config_options(classes: dict[str, type]):
+    """Decorator adding one --option per field of several dataclasses (e.g. `train` and `train --semi X`).
+
+    `classes` maps a label (shown in --help) to a config class; the first is the command's own. A field
+    of several classes gets one option whose choices are the union of theirs; its help names the
+    defaults that differ, and options of some classes only are marked with their labels.
+    """
+    labels = list(classes)
+
+    def decorate(f):
+        merged: dict[str, dict] = {}
+        for label, cls in classes.items():
+            hints = typing.get_type_hints(cls)
+            by_dims = set(cls.protocol(2)) | set(cls.protocol(3)) if hasattr(cls, "protocol") else set()
+            for fld in dataclasses.fields(cls):
+                if fld.name.startswith("_") or fld.name == "semi":
+                    continue
+                entry = merged.setdefault(fld.name, {"types": [], "defaults": {}, "cls": cls})
+                entry["types"].append(hints[fld.name])
+                default = _field_default(fld)
+                entry["defaults"][label] = "by dims" if default is None and fld.name in by_dims else default
+        for name, entry in reversed(list(merged.items())):
+            kinds = [_click_type(t) for t in entry["types"]]
+            tp, extra = kinds[0]
+            choices = [c for k, _ in kinds if isinstance(k, click.Choice) for c in k.choices]
+            if choices:
+                tp = click.Choice(list(dict.fromkeys(choices)))
+            elif any(k is not tp for k, _ in kinds):
+                tp = str if not all(k in (int, float) for k, _ in kinds) else float
+            tp = CUSTOM_TYPES.get(name, tp)
+            if name in CUSTOM_TYPES:
+                extra = {}
+            help_text = HELP_BY_CONFIG.get(entry["cls"].__name__, {}).get(name) or HELP.get(name, "")
+            owners = list(entry["defaults"])
+            if owners != labels:
+                help_text = f"[{_owners_label(owners, labels)}] {help_text}"
+            if "[default:" not in help_text:
+                help_text = f"{help_text} [default: {_defaults_text(entry['defaults'])}]"
+            opt = "--" + name.replace("_", "-")
+            if tp is bool:
+                f = click.option(f"{opt}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)(f)
+            else:
+                f = click.option(opt, *ALIASES.get(name, ()), name, type=tp, default=None, show_default=False,
+                                 help=help_text, **extra)(f)
+        return f
+
+    return decorate
+
+
+def _owners_label(owners: list[str], labels: list[str]) -> str:
+    """'train', '--semi' (every method), or '--semi cotrain|dtc'."""
+    semi = [o.split(" ", 1)[1] for o in owners if o.startswith("--semi ")]
+    all_semi = [o for o in labels if o.startswith("--semi ")]
+    parts = [o for o in owners if not o.startswith("--semi ")]
+    if semi:
+        parts.append("--semi" if len(semi) == len(all_semi) else "--semi " + "|".join(semi))
+    return ", ".join(parts)
+
+
+def _defaults_text(defaults: dict) -> str:
+    """One default, or the defaults per mode where they differ (semi methods grouped when they agree)."""
+    values = {k: str(v) for k, v in defaults.items()}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    semi = {k.split(" ", 1)[1]: v for k, v in values.items() if k.startswith("--semi ")}
+    parts = [f"{k}: {v}" for k, v in values.items() if not k.startswith("--semi ")]
+    if len(set(semi.values())) == 1:
+        parts.append(f"--semi: {next(iter(semi.values()))}")
+    else:
+        parts += [f"--semi {k}: {v}" for k, v in semi.items()]
+    return "; ".join(parts)
 
 
 def config_options(cls):
@@ -211,26 +341,99 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _train_configs() -> dict[str, type]:
+    """`train`'s option sources: TrainConfig, then each --semi method's config."""
+    from frugalseg.config import TrainConfig
+    from frugalseg.semi import methods
+
+    return {"train": TrainConfig, **{f"--semi {name}": cls for name, (cls, _) in methods().items()}}
+
+
+SEMI_HELP = ("Semi-supervised training on labelled + unlabelled images (2D slices or 3D volumes, e.g. acdc, "
+             "la2018): dtc (dual-task consistency), cotrain (deep co-training of --models K networks), meanteacher, "
+             "or none (the supervised-only baseline on the same labelled set and batches). The labelled set is "
+             "--labelled-patients N, --labelled-fraction F or --labelled-ids; the rest is unlabelled.")
+
+
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Re-run from a saved config.yaml; other options override it.")
-@config_options(__import__("frugalseg.config", fromlist=["TrainConfig"]).TrainConfig)
-def train(config_file: str | None, **options) -> None:
-    """Train a segmentation model with masks (optionally a label budget), evaluate and report."""
-    from frugalseg.config import TrainConfig
-    from frugalseg.supervised import train as run_train
+@click.option("--semi", type=click.Choice(["dtc", "cotrain", "meanteacher", "none"]), default=None, help=SEMI_HELP)
+@merged_config_options(_train_configs())
+def train(config_file: str | None, semi: str | None, **options) -> None:
+    """Train a segmentation model with masks (optionally a label budget), evaluate and report.
 
-    cfg = build_config(TrainConfig, options, config_file)
-    result = run_train(cfg)
-    _print_result(result)
+    With --semi METHOD, train semi-supervised on labelled + unlabelled images instead; options marked
+    [--semi ...] belong to those methods only, options marked [train] to supervised training only.
+    Progress, checkpoints every epoch and --resume work the same way in both.
+    """
+    cls, run_train = _train_target(semi, config_file)
+    cfg = build_config(cls, _options_for(cls, options, semi), config_file)
+    _print_result(run_train(cfg))
+
+
+def _train_target(semi: str | None, config_file: str | None):
+    """(config class, train function) for `train [--semi X] [--config file]`."""
+    from frugalseg.config import TrainConfig
+    from frugalseg.errors import ConfigError
+
+    saved = None
+    if config_file and Path(config_file).exists():
+        import yaml
+
+        saved = (yaml.safe_load(Path(config_file).read_text()) or {}).get("semi") or None
+    if semi is not None and saved is not None and semi != saved:
+        raise ConfigError(f"{config_file} is a --semi {saved} run; it cannot be re-run with --semi {semi}.")
+    semi = semi or saved
+    if semi is None:
+        from frugalseg.supervised import train as run_train
+
+        return TrainConfig, run_train
+    from frugalseg.semi import methods
+
+    return methods()[semi]
+
+
+def _options_for(cls, options: dict, semi: str | None) -> dict:
+    """The options of `cls`; a clear error for a given option that belongs to another mode."""
+    from frugalseg.errors import ConfigError
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k for k, v in options.items() if v is not None and v != ()}
+    foreign = sorted(given - names)
+    if foreign:
+        opts = ", ".join("--" + n.replace("_", "-") for n in foreign)
+        what = "is an option" if len(foreign) == 1 else "are options"
+        if semi is None:
+            raise ConfigError(f"{opts} {what} of semi-supervised training: add --semi dtc|cotrain|meanteacher|none "
+                              "(see frugalseg train --help).")
+        owners = [label for label, c in _train_configs().items() if foreign[0] in {f.name for f in dataclasses.fields(c)}]
+        hint = ""
+        if set(foreign) & {"mask_fraction", "mask_count"}:
+            hint = (" Semi-supervised runs choose the labelled set with --labelled-patients, --labelled-fraction "
+                    "(of the patients) or --labelled-ids.")
+        owners = ["supervised training (no --semi)" if o == "train" else o for o in owners]
+        raise ConfigError(f"{opts} {what} of {' / '.join(owners)}, not of --semi {semi}.{hint}")
+    hints = typing.get_type_hints(cls)
+    for name in sorted(given & names):  # merged options offer every mode's choices: check this mode's
+        choice, _ = _click_type(hints[name])
+        if isinstance(choice, click.Choice) and str(options[name]) not in choice.choices:
+            mode = f"--semi {semi}" if semi else "supervised training (no --semi)"
+            raise ConfigError(f"--{name.replace('_', '-')} {options[name]} is not a choice of {mode}: "
+                              f"{', '.join(choice.choices)}.")
+    return {k: v for k, v in options.items() if k in names}
 
 
 def _print_result(result: dict) -> None:
     val = result.get("val") or {}
     line = f"run: {result['run']}"
-    if val.get("miou") is not None:
+    if result.get("method"):
+        line += f"  (--semi {result['method']}, {result['labelled']} labelled / {result['unlabelled']} unlabelled)"
+    if val.get("miou") is not None and not result.get("method"):
         line += f"  val mIoU {val['miou']:.4f}"
     if val.get("case_mean_dice") is not None:
         line += f"  val mean Dice {val['case_mean_dice']:.4f}"
+    if result.get("method") and val.get("case_mean_hd95") is not None:
+        line += f"  HD95 {val['case_mean_hd95']:.2f} {val.get('surface_units', '')}".rstrip()
     click.echo(line)
     if (Path(result["run"]) / "report.html").exists():
         click.echo(f"report: {Path(result['run']) / 'report.html'}")

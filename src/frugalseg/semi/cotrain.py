@@ -26,10 +26,12 @@ An ensemble of K networks, trained jointly with one optimiser on
   which only supports 2 models. The term is the mean over pairs. `adversarial=False` drops it.
 - **Ramps.** λ(t) = λ_max · exp(−5 (1 − t/T)²), 0 at t = 0 and λ_max for t ≥ T (the official
   RampScheduler, the same Gaussian ramp as Qiao et al. and Laine & Aila), t in "epochs" of
-  `epoch_steps` iterations. Defaults λ_cot = 1, λ_dif = 0.005, T = 100: the official ACDC config
+  `rampup_every` iterations. Defaults λ_cot = 1, λ_dif = 0.005, T = 100: the official ACDC config
   (the paper's own table of values was not available; Qiao et al.'s classification values are
   λ_cot = 10, λ_dif = 0.5, T = 80, the official trainer's constructor defaults).
 - **Prediction.** The ensemble's mean softmax (`EnsembleSegmenter`).
+- **Data.** The batches, schedule, resume and evaluation every semi-supervised method shares
+  (`frugalseg.semi.batches`, `frugalseg.semi.stage`), with one labelled stream per model (its view).
 
 Deliberate differences from the official code (jizongFox/Deep-Co-Training-for-Semi-Supervised-Image-
 Segmentation): one summed loss and one optimiser step per batch (`cotraining.py` does three separate
@@ -44,24 +46,20 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
-from frugalseg.engine import CHECKPOINT_FORMAT, poly_lambda
 from frugalseg.errors import ConfigError
-from frugalseg.losses import segmentation_loss
-from frugalseg.metrics import ConfusionMatrix, summarise
 from frugalseg.semi.adversarial import fgsm, kl_divergence, vat
-from frugalseg.semi.batches import SemiConfig, make_optimizer, pass_epoch, split_batch
+from frugalseg.semi.batches import SemiConfig, case_of, split_batch
+from frugalseg.semi.stage import SemiModule, supervised_loss, train_semi
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +240,7 @@ def cotraining_loss(
             raise ValueError(f"cotraining_loss: the labelled batch has no sample of model {m}'s view.")
         logits = _first(model(x_lab[sel]))
         lab_logits.append(logits)
-        sup_terms.append(segmentation_loss(logits, y_lab[sel], loss_kind, ignore_index))
+        sup_terms.append(supervised_loss(logits, y_lab[sel], loss_kind, ignore_index))
     sup = torch.stack(sup_terms).sum()
     unl_logits = [_first(model(x_unl)) for model in models]
     jsd = generalized_jsd([F.log_softmax(z.float(), 1) for z in unl_logits], log_probs=True)
@@ -279,8 +277,10 @@ def cotraining_loss(
 # ---- configuration -----------------------------------------------------------------------------------
 @dataclass
 class CoTrainConfig(SemiConfig):
-    """Deep co-training on 2D slices (defaults: the official ACDC config where it has one)."""
+    """Deep co-training (defaults: the official ACDC config where it has one; K = `n_models`)."""
 
+    SEMI: ClassVar[str] = "cotrain"
+    semi: str = "cotrain"
     out: str = "runs/cotrain"
     n_models: int = 2
     views: str = "split"  # split | bootstrap
@@ -297,17 +297,21 @@ class CoTrainConfig(SemiConfig):
     attack_eval_mode: bool = True
     lambda_cot: float = 1.0
     lambda_dif: float = 0.005
-    ramp_epochs: float = 100.0
+    ramp_epochs: float = 100.0  # in units of rampup_every iterations
     ramp_mult: float = -5.0
     eval_members: bool = False
-    # official: Adam lr 1e-3, weight decay 1e-4, 4 labelled (per model) + 4 unlabelled
-    optimizer: str = "adam"
+    # official: Adam lr 1e-3, weight decay 1e-4, 4 labelled (per model) + 4 unlabelled (2D)
+    optimizer: Literal["sgd", "adam"] = "adam"
     lr: float = 1e-3
-    labelled_batch_size: int = 4
-    unlabelled_batch_size: int = 4
+
+    @classmethod
+    def protocol(cls, dims: int) -> dict:
+        base = super().protocol(dims)
+        if dims == 2:
+            base.update(labelled_batch_size=4, unlabelled_batch_size=4)
+        return base
 
     def validate(self) -> "CoTrainConfig":
-        super().validate()
         if self.n_models < 2:
             raise ConfigError(f"co-training needs n_models >= 2, got {self.n_models}.")
         if self.views not in ("split", "bootstrap"):
@@ -317,32 +321,43 @@ class CoTrainConfig(SemiConfig):
         adversarial_pairs(self.n_models, self.adv_pairs)
         if self.adv_source not in ("coin", "both"):
             raise ConfigError(f"adv_source must be coin or both, got '{self.adv_source}'.")
+        super().validate()
         return self
 
 
-# ---- Lightning ---------------------------------------------------------------------------------------
-class CoTrainModule(L.LightningModule):
-    """K models, one optimiser; batches follow `semi.batches` (one labelled stream per model)."""
+# ---- the step module -----------------------------------------------------------------------------------
+class CoTrainModule(SemiModule):
+    """K models, one optimiser; batches hold one labelled stream per model (its view)."""
+
+    kind: ClassVar[str] = "cotrain"
 
     def __init__(self, models: Sequence[nn.Module], labels: LabelSpec, cfg: CoTrainConfig, model_spec: dict):
-        super().__init__()
         if len(models) < 2:
             raise ConfigError("CoTrainModule needs at least two models.")
+        super().__init__(labels, cfg, model_spec)
         self.models = nn.ModuleList(models)
-        self.labels = labels
-        self.cfg = cfg
-        self.model_spec = model_spec
-        self.val_cm = ConfusionMatrix(labels.num_classes, labels.ignore_index)
+
+    @classmethod
+    def create(cls, spec: dict, labels: LabelSpec, cfg: CoTrainConfig) -> "CoTrainModule":
+        from frugalseg.models import build_model
+
+        return cls([build_model(spec) for _ in range(cfg.n_models)], labels, cfg, spec)
+
+    @classmethod
+    def streams(cls, cfg: CoTrainConfig, labelled: Sequence[str]) -> list[tuple[str, ...]]:
+        return assign_views(labelled, cfg.n_models, mode=cfg.views, overlap=cfg.view_overlap, seed=cfg.budget_seed,
+                            group=case_of if cfg.view_unit == "patient" else None)
 
     @property
     def ensemble(self) -> EnsembleSegmenter:
         return EnsembleSegmenter(list(self.models))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ensemble(x)
+    @property
+    def predictor(self) -> nn.Module:
+        return self.ensemble
 
     def weights(self, step: int) -> tuple[float, float]:
-        t = step // max(1, self.cfg.epoch_steps)
+        t = step // max(1, self.cfg.rampup_every)
         return (cotrain_ramp(t, self.cfg.ramp_epochs, self.cfg.lambda_cot, self.cfg.ramp_mult),
                 cotrain_ramp(t, self.cfg.ramp_epochs, self.cfg.lambda_dif, self.cfg.ramp_mult))
 
@@ -359,41 +374,21 @@ class CoTrainModule(L.LightningModule):
             attack_eval_mode=cfg.attack_eval_mode, loss_kind=cfg.loss, ignore_index=self.labels.ignore_index,
             generator=gen,
         )
-        bs = batch["image"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
-        for name in ("sup", "jsd", "dif"):
-            self.log(f"train/{name}", out[name], on_step=True, on_epoch=False, batch_size=bs)
-        self.log("train/w_cot", w_cot, on_step=True, on_epoch=False, batch_size=bs)
-        self.log("train/w_dif", w_dif, on_step=True, on_epoch=False, batch_size=bs)
+        self.log_terms({**out, "w_cot": w_cot, "w_dif": w_dif}, batch["image"].shape[0])
         return out["loss"]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        from frugalseg.inference import predict_volume_slices
+    def export(self, run) -> None:
+        save_ensemble(list(self.models), self.model_spec, self.labels, run / "models")
 
-        probs = predict_volume_slices(self.ensemble, batch["volume"], size=self.cfg.patch_size)
-        self.val_cm.update(probs.argmax(1).to(self.device), batch["mask"].to(self.device))
+    @classmethod
+    def load_predictor(cls, run) -> nn.Module:
+        return load_ensemble(run / "models")[0]
 
-    def on_validation_epoch_end(self) -> None:
-        m = summarise(self.val_cm.compute().cpu(), self.labels.names, self.labels.background)
-        self.val_cm.reset()
-        if m["mean_dice_foreground"] is not None:
-            self.log("val/dice_fg", m["mean_dice_foreground"], prog_bar=True)
-
-    def on_train_epoch_start(self) -> None:
-        pass_epoch(self)
-
-    def configure_optimizers(self):
-        opt = make_optimizer(self.models.parameters(), self.cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": "cotrain",
-                                   "labels": self.labels.to_dict(), "model": self.model_spec,
-                                   "n_models": len(self.models)}
+    def checkpoint_extra(self) -> dict:
+        return {"n_models": len(self.models)}
 
 
-# ---- the stage -----------------------------------------------------------------------------------------
+# ---- export and the stage ------------------------------------------------------------------------------
 ENSEMBLE_FILE = "ensemble.json"
 
 
@@ -429,59 +424,35 @@ def load_ensemble(path: str | Path) -> tuple[EnsembleSegmenter, dict, LabelSpec]
 
 
 def train_cotrain(cfg: CoTrainConfig) -> dict:
-    """Co-train K U-Nets on 2D slices in `cfg.out`, export the ensemble, evaluate it on the validation cases.
+    """Co-train K networks in `cfg.out`, export the ensemble, evaluate it on the validation cases.
 
-    Returns {"run", "views", "train_seconds", "val": metrics}; the metrics are the volume metrics of
-    `supervised.evaluate_model` (per-class Dice, HD95, ASD in voxels for ACDC's HDF5 files, and the
-    case means `case_mean_dice`, `case_mean_hd95`). A finished run is not retrained (resume with
-    `cfg.resume`). With `eval_members`, each member's metrics are added under "members".
+    Returns {"run", "views", "train_seconds", "val": metrics, ...} (`semi.stage.train_semi`); the metrics
+    are `semi.stage.evaluate_semi`'s (per-class Dice, Jaccard, HD95, ASD, in voxels for ACDC's HDF5 files,
+    and the case means `case_mean_dice`, `case_mean_hd95`). views.json lists each model's labelled ids.
+    A finished run is not retrained (resume with `cfg.resume`). With `eval_members`, each member's
+    metrics are added under "members".
     """
-    from frugalseg.data.hdf5 import patient_of
-    from frugalseg.models import build_model
-    from frugalseg.runs import RunDir, write_json
-    from frugalseg.semi.batches import SemiBatches, fit_semi, input_channels, open_semi_data
+    from frugalseg.runs import read_json, write_json
+    from frugalseg.semi.stage import evaluate_semi
 
-    cfg.validate()
-    run = RunDir(cfg.out)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    train, labelled, unlabelled, val = open_semi_data(cfg)
-    views = assign_views(labelled, cfg.n_models, mode=cfg.views, overlap=cfg.view_overlap, seed=cfg.budget_seed,
-                         group=patient_of if cfg.view_unit == "patient" else None)
-    write_json(run / "views.json", {"labelled": list(labelled), "views": [list(v) for v in views],
-                                    "unlabelled": len(unlabelled)})
-    run.save_config(cfg)
-    spec = {"arch": "unet2d", "num_classes": train.labels.num_classes, "in_chans": input_channels(train),
-            "input_size": cfg.patch_size}
-    index = {s.id: i for i, s in enumerate(train.samples)}
-    t0 = time.time()
-    models_dir = run / "models"
-    if run.stage_done("train") and not cfg.resume:
-        log.info("%s: training already finished; skipping (delete stages/train.done to retrain).", run.path)
-        ensemble, _, _ = load_ensemble(models_dir)
-    else:
-        models = [build_model(spec) for _ in range(cfg.n_models)]
-        module = CoTrainModule(models, train.labels, cfg, spec)
-        batches = SemiBatches(train, [[index[i] for i in v] for v in views], unlabelled,
-                              labelled_batch_size=cfg.labelled_batch_size,
-                              unlabelled_batch_size=cfg.unlabelled_batch_size,
-                              steps=min(cfg.epoch_steps, cfg.iterations), patch_size=cfg.patch_size, seed=cfg.seed)
-        fit_semi(module, cfg, run, batches, val)
-        save_ensemble(list(module.models), spec, train.labels, models_dir)
-        run.mark_done("train", {"seconds": round(time.time() - t0, 1), "iterations": cfg.iterations,
-                                "n_models": cfg.n_models})
-        ensemble = module.ensemble
-    result: dict = {"run": str(run.path), "views": [len(v) for v in views], "train_seconds": round(time.time() - t0, 1)}
-    if val is not None:
-        from frugalseg.supervised import evaluate_model
+    result = train_semi(cfg, CoTrainModule)
+    run = Path(result["run"])
+    budget = read_json(run / "budget.json")
+    write_json(run / "views.json", {"labelled": budget["labelled"], "views": budget["streams"],
+                                    "unlabelled": len(budget["unlabelled"])})
+    result["views"] = result["streams"]
+    val = result.get("val")
+    if val is not None and cfg.eval_members:
+        from frugalseg.runs import RunDir
+        from frugalseg.semi.batches import open_semi_data
 
-        metrics = evaluate_model(ensemble, val, train.labels, input_size=cfg.patch_size, progress=cfg.progress)
-        metrics.update(split=cfg.val_split, model={"ensemble": cfg.n_models, **spec})
-        if cfg.eval_members:
-            metrics["members"] = [
-                {k: v for k, v in evaluate_model(m, val, train.labels, input_size=cfg.patch_size,
-                                                 progress=cfg.progress).items() if k != "per_case"}
-                for m in ensemble.members
-            ]
-        run.write_metrics(cfg.val_split or "val", metrics)
-        result["val"] = metrics
+        data = open_semi_data(cfg)
+        rcfg = data.cfg
+        val["members"] = [
+            {k: v for k, v in evaluate_semi(m, data.val, data.train.labels, dims=rcfg.dims, patch_size=rcfg.patch_size,
+                                            overlap=rcfg.val_overlap, largest_component=rcfg.largest_component,
+                                            progress=cfg.progress).items() if k != "per_case"}
+            for m in CoTrainModule.load_predictor(run).members
+        ]
+        RunDir(run).write_metrics(rcfg.val_split, val)
     return result

@@ -19,7 +19,10 @@ as in SSL4MIS `train_mean_teacher_2D.py`:
   parameters are averaged (as SSL4MIS): the teacher's buffers (BatchNorm statistics) come from its own
   forward passes in training mode, and the teacher runs in the module's mode (train) as there;
 - SGD lr 0.01, momentum 0.9, weight decay 1e-4, poly decay (power 0.9) over 30 000 iterations,
-  12 labelled + 12 unlabelled slices per batch, 256×256.
+  12 labelled + 12 unlabelled slices per batch, 256×256 (the shared 2D protocol of `SemiConfig`; 3D
+  data get the UA-MT/DTC LA protocol and UA-MT's consistency 0.1 over 40 ramp units).
+Data, schedule, resume and evaluation are the ones every semi-supervised method shares
+(`frugalseg.semi.batches`, `frugalseg.semi.stage`); this module is only the step.
 The student is evaluated (SSL4MIS tests `model`, not `ema_model`); `evaluate="teacher"` picks the teacher.
 Both are exported: `model/` (the evaluated one) and `teacher/` or `student/` (the other).
 """
@@ -28,25 +31,24 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import dataclass
+from typing import ClassVar
 
-import lightning as L
 import torch
 from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
-from frugalseg.engine import CHECKPOINT_FORMAT, poly_lambda
 from frugalseg.errors import ConfigError
-from frugalseg.losses import segmentation_loss
-from frugalseg.metrics import ConfusionMatrix, summarise
-from frugalseg.semi.batches import SemiConfig, make_optimizer, pass_epoch, split_batch
-from frugalseg.semi.ramps import RAMPUP_EVERY, SSL4MIS_CONSISTENCY, SSL4MIS_RAMPUP, consistency_weight
+from frugalseg.semi.batches import SemiConfig, split_batch
+from frugalseg.semi.ramps import SSL4MIS_CONSISTENCY, SSL4MIS_RAMPUP, consistency_weight
+from frugalseg.semi.stage import SemiModule, supervised_loss, train_semi
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MeanTeacherConfig", "MeanTeacherModule", "ema_decay_at", "ema_update", "input_noise",
            "mean_teacher_loss", "train_meanteacher"]
+
+UAMT_RAMPUP = 40.0  # UA-MT (LA, 3D): consistency 0.1 ramped over 40 units of 150 iterations
 
 
 def _first(out):
@@ -100,7 +102,7 @@ def mean_teacher_loss(
     n_lab = x_lab.shape[0]
     x_student = torch.cat([x_lab, x_unl + input_noise(x_unl, student_noise, noise_clip, generator)])
     logits = _first(student(x_student))
-    sup = segmentation_loss(logits[:n_lab], y_lab, loss_kind, ignore_index)
+    sup = supervised_loss(logits[:n_lab], y_lab, loss_kind, ignore_index)
     with torch.no_grad():
         t_logits = _first(teacher(x_unl + input_noise(x_unl, teacher_noise, noise_clip, generator)))
     s_prob = logits[n_lab:].float().softmax(1)
@@ -110,49 +112,54 @@ def mean_teacher_loss(
 
 @dataclass
 class MeanTeacherConfig(SemiConfig):
-    """Mean teacher on 2D slices (defaults: SSL4MIS train_mean_teacher_2D.py on ACDC)."""
+    """Mean teacher (defaults: SSL4MIS train_mean_teacher_2D.py on ACDC; UA-MT's constants on volumes)."""
 
+    SEMI: ClassVar[str] = "meanteacher"
+    semi: str = "meanteacher"
     out: str = "runs/meanteacher"
     ema_decay: float = 0.99
-    consistency: float = SSL4MIS_CONSISTENCY  # 0.1
-    consistency_rampup: float = SSL4MIS_RAMPUP  # 200 "epochs" of epoch_steps (150) iterations
+    consistency: float | None = None  # 0.1
+    consistency_rampup: float | None = None  # 200 (2D) / 40 (3D) units of rampup_every (150) iterations
     teacher_noise: float = 0.1
     noise_clip: float = 0.2
     student_noise: float = 0.0
     evaluate: str = "student"  # student (SSL4MIS) | teacher
-    epoch_steps: int = RAMPUP_EVERY
+
+    @classmethod
+    def protocol(cls, dims: int) -> dict:
+        return {**super().protocol(dims), "consistency": SSL4MIS_CONSISTENCY,
+                "consistency_rampup": UAMT_RAMPUP if dims == 3 else SSL4MIS_RAMPUP}
 
     def validate(self) -> "MeanTeacherConfig":
-        super().validate()
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
         if self.evaluate not in ("student", "teacher"):
             raise ConfigError(f"evaluate must be student or teacher, got '{self.evaluate}'.")
+        super().validate()
         return self
 
 
-class MeanTeacherModule(L.LightningModule):
-    """Student (`model`, optimised) and EMA teacher (`teacher`, no gradient); semi batches."""
+class MeanTeacherModule(SemiModule):
+    """Student (`model`, optimised) and EMA teacher (`teacher`, no gradient) on the shared batches."""
+
+    kind: ClassVar[str] = "meanteacher"
 
     def __init__(self, model: nn.Module, labels: LabelSpec, cfg: MeanTeacherConfig, model_spec: dict):
-        super().__init__()
+        super().__init__(labels, cfg, model_spec)
         self.model = model
         self.teacher = copy.deepcopy(model)
         self.teacher.requires_grad_(False)
-        self.labels = labels
-        self.cfg = cfg
-        self.model_spec = model_spec
-        self.val_cm = ConfusionMatrix(labels.num_classes, labels.ignore_index)
 
     @property
     def evaluated(self) -> nn.Module:
         return self.teacher if self.cfg.evaluate == "teacher" else self.model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.evaluated(x)
+    @property
+    def predictor(self) -> nn.Module:
+        return self.evaluated
 
     def consistency_weight(self, step: int) -> float:
-        return consistency_weight(step, self.cfg.consistency, self.cfg.consistency_rampup, self.cfg.epoch_steps)
+        return consistency_weight(step, self.cfg.consistency, self.cfg.consistency_rampup, self.cfg.rampup_every)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         lab, unl = split_batch(batch)
@@ -163,86 +170,31 @@ class MeanTeacherModule(L.LightningModule):
             teacher_noise=self.cfg.teacher_noise, noise_clip=self.cfg.noise_clip, student_noise=self.cfg.student_noise,
             loss_kind=self.cfg.loss, ignore_index=self.labels.ignore_index, generator=gen,
         )
-        bs = batch["image"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
-        self.log("train/sup", out["sup"], on_step=True, on_epoch=False, batch_size=bs)
-        self.log("train/consistency", out["consistency"], on_step=True, on_epoch=False, batch_size=bs)
-        self.log("train/w_consistency", w, on_step=True, on_epoch=False, batch_size=bs)
+        self.log_terms({**out, "w_consistency": w}, batch["image"].shape[0])
         return out["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # global_step already counts the step just taken: the update after step s (0-based) uses s.
         ema_update(self.teacher, self.model, ema_decay_at(self.global_step - 1, self.cfg.ema_decay))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        from frugalseg.inference import predict_volume_slices
+    def trainable_parameters(self):
+        return list(self.model.parameters())
 
-        probs = predict_volume_slices(self.evaluated, batch["volume"], size=self.cfg.patch_size)
-        self.val_cm.update(probs.argmax(1).to(self.device), batch["mask"].to(self.device))
+    def export(self, run) -> None:
+        # `model/` is the evaluated network; the other one is kept beside it (`teacher/` or `student/`).
+        # Checkpoint `model.*` keys are the student: `export.load_export(last.ckpt)` loads it like any checkpoint.
+        from frugalseg.export import save_export
 
-    def on_validation_epoch_end(self) -> None:
-        m = summarise(self.val_cm.compute().cpu(), self.labels.names, self.labels.background)
-        self.val_cm.reset()
-        if m["mean_dice_foreground"] is not None:
-            self.log("val/dice_fg", m["mean_dice_foreground"], prog_bar=True)
-
-    def on_train_epoch_start(self) -> None:
-        pass_epoch(self)
-
-    def configure_optimizers(self):
-        opt = make_optimizer(self.model.parameters(), self.cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # `model.*` keys are the student: `export.load_export(last.ckpt)` loads it like any checkpoint.
-        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": "meanteacher",
-                                   "labels": self.labels.to_dict(), "model": self.model_spec}
+        other, net = ("student", self.model) if self.cfg.evaluate == "teacher" else ("teacher", self.teacher)
+        save_export(self.evaluated, self.model_spec, self.labels, run / "model")
+        save_export(net, self.model_spec, self.labels, run / other)
 
 
 def train_meanteacher(cfg: MeanTeacherConfig) -> dict:
-    """Train a mean teacher on 2D slices in `cfg.out`, export, evaluate on the validation cases.
+    """Train a mean teacher in `cfg.out`, export, evaluate on the validation cases (`semi.stage.train_semi`).
 
-    Returns {"run", "train_seconds", "val": metrics} with the volume metrics of
-    `supervised.evaluate_model` (Dice, HD95, ASD per class; `case_mean_dice`, `case_mean_hd95`).
-    A finished run is not retrained (resume with `cfg.resume`).
+    Returns {"run", "train_seconds", "val": metrics, ...} with the metrics of `semi.stage.evaluate_semi`
+    (Dice, Jaccard, HD95, ASD per class; `case_mean_dice`, `case_mean_hd95`). A finished run is not
+    retrained (resume with `cfg.resume`).
     """
-    from frugalseg.export import load_export, save_export
-    from frugalseg.models import build_model
-    from frugalseg.runs import RunDir, write_json
-    from frugalseg.semi.batches import SemiBatches, fit_semi, input_channels, open_semi_data
-
-    cfg.validate()
-    run = RunDir(cfg.out)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    train, labelled, unlabelled, val = open_semi_data(cfg)
-    write_json(run / "budget.json", {"labelled": list(labelled), "unlabelled": len(unlabelled)})
-    run.save_config(cfg)
-    spec = {"arch": "unet2d", "num_classes": train.labels.num_classes, "in_chans": input_channels(train),
-            "input_size": cfg.patch_size}
-    other = "student" if cfg.evaluate == "teacher" else "teacher"
-    t0 = time.time()
-    if run.stage_done("train") and not cfg.resume:
-        log.info("%s: training already finished; skipping (delete stages/train.done to retrain).", run.path)
-        evaluated = load_export(run / "model")[0]
-    else:
-        module = MeanTeacherModule(build_model(spec), train.labels, cfg, spec)
-        index = {s.id: i for i, s in enumerate(train.samples)}
-        batches = SemiBatches(train, [[index[i] for i in labelled]], unlabelled,
-                              labelled_batch_size=cfg.labelled_batch_size,
-                              unlabelled_batch_size=cfg.unlabelled_batch_size,
-                              steps=min(cfg.epoch_steps, cfg.iterations), patch_size=cfg.patch_size, seed=cfg.seed)
-        fit_semi(module, cfg, run, batches, val)
-        evaluated = module.evaluated
-        save_export(evaluated, spec, train.labels, run / "model")
-        save_export(module.model if other == "student" else module.teacher, spec, train.labels, run / other)
-        run.mark_done("train", {"seconds": round(time.time() - t0, 1), "iterations": cfg.iterations})
-    result: dict = {"run": str(run.path), "train_seconds": round(time.time() - t0, 1)}
-    if val is not None:
-        from frugalseg.supervised import evaluate_model
-
-        metrics = evaluate_model(evaluated, val, train.labels, input_size=cfg.patch_size, progress=cfg.progress)
-        metrics.update(split=cfg.val_split, model={"evaluated": cfg.evaluate, **spec})
-        run.write_metrics(cfg.val_split or "val", metrics)
-        result["val"] = metrics
-    return result
+    return train_semi(cfg, MeanTeacherModule)

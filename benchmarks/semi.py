@@ -1,0 +1,302 @@
+"""Semi-supervised figures (issue: semi-supervision).
+
+acdc: the SSL4MIS 2D protocol on ACDC: labelled = every slice of the first 3 or 7 training patients, the
+rest of the training slices unlabelled; val mean Dice and HD95 (per volume, voxels: the HDF5 files carry
+no spacing) of the supervised-only baseline, the mean teacher, DTC and deep co-training with K = 2 and
+K = 3 models, each with and without its adversarial diversity term. la: the LA subset (8 training + 2 test
+volumes): DTC against the supervised-only baseline (the same dual-head network, its level-set head
+unused) with 2 labelled and 6 unlabelled volumes; Dice, Jaccard, HD95 and ASD on the 2 test volumes.
+
+Every method runs on the same labelled set and the same batch machinery (`frugalseg.semi`); every model
+is evaluated once, with its last weights, on the split named in the output: nothing is selected on it.
+Each run is a subprocess with its wall time recorded; `--parallel N` runs N at once (beside a GPU).
+The full schedules are the protocols' (30000 iterations at 256×256 in 2D, 6000 at 112×112×80 with
+the V-Net in 3D): GPU work (on this CPU a 2D step takes about 2.4 s and a V-Net step 100 s, i.e. a day
+per ACDC run and a week per LA run). `--quick` shrinks patch (64² / 64×64×48), network (U-Net 8..64) and
+iterations (160 ACDC / 80 LA) to finish in about 10 minutes on a 2-core CPU (estimated from measured
+per-iteration times and per-run overheads, see QUICK_SIZING), so its figures show the pipeline, not the
+methods' ranking. Results: benchmarks/results/semi.json (semi_quick.json with --quick).
+
+    python benchmarks/semi.py [--quick] [--only acdc|la] [--parallel N] [--runs DIR] [--max-iterations N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, default_data_root, print_table, save_results
+
+os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
+
+from frugalseg.semi.batches import SemiConfig  # noqa: E402
+
+ACDC_LABELLED = (3, 7)  # patients (SSL4MIS: 68 / 136 slices of its 70 patients; 50 patients here)
+ACDC_METHODS = ("supervised", "meanteacher", "dtc", "cotrain_k2", "cotrain_k2_noadv", "cotrain_k3", "cotrain_k3_noadv")
+LA_METHODS = ("supervised", "dtc")
+
+# --quick: sized on this 2-core CPU from per-iteration times measured with one thread per run (QUICK_SIZING).
+# The consistency and diversity ramps keep their shape: over the whole run (SSL4MIS, DTC) or its first half
+# (co-training's official 100 of 200 units), in units of one iteration instead of 150.
+QUICK_ACDC = dict(patch_size=[64, 64], channels=[8, 16, 32, 64], iterations=160, epoch_steps=40, labelled_batch_size=4,
+                  unlabelled_batch_size=4, val_limit=4, rampup_every=1)
+QUICK_LA = dict(arch="unet", patch_size=[64, 64, 48], channels=[8, 16, 32, 64], iterations=80, epoch_steps=40,
+                labelled_batch_size=2, unlabelled_batch_size=2, val_limit=None, rampup_every=1)
+QUICK_SIZING = {
+    "measured": "2026-11-26 on the 2-core CPU of this machine (busy with another benchmark), 1 torch thread per run",
+    "seconds_per_iteration": {
+        "acdc_64px": {"supervised": 0.055, "meanteacher": 0.079, "dtc": 0.071, "cotrain_k2": 0.170,
+                      "cotrain_k2_noadv": 0.093, "cotrain_k3": 0.293, "cotrain_k3_noadv": 0.141},
+        "la_64x64x48": {"dtc": 0.968, "supervised": 0.388},
+    },
+    "per_run_overhead_s": 11.8,  # a 16-run smoke at 2 iterations took 188 s: start-up, data, set-up, evaluation
+    "estimate_s": {"acdc_training": 289, "la_training": 108, "overheads": 188, "total": 585},
+    "full_schedule_cpu_step_s": {"unet2d_256px_batch24": 2.4, "levelset_vnet_112x112x80_batch4": 101.0},
+}
+
+
+def _ramps(cls, iterations: int) -> dict:
+    """Quick runs: ramps in units of one iteration, spanning the run as the protocols' do."""
+    if cls.__name__ == "CoTrainConfig":
+        return {"ramp_epochs": iterations / 2}
+    if cls.__name__ in ("DTCConfig", "MeanTeacherConfig"):
+        return {"consistency_rampup": float(iterations)}
+    return {}
+
+
+def default_workers(parallel: int = 1) -> int:
+    """Loader processes: none on a small CPU box (they would steal the training cores), several beside a GPU."""
+    import torch
+
+    cpus = os.cpu_count() or 1
+    return max(1, min(8, (cpus - parallel) // max(1, parallel))) if torch.cuda.is_available() and cpus > 4 else 0
+
+
+def default_threads(parallel: int) -> int:
+    """Torch threads per run: the cores shared between the runs beside a GPU; half of them on a CPU-only box,
+    where a second busy process turns OpenMP spin-waits into 100x slower steps (measured: 2.2 s instead of 0.03 s
+    per U-Net step with 2 threads on 2 shared cores)."""
+    import torch
+
+    cpus = os.cpu_count() or 1
+    share = max(1, cpus // max(1, parallel))
+    return share if torch.cuda.is_available() else max(1, share // 2)
+
+
+def _method(name: str) -> tuple[type, dict]:
+    """Config class and method-specific fields of a run name such as 'cotrain_k3_noadv'."""
+    from frugalseg.semi.cotrain import CoTrainConfig
+    from frugalseg.semi.dtc import DTCConfig
+    from frugalseg.semi.meanteacher import MeanTeacherConfig
+    from frugalseg.semi.supervised_only import SupervisedOnlyConfig
+
+    if name == "supervised":
+        return SupervisedOnlyConfig, {}
+    if name == "meanteacher":
+        return MeanTeacherConfig, {}
+    if name == "dtc":
+        return DTCConfig, {}
+    if name.startswith("cotrain_k"):
+        k = int(name.split("_")[1][1:])
+        # K = 3 on 3 labelled patients: one patient per model (disjoint views, the default).
+        return CoTrainConfig, {"n_models": k, "adversarial": not name.endswith("_noadv"),
+                               "adv_pairs": "all"}
+    raise SystemExit(f"unknown method {name}")
+
+
+def acdc_configs(quick: bool) -> dict[str, SemiConfig]:
+    configs = {}
+    for n in ACDC_LABELLED:
+        for method in ACDC_METHODS:
+            cls, extra = _method(method)
+            common = dict(data="acdc", labelled_patients=n, val_split="val", seed=1337, val_every=0, progress=False)
+            if quick:
+                common.update(QUICK_ACDC, **_ramps(cls, QUICK_ACDC["iterations"]))
+                if cls.__name__ == "CoTrainConfig":  # per model: K × 2 labelled + 4 unlabelled
+                    common["labelled_batch_size"] = 2
+            configs[f"acdc_l{n}_{method}"] = cls(**common, **extra)
+    return configs
+
+
+def la_configs(quick: bool) -> dict[str, SemiConfig]:
+    configs = {}
+    for method in LA_METHODS:
+        cls, extra = _method(method)
+        common = dict(data="la2018", labelled_patients=2, val_split="test", seed=1337, val_every=0, progress=False)
+        if method == "supervised":
+            extra = {"network": "levelset"}  # DTC's network: the difference is DTC's two extra terms only
+        if quick:
+            common.update(QUICK_LA, **_ramps(cls, QUICK_LA["iterations"]))
+        configs[f"la_{method}"] = cls(**common, **extra)
+    return configs
+
+
+def all_configs(quick: bool) -> dict[str, SemiConfig]:
+    return {**acdc_configs(quick), **la_configs(quick)}
+
+
+def child(name: str, quick: bool, out_root: str, max_iterations: int | None, workers: int, threads: int | None) -> None:
+    """One run in its own process; prints its figures as the last JSON line."""
+    import torch
+
+    from frugalseg.semi import methods
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = all_configs(quick)[name]
+    cfg.out = str(Path(out_root) / name)
+    cfg.num_workers = workers
+    if max_iterations:
+        cfg.iterations = min(cfg.iterations or max_iterations, max_iterations)
+    t0 = time.time()
+    res = methods()[cfg.semi][1](cfg)
+    val = res["val"]
+    done = json.loads((Path(cfg.out) / "stages" / "train.done").read_text())
+    print(json.dumps({
+        "dice": val["case_mean_dice"], "jaccard": val["case_mean_jaccard"], "hd95": val["case_mean_hd95"],
+        "asd": val["case_mean_asd"], "units": val["surface_units"], "cases": val["samples"], "split": val["split"],
+        "per_class": {c: {k: v[k] for k in ("dice", "jaccard", "hd95", "asd", "empty_pred_cases")}
+                      for c, v in val["surface"].items()},
+        "wall_s": round(time.time() - t0, 1), "train_s": done.get("seconds"), "iterations": res["iterations"],
+        "s_per_iteration": res.get("seconds_per_iteration"), "labelled": res["labelled"],
+        "unlabelled": res["unlabelled"], "streams": res["streams"], "threads": torch.get_num_threads(),
+    }))
+
+
+def run_jobs(names: list[str], quick: bool, out_root: Path, parallel: int, max_iterations: int | None) -> dict:
+    """Every run as a subprocess, `parallel` at a time."""
+    jobs = list(names)
+    results: dict[str, dict] = {}
+    running: list[tuple[str, float, subprocess.Popen]] = []
+    workers = default_workers(parallel)
+    threads = default_threads(parallel)
+    while jobs or running:
+        while jobs and len(running) < parallel:
+            name = jobs.pop(0)
+            cmd = [sys.executable, __file__, "--child", name, "--runs", str(out_root), "--workers", str(workers),
+                   "--threads", str(threads)] + (["--quick"] if quick else [])
+            if max_iterations:
+                cmd += ["--max-iterations", str(max_iterations)]
+            log = open(out_root / f"{name}.log", "w")
+            running.append((name, time.time(), subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                                                cwd=ROOT)))
+        time.sleep(1)
+        for item in list(running):
+            name, started, proc = item
+            if proc.poll() is None:
+                continue
+            out = proc.stdout.read()
+            running.remove(item)
+            if proc.returncode != 0:
+                raise SystemExit(f"run {name} failed (exit {proc.returncode}); see {out_root / (name + '.log')}")
+            results[name] = json.loads(out.strip().splitlines()[-1])
+            results[name]["process_wall_s"] = round(time.time() - started, 1)
+            r = results[name]
+            print(f"  {name}: Dice {r['dice']:.4f}  HD95 {_fmt(r['hd95'])}  ({r['wall_s']:.0f} s, "
+                  f"{_fmt(r['s_per_iteration'], 3)} s/iteration)", flush=True)
+    return results
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _settings(configs: dict[str, SemiConfig]) -> dict:
+    return {name: {k: v for k, v in vars(cfg).items() if k not in ("out", "progress")} for name, cfg in configs.items()}
+
+
+def run_acdc(quick: bool, out_root: Path, parallel: int, max_iterations: int | None) -> tuple[dict, dict]:
+    configs = acdc_configs(quick)
+    t_all = time.time()
+    results = run_jobs(list(configs), quick, out_root, parallel, max_iterations)
+    figures: dict = {}
+    rows = []
+    for n in ACDC_LABELLED:
+        part = {}
+        base = results[f"acdc_l{n}_supervised"]
+        for method in ACDC_METHODS:
+            r = results[f"acdc_l{n}_{method}"]
+            part[method] = {**r, "dice_gain_over_supervised": round(r["dice"] - base["dice"], 6)}
+            rows.append((f"{n} patients", method, f"{r['dice']:.4f}", f"{r['dice'] - base['dice']:+.4f}",
+                         _fmt(r["hd95"]), r["labelled"], r["unlabelled"], f"{r['wall_s']:.0f}"))
+        figures[f"labelled_{n}_patients"] = part
+    first = results[f"acdc_l{ACDC_LABELLED[0]}_supervised"]
+    figures.update(val_split=first["split"], val_volumes=first["cases"], hd95_units=first["units"],
+                   wall_s_all_runs=round(time.time() - t_all, 1), parallel_runs=parallel,
+                   schedule=_schedule(configs[f"acdc_l{ACDC_LABELLED[0]}_dtc"], max_iterations))
+    print_table(rows, ("acdc labelled", "method", "val Dice", "vs sup", f"HD95 ({first['units']})", "lab. slices",
+                       "unlab.", "wall s"))
+    return {"acdc": figures}, _settings(configs)
+
+
+def run_la(quick: bool, out_root: Path, parallel: int, max_iterations: int | None) -> tuple[dict, dict]:
+    configs = la_configs(quick)
+    t_all = time.time()
+    results = run_jobs(list(configs), quick, out_root, parallel, max_iterations)
+    figures: dict = {m: results[f"la_{m}"] for m in LA_METHODS}
+    base = figures["supervised"]
+    figures["dtc_dice_gain_over_supervised"] = round(figures["dtc"]["dice"] - base["dice"], 6)
+    figures.update(test_volumes=base["cases"], labelled_volumes=base["labelled"],
+                   unlabelled_volumes=results["la_dtc"]["unlabelled"], units=base["units"],
+                   wall_s_all_runs=round(time.time() - t_all, 1), parallel_runs=parallel,
+                   schedule=_schedule(configs["la_dtc"], max_iterations))
+    rows = [(m, f"{figures[m]['dice']:.4f}", f"{figures[m]['jaccard']:.4f}", _fmt(figures[m]["hd95"]),
+             _fmt(figures[m]["asd"]), f"{figures[m]['wall_s']:.0f}") for m in LA_METHODS]
+    s = figures["schedule"]
+    print_table(rows, ("la (2 labelled, 6 unlabelled)", "test Dice", "Jaccard", f"HD95 ({base['units']})",
+                       f"ASD ({base['units']})", "wall s"))
+    print(f"patch {s['patch_size']}, {s['iterations']} iterations, {s['arch']} network")
+    return {"la": figures}, _settings(configs)
+
+
+def _schedule(cfg: SemiConfig, max_iterations: int | None) -> dict:
+    """The resolved schedule of a run (the protocol's values where the config leaves them to the data)."""
+    from frugalseg.data import open_dataset
+
+    dims = open_dataset(cfg.data, cfg.train_split).ndim
+    r = cfg.resolved(dims)
+    iterations = min(r.iterations, max_iterations) if max_iterations else r.iterations
+    return {"patch_size": r.patch_size, "iterations": iterations, "arch": r.arch, "channels": r.channels,
+            "labelled_batch_size": r.labelled_batch_size, "unlabelled_batch_size": r.unlabelled_batch_size,
+            "dims": dims}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="Short schedules (under 15 minutes on a 2-core CPU).")
+    ap.add_argument("--only", choices=["acdc", "la"], action="append")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="Where run directories go.")
+    ap.add_argument("--parallel", type=int, help="Runs at once (default: 4 beside a GPU, else 1).")
+    ap.add_argument("--max-iterations", type=int, help="Cap every run's iterations (smoke test).")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.quick, args.runs, args.max_iterations, args.workers, args.threads)
+        return
+    import torch
+
+    parallel = args.parallel or (4 if torch.cuda.is_available() else 1)
+    started = time.time()
+    name = "semi_quick" if args.quick else "semi"
+    out_root = Path(args.runs) / name
+    out_root.mkdir(parents=True, exist_ok=True)
+    path = None
+    for part in args.only or ["acdc", "la"]:
+        fn = {"acdc": run_acdc, "la": run_la}[part]
+        figures, settings = fn(args.quick, out_root, parallel, args.max_iterations)
+        extra = {"quick": args.quick, "max_iterations": args.max_iterations, "threads_per_run": default_threads(parallel)}
+        if args.quick:
+            extra["quick_sizing"] = QUICK_SIZING
+        path = save_results(name, figures, {**settings, **extra}, started)
+    print(f"wrote {path} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

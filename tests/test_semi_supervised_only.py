@@ -1,0 +1,112 @@
+"""The supervised-only baseline and the data module every semi-supervised method shares."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import data_path
+from frugalseg.errors import ConfigError, DataError
+
+pytest.importorskip("monai")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_baseline_batches_are_the_labelled_blocks_of_the_semi_batches():
+    """Same seed, same labelled stream: the baseline sees exactly the labelled patches the methods see."""
+    from frugalseg.data.hdf5 import load_hdf5
+    from frugalseg.semi.batches import SemiBatches
+
+    ds = load_hdf5(data_path("acdc"), "train")
+    kw = dict(labelled_batch_size=2, steps=3, patch_size=32, seed=5)
+    semi = SemiBatches(ds, [[0, 1, 2, 3]], [50, 51, 52], unlabelled_batch_size=2, **kw)
+    alone = SemiBatches(ds, [[0, 1, 2, 3]], [], unlabelled_batch_size=0, **kw)
+    for b in range(3):
+        full, lab = semi.batch(b), alone.batch(b)
+        assert lab["labelled"].all() and lab["image"].shape[0] == 2
+        assert torch.equal(full["image"][:2], lab["image"]) and torch.equal(full["mask"][:2], lab["mask"])
+    with pytest.raises(DataError, match="no unlabelled sample"):
+        SemiBatches(ds, [[0]], [], unlabelled_batch_size=1, **kw)
+    with pytest.raises(DataError, match="both labelled and unlabelled"):
+        SemiBatches(ds, [[0, 1]], [1, 2], unlabelled_batch_size=1, **kw)
+
+
+def test_open_semi_data_budget_validation_split_and_errors():
+    from frugalseg.semi.batches import open_semi_data
+    from frugalseg.semi.dtc import DTCConfig
+    from frugalseg.semi.supervised_only import SupervisedOnlyConfig
+
+    data_path("la2018")
+    data = open_semi_data(DTCConfig(data="la2018", labelled_patients=2, val_limit=1).validate())
+    assert data.cfg.dims == 3 and data.cfg.patch_size == [112, 112, 80] and data.cfg.val_split == "test"
+    assert len(data.labelled) == 2 and len(data.unlabelled) == 6 and len(data.val) == 1
+    assert [s.supervision for s in data.train.samples] == ["mask"] * 2 + ["none"] * 6
+    everything = SupervisedOnlyConfig(data="la2018", labelled_fraction=1.0)
+    assert open_semi_data(everything, require_unlabelled=False).unlabelled == []  # the fully supervised bound
+    with pytest.raises(DataError, match="nothing is left unlabelled"):
+        open_semi_data(DTCConfig(data="la2018", labelled_fraction=1.0))
+    with pytest.raises(ConfigError, match=r"labelled_fraction=0.05 of the 8 patients of la2018:train selects no"):
+        open_semi_data(DTCConfig(data="la2018", labelled_fraction=0.05))
+    with pytest.raises(DataError, match="asked for 9 labelled patients but the list has only 8"):
+        open_semi_data(DTCConfig(data="la2018", labelled_patients=9))
+    with pytest.raises(ConfigError, match="holds 3D samples but dims=2"):
+        open_semi_data(DTCConfig(data="la2018", labelled_patients=2, dims=2))
+    # the baseline takes the methods' command line as is: labelled batches only
+    assert SupervisedOnlyConfig(data="la2018", labelled_patients=2, unlabelled_batch_size=2).resolved(3) \
+        .unlabelled_batch_size == 0
+
+
+def test_supervised_only_acdc_2d_run(tmp_path):
+    from frugalseg.export import load_export
+    from frugalseg.semi.supervised_only import SupervisedOnlyConfig, train_supervised_only
+
+    data_path("acdc")
+    out = tmp_path / "sup"
+    res = train_supervised_only(SupervisedOnlyConfig(
+        data="acdc", out=str(out), labelled_patients=1, patch_size=[32], channels=[4, 8], labelled_batch_size=2,
+        iterations=2, val_limit=1, val_every=0, progress=False))
+    assert res["method"] == "none" and res["iterations"] == 2 and res["unlabelled"] == 0 and res["streams"] == [res["labelled"]]
+    assert math.isfinite(res["losses"]["loss"]) and set(res["losses"]) == {"loss"}
+    val = res["val"]
+    assert val["kind"] == "volume" and val["samples"] == 1 and set(val["surface"]) == {"RV", "Myo", "LV"}
+    assert all(k in val for k in ("case_mean_dice", "case_mean_jaccard", "case_mean_hd95", "case_mean_asd"))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["semi"] == "none" and saved["unlabelled_batch_size"] == 0 and saved["patch_size"] == [32, 32]
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["method"] == "none" and budget["unlabelled"] == [] and len(budget["labelled"]) == res["labelled"]
+    model, spec, labels = load_export(out / "model")
+    assert spec["arch"] == "unet2d" and spec["channels"] == [4, 8] and spec["input_size"] == 32
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["frugalseg"]["kind"] == "supervised" and ckpt["global_step"] == 2
+
+
+def test_supervised_only_la_3d_run_with_dtc_network(tmp_path):
+    from frugalseg.export import load_export
+    from frugalseg.semi.supervised_only import SupervisedOnlyConfig, train_supervised_only
+
+    data_path("la2018")
+    out = tmp_path / "sup3d"
+    res = train_supervised_only(SupervisedOnlyConfig(
+        data="la2018", out=str(out), labelled_patients=2, network="levelset", arch="unet", channels=[4, 8],
+        patch_size=[32, 32, 16], labelled_batch_size=1, iterations=2, val_limit=1, val_every=0, progress=False))
+    val = res["val"]
+    assert val["split"] == "test" and val["kind"] == "volume" and val["samples"] == 1
+    assert set(val["surface"]) == {"left_atrium"} and val["surface_units"] == "voxel"
+    lj = val["surface"]["left_atrium"]
+    assert lj["jaccard"] == pytest.approx(val["per_case"][0]["dice"]["left_atrium"] /
+                                          (2 - val["per_case"][0]["dice"]["left_atrium"]))
+    model, spec, _ = load_export(out / "model")  # the dual-head network loads like any export
+    assert spec["arch"] == "levelset_unet3d" and spec["patch_size"] == [32, 32, 16]
+    seg, sdf = model(torch.zeros(1, 1, 32, 32, 16))
+    assert seg.shape == (1, 2, 32, 32, 16) and sdf.shape == (1, 1, 32, 32, 16)
