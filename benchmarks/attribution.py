@@ -199,18 +199,21 @@ def prm_instances_eval(classifier: Path, n_val: int) -> dict:
             "num_gt": ap["num_gt"], "num_pred": ap["num_pred"]}
 
 
-def advcam_multiscale(classifier: Path) -> None:
-    """AdvCAM at the default scales (1.0, 0.5, 1.5, 2.0) over every train and val image, threshold chosen
-    on train, applied to val; the reference's lambda 7 first, then lambda 0 (chosen by the train-only
-    sensitivity table). Each variant is saved as soon as it is done."""
+def advcam_all_images(classifier: Path, scales: tuple[float, ...]) -> None:
+    """AdvCAM over every train and val image, threshold chosen on train, applied to val; the reference's
+    lambda 7 first, then lambda 0 (chosen by the train-only sensitivity table). Each variant is saved as
+    soon as it is done, beside `cam_scale1_all` (CAM on the same images at the same scales) for comparison."""
     root = classifier.parent
     batch = 16 if torch.cuda.is_available() else 4
-    for tag, kw in (("advcam_multiscale", {}), ("advcam_multiscale_lambda0", {"restriction": 0.0})):
+    name = "advcam_multiscale" if len(scales) > 1 else "advcam_all_scale1"
+    variants = [(name.replace("advcam", "cam"), "cam", {}), (name, "advcam", {}), (f"{name}_lambda0", "advcam", {"restriction": 0.0})]
+    for tag, method, kw in variants:
         started = time.time()
         for split in ("train", "val"):
-            maps(classifier, root / f"{tag}_{split}", "advcam", split, scales=(1.0, 0.5, 1.5, 2.0), batch_size=batch, **kw)
+            maps(classifier, root / f"{tag}_{split}", method, split, scales=scales, batch_size=batch, **kw)
         res = protocol(root / f"{tag}_train", root / f"{tag}_val")
-        res.update(seconds=round(time.time() - started, 1), scales=[1.0, 0.5, 1.5, 2.0], restriction=kw.get("restriction", 7.0))
+        res.update(seconds=round(time.time() - started, 1), scales=list(scales), method=method,
+                   restriction=kw.get("restriction", 7.0) if method == "advcam" else None)
         print(f"{tag}: val seed mIoU {res['val_miou']:.4f} (threshold {res['threshold_chosen_on_train']} from train), {res['seconds']:.0f} s", flush=True)
         save_results("attribution", {tag: res}, {tag: {"batch_size": batch}}, started)
 
@@ -223,10 +226,13 @@ def main() -> None:
     ap.add_argument("--speed-images", type=int, help="Val images timed (default 4, or 2 with --quick; a GPU needs more to fill it).")
     ap.add_argument("--only-advcam-multiscale", action="store_true",
                     help="Multi-scale AdvCAM (default scales) on all train+val images, lambda 7 then 0 (a GPU job).")
+    ap.add_argument("--only-advcam-all", action="store_true",
+                    help="AdvCAM at scale 1.0 (image + flip) on all train and val images, lambda 7 then 0 (CPU: about 40 min).")
     args = ap.parse_args()
     s = settings(args.quick)
-    if args.only_advcam_multiscale:
-        advcam_multiscale(Path(args.runs) / "attribution" / "classifier_cam")
+    if args.only_advcam_multiscale or args.only_advcam_all:
+        scales = (1.0, 0.5, 1.5, 2.0) if args.only_advcam_multiscale else (1.0,)
+        advcam_all_images(Path(args.runs) / "attribution" / "classifier_cam", scales)
         return
     if args.only_speed:
         name = "attribution_quick" if args.quick else "attribution"

@@ -32,7 +32,7 @@ from frugalseg.weak.pipeline import PipelineConfig, run_pipeline  # noqa: E402
 def settings(quick: bool) -> dict:
     if quick:
         return dict(limit=48, classifier_epochs=4, scales=(1.0,), rounds=2, seg_epochs=6, crop_size=192, group_epochs=2)
-    return dict(limit=None, classifier_epochs=8, scales=(1.0, 0.5, 1.5, 2.0), rounds=3, seg_epochs=20,
+    return dict(limit=None, classifier_epochs=8, scales=(1.0, 0.5, 1.5, 2.0), rounds=2, seg_epochs=20,
                 crop_size=256, group_epochs=4)
 
 
