@@ -73,6 +73,7 @@ class PipelineConfig:
     # mining
     superpixel_method: Literal["felzenszwalb", "slic"] = "felzenszwalb"
     min_coverage: float = 0.5
+    mining: bool = True  # False: each round's segmenter trains on its seeds as they are (the no-mining ablation)
     expand_only: bool = False  # True: mining only fills unknown pixels; False (MCOF): the region classifier relabels every superpixel
     mining_confidence: float = 0.5  # region-classifier probability needed to fill an unknown region
     prediction_confidence: float = 0.5  # segmenter pixels below this (within the tags) are unknown next round
@@ -279,6 +280,9 @@ def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, i
 
     rdir = run / f"round{r}"
     regions_dir, preds_dir = rdir / "regions", rdir / "predictions"
+    if not run.stage_done(f"round{r}_regions") and not cfg.mining:
+        write_masks(regions_dir, ds, {**read_masks(seeds_dir, ds), **(given or {})})
+        run.mark_done(f"round{r}_regions", {"mining": False})
     if not run.stage_done(f"round{r}_regions"):
         from frugalseg.weak.mining import mine_round
 
