@@ -105,3 +105,16 @@ def test_mask_folder_dataset_keeps_tags_and_skips_missing(shapes_dataset, tmp_pa
     tmp_path.mkdir()
     with pytest.raises(DataError, match="no mask named after a sample"):
         with_mask_folder(ds, tmp_path)
+
+
+def test_no_mining_rounds_train_on_the_crf_masks_as_they_are(shapes_dataset, tmp_path):
+    from frugalseg.data import open_dataset
+    from frugalseg.data.io import read_label_png
+    from frugalseg.weak.pipeline import mask_file
+
+    run = tmp_path / "run"
+    summary = run_pipeline(tiny(shapes_dataset, run, limit=4, mining=False))
+    assert [r["stage"] for r in summary["stages"]] == ["seed", "crf", "round1_regions", "round1_predictions"]
+    assert not (run / "round1" / "mining_stats.json").exists()
+    for s in open_dataset(str(shapes_dataset), "train").samples[:4]:
+        assert (read_label_png(mask_file(run / "round1" / "regions", s.id)) == read_label_png(mask_file(run / "crf", s.id))).all()
