@@ -35,8 +35,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from frugalseg.errors import ConfigError, require
-from frugalseg.models.medical import PadToMultiple, unet2d, vnet3d
+from frugalseg.errors import ConfigError
+from frugalseg.models.medical import unet, vnet3d
 
 __all__ = ["LEVELSET_ARCHS", "LevelSetNet", "build_levelset", "levelset_unet2d", "levelset_unet3d", "levelset_vnet3d"]
 
@@ -69,35 +69,30 @@ def _feature_layer(hidden: int, spatial_dims: int) -> nn.Sequential:
     return nn.Sequential(norm(hidden), nn.PReLU())
 
 
-def levelset_unet2d(
+def levelset_unet(
+    spatial_dims: int,
     in_channels: int,
     num_classes: int,
     channels: Sequence[int] = (16, 32, 64, 128, 256),
     hidden: int | None = None,
     dropout: float = 0.0,
 ) -> LevelSetNet:
-    """2D dual-task U-Net (MONAI UNet from `medical.unet2d` with a shared `hidden`-channel feature layer)."""
+    """Dual-task U-Net: `medical.unet` with `hidden` output channels, a shared feature layer, then the heads."""
     hidden = int(hidden or channels[0])
-    features = nn.Sequential(unet2d(in_channels, hidden, channels, dropout), _feature_layer(hidden, 2))
-    return LevelSetNet(features, hidden, num_classes, 2)
+    features = nn.Sequential(unet(spatial_dims, in_channels, hidden, channels, dropout), _feature_layer(hidden, spatial_dims))
+    return LevelSetNet(features, hidden, num_classes, spatial_dims)
 
 
-def levelset_unet3d(
-    in_channels: int,
-    num_classes: int,
-    channels: Sequence[int] = (16, 32, 64, 128, 256),
-    hidden: int | None = None,
-    dropout: float = 0.0,
-) -> LevelSetNet:
-    """3D dual-task U-Net (MONAI UNet, same settings as `unet2d` in 3D): a lighter alternative to the V-Net."""
-    nets = require("monai.networks.nets", "medical", "The levelset_unet3d model")
-    if len(channels) < 2 or in_channels < 1:
-        raise ConfigError(f"levelset_unet3d needs two levels of channels and an input channel, got {tuple(channels)}.")
-    hidden = int(hidden or channels[0])
-    net = nets.UNet(spatial_dims=3, in_channels=in_channels, out_channels=hidden, channels=tuple(channels),
-                    strides=(2,) * (len(channels) - 1), num_res_units=2, dropout=dropout)
-    features = nn.Sequential(PadToMultiple(net, 2 ** (len(channels) - 1)), _feature_layer(hidden, 3))
-    return LevelSetNet(features, hidden, num_classes, 3)
+def levelset_unet2d(in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32, 64, 128, 256),
+                    hidden: int | None = None, dropout: float = 0.0) -> LevelSetNet:
+    """2D dual-task U-Net."""
+    return levelset_unet(2, in_channels, num_classes, channels, hidden, dropout)
+
+
+def levelset_unet3d(in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32, 64, 128, 256),
+                    hidden: int | None = None, dropout: float = 0.0) -> LevelSetNet:
+    """3D dual-task U-Net: a lighter alternative to the V-Net."""
+    return levelset_unet(3, in_channels, num_classes, channels, hidden, dropout)
 
 
 def levelset_vnet3d(in_channels: int, num_classes: int, dropout: float = 0.5) -> LevelSetNet:
@@ -113,12 +108,9 @@ def build_levelset(spec: dict) -> LevelSetNet:
     arch = spec["arch"]
     in_chans = int(spec.get("in_chans", 1))
     k = int(spec["num_classes"])
-    if arch == "levelset_unet2d":
-        return levelset_unet2d(in_chans, k, tuple(spec.get("channels", (16, 32, 64, 128, 256))), spec.get("hidden"),
-                               float(spec.get("dropout", 0.0)))
-    if arch == "levelset_unet3d":
-        return levelset_unet3d(in_chans, k, tuple(spec.get("channels", (16, 32, 64, 128, 256))), spec.get("hidden"),
-                               float(spec.get("dropout", 0.0)))
+    if arch in ("levelset_unet2d", "levelset_unet3d"):
+        return levelset_unet(int(arch[-2]), in_chans, k, tuple(spec.get("channels", (16, 32, 64, 128, 256))),
+                             spec.get("hidden"), float(spec.get("dropout", 0.0)))
     if arch == "levelset_vnet3d":
         return levelset_vnet3d(in_chans, k, float(spec.get("dropout", 0.5)))
     raise ConfigError(f"Unknown level-set architecture '{arch}' ({', '.join(LEVELSET_ARCHS)}).")

@@ -49,20 +49,22 @@ class PadToMultiple(nn.Module):
         return out[tuple(index)]
 
 
-def unet2d(
+def unet(
+    spatial_dims: int,
     in_channels: int,
     num_classes: int,
     channels: Sequence[int] = (16, 32, 64, 128, 256),
     dropout: float = 0.0,
 ) -> nn.Module:
-    """A 2D U-Net returning logits (B, num_classes, H, W) for any H, W."""
-    nets = require("monai.networks.nets", "medical", "The unet2d model")
+    """A MONAI U-Net (2D or 3D, residual units, stride-2 levels) returning logits for any spatial size."""
+    name = f"unet{spatial_dims}d"
+    nets = require("monai.networks.nets", "medical", f"The {name} model")
     if len(channels) < 2:
-        raise ConfigError(f"unet2d needs at least two levels of channels, got {tuple(channels)}.")
+        raise ConfigError(f"{name} needs at least two levels of channels, got {tuple(channels)}.")
     if in_channels < 1 or num_classes < 1:
-        raise ConfigError("unet2d needs at least one input channel and one class.")
+        raise ConfigError(f"{name} needs at least one input channel and one class.")
     net = nets.UNet(
-        spatial_dims=2,
+        spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=num_classes,
         channels=tuple(channels),
@@ -71,6 +73,16 @@ def unet2d(
         dropout=dropout,
     )
     return PadToMultiple(net, 2 ** (len(channels) - 1))
+
+
+def unet2d(in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32, 64, 128, 256), dropout: float = 0.0) -> nn.Module:
+    """A 2D U-Net returning logits (B, num_classes, H, W) for any H, W."""
+    return unet(2, in_channels, num_classes, channels, dropout)
+
+
+def unet3d(in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32, 64, 128, 256), dropout: float = 0.0) -> nn.Module:
+    """A 3D U-Net (the settings of `unet2d` in 3D) for any D, H, W: a lighter alternative to the V-Net."""
+    return unet(3, in_channels, num_classes, channels, dropout)
 
 
 def vnet3d(in_channels: int, num_classes: int, dropout: float = 0.5) -> nn.Module:

@@ -49,7 +49,7 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -465,8 +465,11 @@ def evaluate_pseudo_masks(
     split: str | None = None,
     *,
     save: bool = True,
+    truth: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Score the pseudo-masks in `out_dir` against the ground truth of `dataset` (opened at `split` if a name).
+
+    `truth` (sample id -> mask) lets a caller that scores several folders read the ground truth once.
 
     Three numbers, because a pseudo-mask with ignore regions has two sides (how much it labels, how right
     that is):
@@ -500,11 +503,11 @@ def evaluate_pseudo_masks(
         if not png.exists():
             missing.append(s.id)
             continue
-        truth = ds.read_mask(s)
+        gt = truth[s.id] if truth is not None and s.id in truth else ds.read_mask(s)
         pred = read_label_png(png)
-        if pred.shape != truth.shape:
+        if pred.shape != gt.shape:
             raise DataError(f"{png}: pseudo-mask is {pred.shape[0]}×{pred.shape[1]} but the mask of {s.id} is "
-                            f"{truth.shape[0]}×{truth.shape[1]}; were the maps made from resized images?")
+                            f"{gt.shape[0]}×{gt.shape[1]}; were the maps made from resized images?")
         bad = sorted({int(v) for v in np.unique(pred) if v >= K and v != void})
         if bad:
             raise DataError(f"{png}: holds class ids {bad[:10]} outside 0..{K - 1} (and {void} = ignore); "
@@ -513,7 +516,7 @@ def evaluate_pseudo_masks(
         labelled += int((~is_void).sum())
         total += int(pred.size)
         p = torch.from_numpy(pred.astype(np.int64))
-        t = torch.from_numpy(truth.astype(np.int64))
+        t = torch.from_numpy(gt.astype(np.int64))
         if bg is not None:
             cm_main += confusion_matrix(p.masked_fill(torch.from_numpy(is_void), bg), t, K, void)
         else:  # an extra "unlabelled" prediction column K: a miss for the true class

@@ -168,13 +168,13 @@ def read_masks(folder: Path, ds) -> dict[str, np.ndarray]:
     return {s.id: read_label_png(mask_file(folder, s.id)) for s in ds.samples if mask_file(folder, s.id).exists()}
 
 
-def score_masks(folder: Path, ds) -> dict[str, Any] | None:
+def score_masks(folder: Path, ds, truth: dict[str, np.ndarray] | None = None) -> dict[str, Any] | None:
     """Pseudo-mask quality against the training images' own masks (report only), IRN's convention."""
     if not has_ground_truth(ds):
         return None
     from frugalseg.weak.crf import evaluate_pseudo_masks
 
-    return evaluate_pseudo_masks(folder, ds, save=True)
+    return evaluate_pseudo_masks(folder, ds, save=True, truth=truth)
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -383,8 +383,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
 def summarise(cfg: PipelineConfig, ds, stages, val_by_round: dict, timings: dict, seconds: float) -> dict[str, Any]:
     rows = []
+    truth = {s.id: ds.read_mask(s) for s in ds.samples} if has_ground_truth(ds) else None  # read once, not per stage
     for name, folder in stages:
-        score = score_masks(folder, ds)
+        score = score_masks(folder, ds, truth)
         rows.append({"stage": name, "folder": str(folder), "split": cfg.train_split,
                      "miou": None if score is None else score["miou"],
                      "miou_labelled": None if score is None else score["miou_labelled"],
