@@ -19,19 +19,37 @@ def default_data_root() -> Path:
     return Path(os.environ.get("FRUGALSEG_DATA", ROOT.parent / "shared" / "data"))
 
 
+def machine_tag(machine: dict) -> str:
+    """A short name for where a figure was measured: the GPU model, else the CPU core count."""
+    if machine.get("gpu"):
+        return machine["gpu"].lower().replace(" ", "-")
+    return f"cpu-{machine.get('cpu_count')}core"
+
+
 def save_results(name: str, figures: dict, settings: dict, started: float) -> Path:
-    """Merge `figures` into benchmarks/results/<name>.json (sections measured separately keep each other)."""
+    """Merge `figures` into benchmarks/results/<name>.json (sections measured separately keep each other).
+
+    A section re-measured on a *different* machine does not erase the old one: the old figures move to
+    `<section>@<machine tag>` (e.g. `msrc_objects@nvidia-h200`), so a CPU rerun and a GPU run sit side by side.
+    """
     path = RESULTS / f"{name}.json"
     old = read_json(path) if path.exists() else {}
-    merged_figures = {**old.get("figures", {}), **figures}
     provenance = {
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "git_commit": git_commit(ROOT),
     }
+    old_figures, old_measured = dict(old.get("figures", {})), dict(old.get("measured_on", {}))
+    for key in figures:
+        if key in old_figures and key in old_measured:
+            tag = machine_tag(old_measured[key].get("machine", {}))
+            if tag != machine_tag(provenance["machine"]):
+                old_figures[f"{key}@{tag}"] = old_figures.pop(key)
+                old_measured[f"{key}@{tag}"] = old_measured.pop(key)
+    merged_figures = {**old_figures, **figures}
     # Sections are measured separately (a GPU for long training runs, this CPU for throughput), so each
     # top-level figure key records where and when it was measured.
-    measured_on = {**old.get("measured_on", {}), **{key: provenance for key in figures}}
+    measured_on = {**old_measured, **{key: provenance for key in figures}}
     data = {
         "benchmark": name,
         "figures": merged_figures,
