@@ -6,6 +6,11 @@ no spacing) of the supervised-only baseline, the mean teacher, DTC and deep co-t
 K = 3 models, each with and without its adversarial diversity term. la: the LA subset (8 training + 2 test
 volumes): DTC against the supervised-only baseline (the same dual-head network, its level-set head
 unused) with 2 labelled and 6 unlabelled volumes; Dice, Jaccard, HD95 and ASD on the 2 test volumes.
+msrc: msrc-objects with masks for 10 % of the training images and tags for the rest (AdvCAM's
+semi-supervised setting: AdvCAM pseudo-masks -> CRF -> mining rounds with an OCR segmenter, the given masks
+replacing the pseudo-masks of their images) against masks-only (the same 10 %, the same segmenter and
+number of optimizer steps) and tags-only (the same pipeline without masks, sharing classifier and maps);
+val mIoU of each.
 
 Every method runs on the same labelled set and the same batch machinery (`frugalseg.semi`); every model
 is evaluated once, with its last weights, on the split named in the output: nothing is selected on it.
@@ -17,7 +22,7 @@ iterations (160 ACDC / 80 LA) to finish in about 10 minutes on a 2-core CPU (est
 per-iteration times and per-run overheads, see QUICK_SIZING), so its figures show the pipeline, not the
 methods' ranking. Results: benchmarks/results/semi.json (semi_quick.json with --quick).
 
-    python benchmarks/semi.py [--quick] [--only acdc|la] [--parallel N] [--runs DIR] [--max-iterations N]
+    python benchmarks/semi.py [--quick] [--only acdc|la|msrc] [--parallel N] [--runs DIR] [--max-iterations N]
 """
 
 from __future__ import annotations
@@ -47,6 +52,13 @@ QUICK_ACDC = dict(patch_size=[64, 64], channels=[8, 16, 32, 64], iterations=160,
                   unlabelled_batch_size=4, val_limit=4, rampup_every=1)
 QUICK_LA = dict(arch="unet", patch_size=[64, 64, 48], channels=[8, 16, 32, 64], iterations=80, epoch_steps=40,
                 labelled_batch_size=2, unlabelled_batch_size=2, val_limit=None, rampup_every=1)
+# msrc masks + tags. Full: the tags_to_model schedule with AdvCAM maps (multi-scale AdvCAM on 276 images is
+# GPU work: about 11.5 s per image and scale on this CPU). Quick: the first 48 training images, one scale,
+# 8 climbing steps, one mining round.
+MSRC_MASK_FRACTION = 0.1
+MSRC_FULL = dict(limit=None, classifier_epochs=8, scales=(1.0, 0.5, 1.5, 2.0), steps=27, rounds=2, seg_epochs=20,
+                 crop_size=256)
+MSRC_QUICK = dict(limit=48, classifier_epochs=4, scales=(1.0,), steps=8, rounds=1, seg_epochs=6, crop_size=192)
 QUICK_SIZING = {
     "measured": "2026-11-26 on the 2-core CPU of this machine (busy with another benchmark), 1 torch thread per run",
     "seconds_per_iteration": {
@@ -254,6 +266,61 @@ def run_la(quick: bool, out_root: Path, parallel: int, max_iterations: int | Non
     return {"la": figures}, _settings(configs)
 
 
+def masks_only_steps(train_images: int, masked: int, seg_epochs: int, batch_size: int) -> tuple[int, int]:
+    """(epochs, max_steps) giving the masks-only segmenter as many optimizer steps as one round's segmenter of
+    the pipeline (`seg_epochs` over every training image): the baseline is not starved of iterations just
+    because 10 % of the images make short epochs."""
+    steps = seg_epochs * max(1, train_images // batch_size)
+    per_epoch = masked // batch_size if masked > batch_size else 1  # the loader drops the last partial batch
+    return -(-steps // per_epoch), steps
+
+
+def by_round(summary: dict) -> dict[str, float]:
+    return {str(r): v["miou"] for r, v in summary["val_by_round"].items()}
+
+
+def run_msrc(quick: bool, out_root: Path, parallel: int, max_iterations: int | None) -> tuple[dict, dict]:
+    """Masks (10 %) + tags vs masks-only vs tags-only on msrc-objects, val mIoU; in this process, one at a time."""
+    from frugalseg.supervised import train
+    from frugalseg.weak.pipeline import PipelineConfig, run_pipeline, segmenter_config
+
+    common = dict(data="msrc-objects", train_split="train", val_split="val", seeds="advcam", progress=False,
+                  **(MSRC_QUICK if quick else MSRC_FULL))
+    figures: dict = {"val_split": "val", "mask_fraction": MSRC_MASK_FRACTION, "seeds": "advcam"}
+    t = time.time()
+    tags_cfg = PipelineConfig(out=str(out_root / "msrc_tags_only"), **common)
+    tags = run_pipeline(tags_cfg)
+    figures["tags_only"] = {"val_miou": tags["final_val_miou"], "val_miou_by_round": by_round(tags),
+                            "wall_s": round(time.time() - t, 1)}
+    t = time.time()
+    both_cfg = PipelineConfig(out=str(out_root / "msrc_masks_tags"), mask_fraction=MSRC_MASK_FRACTION,
+                              classifier=str(out_root / "msrc_tags_only" / "classifier"),
+                              maps_from=str(out_root / "msrc_tags_only" / "cams"), **common)
+    both = run_pipeline(both_cfg)
+    figures["masks_tags"] = {"val_miou": both["final_val_miou"], "val_miou_by_round": by_round(both),
+                             "masked_images": both["masked_images"], "wall_s_after_shared_maps": round(time.time() - t, 1)}
+    masked = json.loads((out_root / "msrc_masks_tags" / "budget.json").read_text())["mask"]
+    epochs, steps = masks_only_steps(both["train_images"], len(masked), both_cfg.seg_epochs, both_cfg.batch_size)
+    if max_iterations:
+        steps = min(steps, max_iterations)
+    t = time.time()
+    only_cfg = segmenter_config(both_cfg, out_root / "msrc_masks_only", labelled_ids=masked, epochs=epochs, max_steps=steps)
+    only = train(only_cfg)["val"]
+    figures["masks_only"] = {"val_miou": only["miou"], "masked_images": len(masked), "optimizer_steps": steps,
+                             "wall_s": round(time.time() - t, 1)}
+    figures["train_images"] = both["train_images"]
+    for other in ("masks_only", "tags_only"):
+        figures[f"masks_tags_minus_{other}"] = round(figures["masks_tags"]["val_miou"] - figures[other]["val_miou"], 6)
+    rows = [(name.replace("_", " "), "val", f"{figures[name]['val_miou']:.4f}", detail) for name, detail in (
+        ("masks_only", f"{len(masked)} masked images, {steps} steps"),
+        ("tags_only", f"{both['train_images']} tagged images, {tags_cfg.rounds} rounds"),
+        ("masks_tags", f"{len(masked)} masks + {both['train_images'] - len(masked)} tags"))]
+    print_table(rows, ("msrc-objects", "split", "mIoU", "supervision"))
+    settings = {"msrc_pipeline": {k: v for k, v in vars(both_cfg).items() if k not in ("out", "progress")},
+                "msrc_masks_only": {k: v for k, v in vars(only_cfg).items() if k not in ("out", "progress")}}
+    return {"msrc": figures}, settings
+
+
 def _schedule(cfg: SemiConfig, max_iterations: int | None) -> dict:
     """The resolved schedule of a run (the protocol's values where the config leaves them to the data)."""
     from frugalseg.data import open_dataset
@@ -269,7 +336,7 @@ def _schedule(cfg: SemiConfig, max_iterations: int | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="Short schedules (under 15 minutes on a 2-core CPU).")
-    ap.add_argument("--only", choices=["acdc", "la"], action="append")
+    ap.add_argument("--only", choices=["acdc", "la", "msrc"], action="append")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="Where run directories go.")
     ap.add_argument("--parallel", type=int, help="Runs at once (default: 4 beside a GPU, else 1).")
     ap.add_argument("--max-iterations", type=int, help="Cap every run's iterations (smoke test).")
@@ -288,8 +355,8 @@ def main() -> None:
     out_root = Path(args.runs) / name
     out_root.mkdir(parents=True, exist_ok=True)
     path = None
-    for part in args.only or ["acdc", "la"]:
-        fn = {"acdc": run_acdc, "la": run_la}[part]
+    for part in args.only or ["acdc", "la", "msrc"]:
+        fn = {"acdc": run_acdc, "la": run_la, "msrc": run_msrc}[part]
         figures, settings = fn(args.quick, out_root, parallel, args.max_iterations)
         extra = {"quick": args.quick, "max_iterations": args.max_iterations, "threads_per_run": default_threads(parallel)}
         if args.quick:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import data_path
@@ -245,3 +246,29 @@ def test_split_parts_fit_and_holdout_partition_train():
     assert held_ids == {s.id for s in open_dataset("msrc-objects", "train:holdout").samples}  # deterministic
     with pytest.raises(ConfigError, match="use 'train:fit' or 'train:holdout'"):
         open_dataset("msrc-objects", "train:test")
+
+
+def _jitter(image, mask, generator):
+    """A stand-in augmentation: one random number per (seed, epoch, index), written into the image."""
+    return image * 0 + torch.rand((), generator=generator), mask
+
+
+def test_persistent_workers_see_the_epoch(shapes_dataset):
+    """set_epoch in the main process reaches persistent DataLoader workers (a plain attribute would not:
+    every epoch would repeat epoch 0's augmentation)."""
+    from torch.utils.data import DataLoader
+
+    from frugalseg.data.torchdata import MaskedImages
+
+    data = MaskedImages(open_dataset(str(shapes_dataset), "train"), _jitter)
+    loader = DataLoader(data, batch_size=4, num_workers=1, persistent_workers=True)
+
+    def epoch_values(epoch: int) -> torch.Tensor:
+        data.set_epoch(epoch)
+        return torch.cat([b["image"][:, 0, 0, 0] for b in loader])
+
+    first, second, first_again = epoch_values(0), epoch_values(1), epoch_values(0)
+    assert len(first) == len(data) and not torch.equal(first, second)
+    assert torch.equal(first, first_again)  # the augmentation is a function of (seed, epoch, index)
+    in_process = torch.stack([data[i]["image"][0, 0, 0] for i in range(len(data))])
+    assert torch.equal(in_process, first)

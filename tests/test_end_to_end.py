@@ -42,6 +42,7 @@ def test_run_directory_contents(trained_run):
     assert metrics["split"] == "val" and metrics["samples"] == 4 and 0.0 <= metrics["miou"] <= 1.0
     assert set(metrics["per_class"]) == {"background", "disc", "square", "triangle"}
     assert not list(trained_run.rglob("*.tmp"))  # atomic writes left nothing behind
+    assert [p.relative_to(trained_run).as_posix() for p in trained_run.rglob("*.ckpt")] == ["checkpoints/last.ckpt"]
 
 
 def test_checkpoint_and_export_carry_label_spec(trained_run):

@@ -58,7 +58,8 @@ def test_run_writes_every_stage_and_resumes_after_an_interrupted_stage(shapes_da
 
     ds = open_dataset(str(shapes_dataset), "train")
     masked = json.loads((run / "budget.json").read_text())["mask"]
-    assert len(masked) == 3 and summary["masked_images"] == 3  # 25 % of the 12 training images
+    assert len(masked) == 2 and summary["masked_images"] == 2  # 25 % of the 8 images the run uses (limit=8)
+    assert set(masked) <= {s.id for s in ds.samples[:8]}
     for sid in masked:  # the budget's masks replace the mined regions of their images
         s = next(x for x in ds.samples if x.id == sid)
         assert (read_label_png(mask_file(run / "round1" / "regions", sid)) == ds.read_mask(s)).all()
@@ -66,6 +67,18 @@ def test_run_writes_every_stage_and_resumes_after_an_interrupted_stage(shapes_da
         for folder in ("crf", "round1/regions", "round1/predictions"):
             present = set(np.unique(read_label_png(mask_file(run / folder, s.id))).tolist()) - {0, 255}
             assert present <= set(ds.tags_of(s)), (folder, s.id)
+
+    # A second run that differs only after the maps (tags only) reuses them (make_maps is still a failure).
+    reuse = tiny(shapes_dataset, tmp_path / "tags_only", rounds=0, classifier=str(run / "classifier"),
+                 maps_from=str(run / "cams"))
+    again = run_pipeline(reuse)
+    assert again["stages"][0]["miou"] == summary["stages"][0]["miou"]  # the same maps give the same seeds
+    assert not (tmp_path / "tags_only" / "cams").exists()
+    with pytest.raises(ConfigError, match="its maps are 'cam', this run asks for 'advcam'"):
+        run_pipeline(tiny(shapes_dataset, tmp_path / "x", seeds="advcam", classifier=str(run / "classifier"),
+                          maps_from=str(run / "cams")))
+    with pytest.raises(ConfigError, match="no maps.json there"):
+        run_pipeline(tiny(shapes_dataset, tmp_path / "y", classifier=str(run / "classifier"), maps_from=str(run)))
 
 
 def test_run_refuses_a_dataset_without_tags(tmp_path):

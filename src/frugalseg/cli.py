@@ -42,6 +42,7 @@ HELP = {
     "frozen_stages": "Backbone feature stages kept frozen (IRN: up to stride 8).",
     "method": "cam (forward pass), advcam (anti-adversarial climbing) or prm (peak response maps + instances).",
     "classifier": "A classify run directory.",
+    "maps_from": "Reuse another run's maps folder (its cams/: same classifier, method and images) instead of computing maps.",
     "scales": "Image scales for maps (repeat the option: --scales 1.0 --scales 0.5).",
     "autocast": "AdvCAM network passes in bf16: auto (GPU only), bf16 (also on CPUs with bf16 support), off.",
     "limit": "Only the first N images of the split (a fixed, stated subset).",

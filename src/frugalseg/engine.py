@@ -196,6 +196,7 @@ def make_trainer(cfg: TrainConfig, run_path: Path, *, max_epochs: int, val: bool
         strategy=cfg.strategy,
         precision=resolve_precision(cfg.precision),
         callbacks=[checkpoint],
+        enable_checkpointing=False,  # LastCheckpoint is the one checkpoint; no extra logs/checkpoints/epoch=*.ckpt
         logger=CSVLogger(save_dir=str(run_path), name="logs", version=_log_version(run_path, resuming)),
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=cfg.progress,

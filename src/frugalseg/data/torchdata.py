@@ -23,7 +23,39 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, epoch, index)) & 0x7FFFFFFF)
 
 
-class MaskedImages(Dataset):
+class SharedEpoch:
+    """The training epoch, seen by the main process *and* DataLoader worker processes.
+
+    Persistent workers hold their own copy of the dataset, so a plain attribute set in the main process at
+    the start of an epoch never reaches them and every epoch would repeat epoch 0's augmentation. The value
+    lives in a shared-memory tensor instead (shared across fork and spawn by torch.multiprocessing); Lightning
+    calls `on_train_epoch_start` before it starts the epoch's iterator, so workers read the new value.
+    """
+
+    def __init__(self, epoch: int = 0):
+        self._value = torch.full((), int(epoch), dtype=torch.int64).share_memory_()
+
+    def set(self, epoch: int) -> None:
+        self._value.fill_(int(epoch))
+
+    def get(self) -> int:
+        return int(self._value)
+
+
+class EpochAware:
+    """Mixin: `epoch` (read in `__getitem__`, possibly in a worker) backed by a `SharedEpoch`."""
+
+    _shared_epoch: SharedEpoch
+
+    @property
+    def epoch(self) -> int:
+        return self._shared_epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._shared_epoch.set(epoch)
+
+
+class MaskedImages(EpochAware, Dataset):
     """(image, mask) pairs of the samples whose supervision is a mask (or all, with `all_samples`)."""
 
     def __init__(
@@ -39,14 +71,11 @@ class MaskedImages(Dataset):
         self.transform = transform
         self.cache = cache
         self.seed = seed
-        self.epoch = 0
+        self._shared_epoch = SharedEpoch()
         self._items: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.ds)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i in self._items:

@@ -7,7 +7,7 @@ factory therefore wraps the network in `PadToMultiple`, which zero-pads the inpu
 back, so any input size works at training and inference time.
 
 - `unet2d`: MONAI `UNet` (strided-conv encoder, transposed-conv decoder, 2 residual units per level,
-  batch norm), channels (16, 32, 64, 128, 256) like the SSL4MIS U-Net.
+  MONAI's default instance norm), channels (16, 32, 64, 128, 256) like the SSL4MIS U-Net.
 - `vnet3d`: MONAI `VNet` (Milletari et al. 2016), the network family of the UA-MT/DTC LA protocol;
   `dropout` (default 0.5, as DTC's `has_dropout=True`) acts in the deepest down/up transitions.
   MONAI follows the original paper (5×5×5 convolutions, about 45.6M parameters for one input channel

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from frugalseg.data.labels import LabelSpec
 from frugalseg.data.samples import SegDataset
-from frugalseg.data.torchdata import sample_generator
+from frugalseg.data.torchdata import EpochAware, SharedEpoch, sample_generator
 from frugalseg.data.transforms import CropTransform, to_tensor_image
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.runs import RunDir, write_json
@@ -91,7 +91,7 @@ def classifier_classes(labels: LabelSpec) -> list[int]:
     return [i for i in range(labels.num_classes) if i != labels.background]
 
 
-class TaggedImages(Dataset):
+class TaggedImages(EpochAware, Dataset):
     """(image, multi-hot tags) of every sample with tags or a mask; images decoded once and cached."""
 
     def __init__(self, ds: SegDataset, class_ids: list[int], transform: CropTransform | None, seed: int = 0):
@@ -102,7 +102,7 @@ class TaggedImages(Dataset):
         self.num = len(class_ids)
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        self._shared_epoch = SharedEpoch()
         self._cache: dict[int, torch.Tensor] = {}
         self.targets = torch.stack([self.target_of(s) for s in self.ds.samples])
 
@@ -112,9 +112,6 @@ class TaggedImages(Dataset):
             if c in self.index:
                 y[self.index[c]] = 1.0
         return y
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.ds)

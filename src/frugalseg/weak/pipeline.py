@@ -56,6 +56,7 @@ class PipelineConfig:
     budget_seed: int = 0
     seeds: Literal["cam", "advcam", "prm", "group"] = "cam"
     classifier: str | None = None  # an existing `frugalseg classify` run to use instead of training one
+    maps_from: str | None = None  # another run's maps folder (same classifier, method, images) instead of computing maps
     refine: Literal["crf", "none"] = "crf"
     rounds: int = 3  # MCOF iterations (bottom-up mining + top-down segmenter)
     saliency_rounds: int = 1  # MCOF: the Bayesian saliency refinement in the first round only
@@ -129,23 +130,20 @@ def open_training_images(cfg: PipelineConfig):
     return ds.with_samples(tagged)
 
 
-def given_masks(cfg: PipelineConfig, run: RunDir) -> dict[str, np.ndarray]:
+def given_masks(cfg: PipelineConfig, run: RunDir, ds) -> dict[str, np.ndarray]:
     """Masks + tags (the semi-supervised setting of AdvCAM): the label budget's masked training images keep
     their masks, which then replace the pseudo-masks of those images in every round (mining learns from
-    them too). The budget is drawn over the whole training split, as `frugalseg train --mask-fraction` draws
-    it, so masks-only and masks+tags runs with the same seed use the same masked images."""
+    them too). The budget is drawn over the images this run uses (`ds`: the training split, or its first
+    `limit` images), as `frugalseg train --mask-fraction` draws it over its split; `budget.json` lists the
+    masked ids, so a masks-only baseline can train on exactly the same images (`--labelled-ids`)."""
     if cfg.mask_fraction is None:
         return {}
-    from frugalseg.config import TrainConfig
     from frugalseg.data.budget import LabelBudget, apply_budget, budget_manifest
-    from frugalseg.supervised import open_with_classes
 
-    full = open_with_classes(TrainConfig(data=cfg.data, background_classes=cfg.background_classes,
-                                         ignore_classes=cfg.ignore_classes), cfg.train_split)
     budget = LabelBudget(mask_fraction=cfg.mask_fraction, rest="tags", seed=cfg.budget_seed)
-    budgeted = apply_budget(full, budget)
+    budgeted = apply_budget(ds, budget)
     write_json(run / "budget.json", budget_manifest(budgeted, budget))
-    return {s.id: full.read_mask(s) for s in budgeted.samples if s.supervision == "mask"}
+    return {s.id: ds.read_mask(s) for s in budgeted.samples if s.supervision == "mask"}
 
 
 def has_ground_truth(ds) -> bool:
@@ -197,7 +195,30 @@ def stage_classify(cfg: PipelineConfig, run: RunDir) -> Path:
     return out
 
 
+def reused_maps(cfg: PipelineConfig, classifier: Path, ds) -> Path:
+    """`maps_from`: maps another run already made, checked to come from the same classifier and method and to
+    cover every training image (runs that differ only after the maps, e.g. tags-only vs masks + tags)."""
+    from frugalseg.weak.maps_io import maps_path
+
+    folder = Path(cfg.maps_from)
+    meta_file = folder / "maps.json"
+    if not meta_file.exists():
+        raise ConfigError(f"--maps-from {folder}: no maps.json there (give the cams/ folder of a finished run).")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("method") != cfg.seeds:
+        raise ConfigError(f"--maps-from {folder}: its maps are '{meta.get('method')}', this run asks for '{cfg.seeds}'.")
+    if Path(meta.get("classifier", "")).resolve() != Path(classifier).resolve():
+        raise ConfigError(f"--maps-from {folder}: made with classifier {meta.get('classifier')}, this run uses "
+                          f"{classifier} (pass the same --classifier).")
+    missing = [s.id for s in ds.samples if not maps_path(folder, s.id).exists()]
+    if missing:
+        raise ConfigError(f"--maps-from {folder}: no maps for {len(missing)} training images, e.g. {missing[:3]}.")
+    return folder
+
+
 def stage_maps(cfg: PipelineConfig, run: RunDir, classifier: Path, ds) -> Path:
+    if cfg.maps_from:
+        return reused_maps(cfg, classifier, ds)
     maps_dir = run / "cams"  # maps.json, maps/<id>.npz, gallery.html
     if run.stage_done("maps"):
         return maps_dir
@@ -275,7 +296,6 @@ def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, i
                 given: dict[str, np.ndarray] | None = None) -> tuple[Path, Path, "MiningInputs | None"]:
     """One MCOF round: regions mined from `seeds_dir`, a segmenter trained on them, its tag-restricted
     predictions on the training images (the next round's seeds)."""
-    from frugalseg.config import TrainConfig
     from frugalseg.supervised import train
 
     rdir = run / f"round{r}"
@@ -301,17 +321,24 @@ def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, i
         write_masks(regions_dir, ds, {**dict(zip(inputs.ids, regions)), **(given or {})})
         write_json(rdir / "mining_stats.json", stats)
         run.mark_done(f"round{r}_regions")
-    seg = TrainConfig(data=cfg.data, out=str(rdir / "segmenter"), train_split=cfg.train_split, val_split=cfg.val_split,
-                      background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes,
-                      mask_dir=str(regions_dir), arch=cfg.seg_arch, epochs=cfg.seg_epochs, crop_size=cfg.crop_size,
-                      batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, precision=cfg.precision,
-                      num_workers=cfg.num_workers, progress=cfg.progress, val_every=10_000,
-                      resume=(rdir / "segmenter" / "checkpoints" / "last.ckpt").exists())
-    train(seg)
+    train(segmenter_config(cfg, rdir / "segmenter", mask_dir=str(regions_dir)))
     if not run.stage_done(f"round{r}_predictions"):
         predict_within_tags(rdir / "segmenter" / "model", ds, preds_dir, cfg.prediction_confidence)
         run.mark_done(f"round{r}_predictions")
     return regions_dir, preds_dir, inputs
+
+
+def segmenter_config(cfg: PipelineConfig, out: Path, **overrides):
+    """The segmentation network of a round (OCR head by default), trained on `mask_dir`'s masks; resumes
+    from its last checkpoint. Benchmarks build their masks-only baseline from it (same schedule)."""
+    from frugalseg.config import TrainConfig
+
+    fields = dict(data=cfg.data, out=str(out), train_split=cfg.train_split, val_split=cfg.val_split,
+                  background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes,
+                  arch=cfg.seg_arch, epochs=cfg.seg_epochs, crop_size=cfg.crop_size, batch_size=cfg.batch_size,
+                  lr=cfg.lr, seed=cfg.seed, precision=cfg.precision, num_workers=cfg.num_workers,
+                  progress=cfg.progress, val_every=10_000, resume=(out / "checkpoints" / "last.ckpt").exists())
+    return TrainConfig(**{**fields, **overrides})
 
 
 @torch.no_grad()
@@ -347,7 +374,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     run = RunDir(cfg.out)
     run.save_config(cfg)
     ds = open_training_images(cfg)
-    given = given_masks(cfg, run)
+    given = given_masks(cfg, run, ds)
     t0 = time.time()
     timings: dict[str, float] = {}
 
