@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -340,6 +341,9 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="Where run directories go.")
     ap.add_argument("--parallel", type=int, help="Runs at once (default: 4 beside a GPU, else 1).")
     ap.add_argument("--max-iterations", type=int, help="Cap every run's iterations (smoke test).")
+    ap.add_argument("--resume", action="store_true",
+                    help="Keep the run directories of an earlier invocation: finished runs and stages are not redone "
+                         "(their wall times then describe the earlier invocation). Default: start fresh.")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -353,6 +357,8 @@ def main() -> None:
     started = time.time()
     name = "semi_quick" if args.quick else "semi"
     out_root = Path(args.runs) / name
+    if out_root.exists() and not args.resume:
+        shutil.rmtree(out_root)  # finished runs would be skipped, and their old figures and times reported as new
     out_root.mkdir(parents=True, exist_ok=True)
     path = None
     for part in args.only or ["acdc", "la", "msrc"]:
