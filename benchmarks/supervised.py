@@ -83,13 +83,14 @@ def results_path(quick: bool) -> Path:
 
 
 def chosen_stage(quick: bool) -> tuple[str, str]:
-    """The auxiliary stage picked by the last `--only select` run (results JSON), else the first stage."""
+    """The auxiliary stage picked by the last `--only select` run (results JSON), else the library default
+    (itself the stage the full benchmark's selection chose)."""
     path = results_path(quick)
     if path.exists():
         sel = json.loads(path.read_text()).get("figures", {}).get("aux_stage_selection", {})
         if sel.get("chosen_aux_stage") in AUX_STAGES:
             return sel["chosen_aux_stage"], "train:holdout (aux_stage_selection)"
-    return AUX_STAGES[0], "default: no selection run yet"
+    return TrainConfig().aux_stage, "library default: no selection run in this results file"
 
 
 def headline(figures: dict, stage: str, source: str) -> dict:
