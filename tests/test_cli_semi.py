@@ -17,12 +17,7 @@ from frugalseg.cli import cli, main
 pytest.importorskip("monai")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(semi: str, out: Path, *extra: str) -> list[str]:

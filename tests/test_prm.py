@@ -65,14 +65,7 @@ class TinyMapper(nn.Module):
     forward = class_maps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared CPU OpenMP threads that wait on each other
-    make each backward seconds slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -23,13 +23,7 @@ from frugalseg.semi.cotrain import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing a shared CPU (steps went from 0.1 s to 6 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- generalised Jensen–Shannon divergence ----------------------------------------------------------

@@ -15,12 +15,7 @@ from frugalseg.errors import ConfigError, DataError
 pytest.importorskip("monai")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_baseline_batches_are_the_labelled_blocks_of_the_semi_batches():

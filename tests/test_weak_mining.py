@@ -21,13 +21,7 @@ from frugalseg.weak.mining import (
 V = 255
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine's cores are shared: one intra-op thread is faster here than two fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- superpixels ----------------------------------------------------------------------------------

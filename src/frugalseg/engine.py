@@ -50,6 +50,17 @@ def poly_lambda(total_steps: int, power: float = 0.9):
     return lambda step: max(0.0, 1 - min(step, total) / total) ** power
 
 
+def log_validation(module: L.LightningModule, cm, labels: LabelSpec) -> None:
+    """Log val/miou and val/dice_fg from the epoch's confusion matrix (already summed across GPUs) and
+    reset it: the one validation summary of supervised and semi-supervised training."""
+    m = summarise(cm.compute().cpu(), labels.names, labels.background)
+    cm.reset()
+    if m["miou"] is not None:
+        module.log("val/miou", m["miou"], prog_bar=True, sync_dist=False)
+    if m["mean_dice_foreground"] is not None:
+        module.log("val/dice_fg", m["mean_dice_foreground"], prog_bar=True, sync_dist=False)
+
+
 def pass_epoch_to_dataset(module: L.LightningModule) -> None:
     """Tell the training dataset the epoch: its augmentation is seeded per (seed, epoch, index)."""
     ds = getattr(module.trainer.train_dataloader, "dataset", None)
@@ -95,12 +106,7 @@ class SegmentationModule(L.LightningModule):
         self.val_cm.update(logits.argmax(1), batch["mask"])
 
     def on_validation_epoch_end(self) -> None:
-        m = summarise(self.val_cm.compute().cpu(), self.labels.names, self.labels.background)
-        self.val_cm.reset()
-        if m["miou"] is not None:
-            self.log("val/miou", m["miou"], prog_bar=True, sync_dist=False)
-        if m["mean_dice_foreground"] is not None:
-            self.log("val/dice_fg", m["mean_dice_foreground"], prog_bar=True, sync_dist=False)
+        log_validation(self, self.val_cm, self.labels)
 
     def on_train_epoch_start(self) -> None:
         pass_epoch_to_dataset(self)

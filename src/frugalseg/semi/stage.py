@@ -33,6 +33,7 @@ from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
 from frugalseg.data.samples import SegDataset
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.losses import segmentation_loss, soft_dice_loss
+from frugalseg.engine import log_validation
 from frugalseg.metrics import ConfusionMatrix, confusion_matrix, summarise
 from frugalseg.semi.batches import (SemiBatches, SemiConfig, case_input, eval_loader, input_channels,
                                     open_semi_data)
@@ -192,12 +193,7 @@ class SemiModule(L.LightningModule):
         self.val_cm.update(pred.to(self.device), mask.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
-        m = summarise(self.val_cm.compute().cpu(), self.labels.names, self.labels.background)
-        self.val_cm.reset()
-        if m["mean_dice_foreground"] is not None:
-            self.log("val/dice_fg", m["mean_dice_foreground"], prog_bar=True, sync_dist=False)
-        if m["miou"] is not None:
-            self.log("val/miou", m["miou"], sync_dist=False)
+        log_validation(self, self.val_cm, self.labels)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
