@@ -131,3 +131,130 @@ def test_no_mining_rounds_train_on_the_crf_masks_as_they_are(shapes_dataset, tmp
     assert not (run / "round1" / "mining_stats.json").exists()
     for s in open_dataset(str(shapes_dataset), "train").samples[:4]:
         assert (read_label_png(mask_file(run / "round1" / "regions", s.id)) == read_label_png(mask_file(run / "crf", s.id))).all()
+
+
+def test_calibration_chooses_the_threshold_on_a_few_masks_and_scores_the_others(shapes_dataset, tmp_path, monkeypatch):
+    from frugalseg.weak.seeds import evaluate_seeds
+
+    run = tmp_path / "run"
+    summary = run_pipeline(tiny(shapes_dataset, run, rounds=0, calibration_fraction=0.25))
+    calib = json.loads((run / "calibration.json").read_text())
+    assert len(calib["ids"]) == 2 and summary["scored_images"] == 6 and summary["train_images"] == 8
+    rows = {r["threshold"]: r["miou"] for r in calib["sweep"]["rows"]}
+    best = max(rows.values())
+    assert rows[calib["seed_threshold"]] == best  # the best threshold of the sweep on the calibration images ...
+    assert calib["seed_threshold"] == min(t for t, v in rows.items() if v == best)  # ... ties to the lowest
+    assert calib["fg_threshold"] == calib["seed_threshold"]
+    assert calib["bg_threshold"] == pytest.approx(max(0.0, calib["seed_threshold"] - 0.2))
+    assert summary["thresholds"] == {"seed": calib["seed_threshold"], "fg": calib["fg_threshold"],
+                                     "bg": calib["bg_threshold"], "calibration_images": 2}
+    assert json.loads((run / "stages" / "seeds.done").read_text())["threshold"] == calib["seed_threshold"]
+    assert json.loads((run / "stages" / "crf.done").read_text())["fg_threshold"] == calib["fg_threshold"]
+    # The seed figure is the seed mIoU of the six other images at the chosen threshold.
+    from frugalseg.data import open_dataset
+    from frugalseg.weak.maps_stage import iter_seed_items
+
+    ds = open_dataset(str(shapes_dataset), "train")
+    others = ds.with_samples([s for s in ds.samples[:8] if s.id not in calib["ids"]])
+    ref = evaluate_seeds(iter_seed_items(run / "cams", others), ds.labels.num_classes, ds.labels.names,
+                         ds.labels.background, (calib["seed_threshold"],))
+    assert summary["stages"][0]["miou"] == pytest.approx(ref["results"][0]["miou"], abs=1e-6)
+    assert "calibration images whose masks" in (run / "report.html").read_text()
+    assert 0.0 <= summary["stages"][0]["miou_calibration_images"] <= 1.0
+
+    with pytest.raises(ConfigError, match="calibration_fraction must be in"):
+        tiny(shapes_dataset, run, calibration_fraction=1.0).validate()
+
+
+def test_a_changed_setting_redoes_its_stage_and_the_later_ones_only(shapes_dataset, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run_pipeline(tiny(shapes_dataset, run))
+    before = json.loads((run / "stages" / "crf.done").read_text())
+    (run / "round1" / "segmenter" / "stale.txt").write_text("from the old round")
+    monkeypatch.setattr("frugalseg.weak.classify.train_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
+    monkeypatch.setattr("frugalseg.weak.maps_stage.make_maps", lambda *a, **k: pytest.fail("maps recomputed"))
+    summary = run_pipeline(tiny(shapes_dataset, run, fg_threshold=0.5, bg_threshold=0.3))
+    after = json.loads((run / "stages" / "crf.done").read_text())
+    assert (before["fg_threshold"], after["fg_threshold"]) == (0.35, 0.5)
+    assert not (run / "round1" / "segmenter" / "stale.txt").exists()  # the round was redone from scratch
+    assert json.loads((run / "stages" / "round1_predictions.done").read_text())["key"]["fg_threshold"] == 0.5
+    assert [r["stage"] for r in summary["stages"]] == ["seed", "crf", "round1_regions", "round1_predictions"]
+    # Unchanged settings: nothing is redone (the CRF would fail if called).
+    monkeypatch.setattr("frugalseg.weak.crf.refine_dataset", lambda *a, **k: pytest.fail("CRF redone"))
+    run_pipeline(tiny(shapes_dataset, run, fg_threshold=0.5, bg_threshold=0.3))
+
+
+def test_calibration_needs_masks_and_a_background_class(shapes_dataset, tmp_path):
+    from frugalseg.weak.pipeline import stage_calibrate
+    from frugalseg.runs import RunDir
+
+    cfg = tiny(shapes_dataset, tmp_path / "run", calibration_fraction=0.5)
+    ds = pipeline.open_training_images(cfg)
+    no_masks = ds.with_samples([dataclasses_replace(s, mask=None) for s in ds.samples])
+    with pytest.raises(DataError, match="needs masks on 4 of the 8 training images"):
+        stage_calibrate(cfg, RunDir(tmp_path / "run"), tmp_path, no_masks)
+
+
+def dataclasses_replace(sample, **kw):
+    import dataclasses
+
+    return dataclasses.replace(sample, **kw)
+
+
+def test_agreement_keeps_only_pixels_where_prediction_and_region_agree():
+    from frugalseg.weak.pipeline import agreement
+
+    pred = {"a": np.array([[0, 1], [2, 255]], np.uint8)}
+    region = {"a": np.array([[0, 2], [2, 255]], np.uint8)}
+    assert agreement(pred, region)["a"].tolist() == [[0, 255], [2, 255]]
+    with pytest.raises(DataError, match="no mined region mask for b"):
+        agreement({"b": pred["a"]}, region)
+
+
+def test_second_round_seeds_are_the_agreement_of_round_one(shapes_dataset, tmp_path):
+    from frugalseg.data import open_dataset
+    from frugalseg.data.io import read_label_png
+    from frugalseg.weak.pipeline import mask_file
+
+    run = tmp_path / "run"
+    summary = run_pipeline(tiny(shapes_dataset, run, limit=4, rounds=2))
+    assert [r["stage"] for r in summary["stages"]] == ["seed", "crf", "round1_regions", "round1_predictions",
+                                                        "round2_seeds", "round2_regions", "round2_predictions"]
+    for s in open_dataset(str(shapes_dataset), "train").samples[:4]:
+        p, q = (read_label_png(mask_file(run / "round1" / f, s.id)) for f in ("predictions", "regions"))
+        assert (read_label_png(mask_file(run / "round2" / "seeds", s.id)) == np.where(p == q, p, 255)).all()
+    import yaml
+
+    seg = yaml.safe_load((run / "round2" / "segmenter" / "config.yaml").read_text())
+    assert seg["init_from"] == str(run / "round1" / "segmenter" / "model")  # round 2 continues from round 1
+    assert yaml.safe_load((run / "round1" / "segmenter" / "config.yaml").read_text())["init_from"] is None
+    # MCOF's own rule: round 2 mines from the predictions as they are; changing it redoes round 2 only.
+    marker = run / "stages" / "round1_predictions.done"
+    stamp = marker.stat().st_mtime_ns
+    again = run_pipeline(tiny(shapes_dataset, run, limit=4, rounds=2, round_seeds="predictions"))
+    assert [r["stage"] for r in again["stages"]][4] == "round2_regions"
+    assert marker.stat().st_mtime_ns == stamp  # round 1 untouched
+    assert json.loads((run / "stages" / "round2_regions.done").read_text())["key"]["round_seeds"] == ["predictions"]
+
+
+def test_init_from_loads_every_weight_and_names_a_different_network(tmp_path):
+    import torch
+
+    from frugalseg.data.labels import LabelSpec
+    from frugalseg.export import save_export
+    from frugalseg.models import build_model
+    from frugalseg.supervised import init_weights
+
+    spec = {"arch": "fcn", "num_classes": 3, "in_chans": 3, "backbone": "tf_efficientnet_lite0", "output_stride": 16,
+            "aux_stage": "penultimate"}
+    torch.manual_seed(0)
+    source = build_model(spec, pretrained=False)
+    save_export(source, spec, LabelSpec(("background", "a", "b")), tmp_path / "model")
+    target = build_model(spec, pretrained=False)
+    init_weights(target, spec, tmp_path / "model")
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="a different network \\(num_classes 3 there vs 5 here\\)"):
+        init_weights(build_model({**spec, "num_classes": 5}), {**spec, "num_classes": 5}, tmp_path / "model")
+    with pytest.raises(ConfigError, match="no such export folder"):
+        init_weights(target, spec, tmp_path / "nothing")

@@ -30,6 +30,7 @@ class TrainConfig:
     arch: Literal["ocr", "fcn", "unet2d"] = "ocr"
     backbone: str = "tf_efficientnet_lite0"
     pretrained: bool | str = True
+    init_from: str | None = None  # start from an exported model (a run's model/ folder or a .ckpt) of the same spec
     output_stride: int = 16
     aux_stage: Literal["last", "penultimate"] = "penultimate"  # chosen on a train holdout (benchmarks/supervised.py)
     # optimisation

@@ -98,11 +98,27 @@ class RunDir:
             tmp.write_text(yaml.safe_dump(_jsonable(config), sort_keys=False))
         return path
 
-    def stage_done(self, stage: str) -> bool:
-        return (self.path / "stages" / f"{stage}.done").exists()
+    def stage_done(self, stage: str, key: dict | None = None) -> bool:
+        """Whether `stage` finished; with `key` (the settings it depends on), only if it finished with those."""
+        marker = self.path / "stages" / f"{stage}.done"
+        if not marker.exists():
+            return False
+        if key is None:
+            return True
+        return json.loads(marker.read_text()).get("key") == json.loads(json.dumps(_jsonable(key)))
 
-    def mark_done(self, stage: str, info: dict | None = None) -> None:
-        write_json(self.path / "stages" / f"{stage}.done", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})})
+    def stage_made_with_other_settings(self, stage: str, key: dict) -> bool:
+        """True when `stage` finished with settings other than `key` (its outputs are stale, not partial)."""
+        return (self.path / "stages" / f"{stage}.done").exists() and not self.stage_done(stage, key)
+
+    def clear_stage(self, stage: str) -> None:
+        (self.path / "stages" / f"{stage}.done").unlink(missing_ok=True)
+
+    def mark_done(self, stage: str, info: dict | None = None, key: dict | None = None) -> None:
+        record = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
+        if key is not None:
+            record["key"] = _jsonable(key)
+        write_json(self.path / "stages" / f"{stage}.done", record)
 
     def write_metrics(self, split: str, metrics: dict) -> Path:
         path = self.path / "metrics" / f"{split}.json"

@@ -146,6 +146,8 @@ def train(cfg: TrainConfig) -> dict:
         log.info("%s: training already finished; skipping (delete stages/train.done to retrain).", run.path)
     else:
         model = build_model(spec, pretrained=cfg.pretrained if cfg.arch in ("ocr", "fcn") else False)
+        if cfg.init_from:
+            init_weights(model, spec, cfg.init_from)
         module = SegmentationModule(model, train_ds.labels, cfg, spec)
         train_data = MaskedImages(train_ds, train_transform(cfg), seed=cfg.seed)
         loader = DataLoader(train_data, batch_size=min(cfg.batch_size, len(train_data)), shuffle=True,
@@ -166,6 +168,22 @@ def train(cfg: TrainConfig) -> dict:
     if val_ds is not None:
         result["val"] = evaluate_run(run.path, split=cfg.val_split, ds=val_ds)
     return result
+
+
+def init_weights(model: torch.nn.Module, spec: dict, source: str | Path) -> None:
+    """Load every weight of an exported model into `model` (continued training, e.g. the next pseudo-mask
+    round). The two must be the same network over the same classes; a mismatch is named, not a torch error."""
+    from frugalseg.export import load_export
+
+    if not Path(source).exists():
+        raise ConfigError(f"--init-from {source}: no such export folder or checkpoint.")
+    other, other_spec, _ = load_export(Path(source))
+    keys = ("arch", "backbone", "num_classes", "in_chans", "output_stride", "aux_stage")
+    diff = {k: (other_spec.get(k), spec.get(k)) for k in keys if other_spec.get(k) != spec.get(k)}
+    if diff:
+        detail = ", ".join(f"{k} {a} there vs {b} here" for k, (a, b) in diff.items())
+        raise ConfigError(f"--init-from {source}: a different network ({detail}).")
+    model.load_state_dict(other.state_dict())
 
 
 # ---- evaluation -------------------------------------------------------------------------------
