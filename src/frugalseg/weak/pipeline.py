@@ -98,8 +98,8 @@ class PipelineConfig:
     expand_only: bool = False  # True: mining only fills unknown pixels; False (MCOF): the region classifier relabels every superpixel
     mining_confidence: float = 0.5  # region-classifier probability needed to fill an unknown region
     # Inverse-frequency class weights in the region classifier. Off: weighting background down made the miner
-    # grow objects into background on msrc-objects (train images, mined from CRF masks: 0.597 vs 0.618 and
-    # 0.470 vs 0.482 mIoU at two threshold settings; on the benchmark's calibration images a tie, 0.621 vs 0.618).
+    # grow objects into background in diagnostic runs on msrc-objects' training images (at two threshold
+    # settings); on the tags_to_model benchmark's calibration images the two were level.
     region_class_balanced: bool = False
     prediction_confidence: float = 0.5  # segmenter pixels below this (within the tags) are unknown next round
     # rounds >= 2 start from: the last segmenter's predictions (MCOF), or the pixels where those predictions
