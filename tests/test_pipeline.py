@@ -168,13 +168,15 @@ def test_calibration_chooses_the_threshold_on_a_few_masks_and_scores_the_others(
 
 def test_a_changed_setting_redoes_its_stage_and_the_later_ones_only(shapes_dataset, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    run_pipeline(tiny(shapes_dataset, run))
+    first = run_pipeline(tiny(shapes_dataset, run))["stage_seconds"]
     before = json.loads((run / "stages" / "crf.done").read_text())
     (run / "round1" / "segmenter" / "stale.txt").write_text("from the old round")
     monkeypatch.setattr("frugalseg.weak.classify.train_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
     monkeypatch.setattr("frugalseg.weak.maps_stage.make_maps", lambda *a, **k: pytest.fail("maps recomputed"))
     summary = run_pipeline(tiny(shapes_dataset, run, fg_threshold=0.5, bg_threshold=0.3))
     after = json.loads((run / "stages" / "crf.done").read_text())
+    # skipped stages keep the time of the invocation that ran them
+    assert summary["stage_seconds"]["classify"] == first["classify"] and first["classify"] > 0
     assert (before["fg_threshold"], after["fg_threshold"]) == (0.35, 0.5)
     assert not (run / "round1" / "segmenter" / "stale.txt").exists()  # the round was redone from scratch
     assert json.loads((run / "stages" / "round1_predictions.done").read_text())["key"]["fg_threshold"] == 0.5
@@ -258,3 +260,28 @@ def test_init_from_loads_every_weight_and_names_a_different_network(tmp_path):
         init_weights(build_model({**spec, "num_classes": 5}), {**spec, "num_classes": 5}, tmp_path / "model")
     with pytest.raises(ConfigError, match="no such export folder"):
         init_weights(target, spec, tmp_path / "nothing")
+
+
+def test_partial_outputs_of_a_killed_stage_are_dropped_when_the_settings_changed(tmp_path):
+    from frugalseg.runs import RunDir
+    from frugalseg.weak.pipeline import is_current
+
+    run = RunDir(tmp_path / "run")
+    out = tmp_path / "run" / "crf"
+    assert not is_current(run, "crf", {"fg": 0.5}, out)  # about to run: the settings are noted
+    out.mkdir()
+    (out / "a.png").write_text("half-made at fg 0.5")  # ... and the run is killed here
+    assert not is_current(run, "crf", {"fg": 0.5}, out) and (out / "a.png").exists()  # same settings: resume
+    assert not is_current(run, "crf", {"fg": 0.6}, out) and not out.exists()  # other settings: start clean
+    run.mark_done("crf", key={"fg": 0.6})
+    assert is_current(run, "crf", {"fg": 0.6}, out)
+
+
+def test_calibration_with_a_label_budget_uses_the_budget_masks(shapes_dataset, tmp_path):
+    run = tmp_path / "run"
+    summary = run_pipeline(tiny(shapes_dataset, run, rounds=0, mask_fraction=0.25, calibration_fraction=0.25))
+    calib = json.loads((run / "calibration.json").read_text())["ids"]
+    assert sorted(calib) == sorted(json.loads((run / "budget.json").read_text())["mask"])
+    assert summary["scored_images"] == 6
+    with pytest.raises(DataError, match="within the label budget"):
+        run_pipeline(tiny(shapes_dataset, tmp_path / "more", rounds=0, mask_fraction=0.25, calibration_fraction=0.5))

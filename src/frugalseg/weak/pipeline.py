@@ -142,12 +142,13 @@ class PipelineConfig:
 _CLASSIFY_FIELDS = ("data", "train_split", "background_classes", "ignore_classes", "classifier", "classifier_epochs",
                     "seed", "precision")
 _MAPS_FIELDS = ("seeds", "maps_from", "limit", "scales", "steps", "restriction", "group_size", "group_epochs")
-_CALIBRATE_FIELDS = ("calibration_fraction", "budget_seed")
+_CALIBRATE_FIELDS = ("calibration_fraction", "budget_seed", "mask_fraction", "fg_threshold", "bg_threshold")
 _CRF_FIELDS = ("refine", "fg_threshold", "bg_threshold")
 _ROUND_FIELDS = ("mask_fraction", "superpixel_method", "min_coverage", "mining", "expand_only", "mining_confidence",
                  "region_class_balanced", "prediction_confidence", "seg_arch", "seg_epochs", "crop_size", "batch_size",
                  "lr")  # and whether rounds 1..r used saliency (round_key), rather than saliency_rounds itself
 _STAGE_FIELDS = {"classify": _CLASSIFY_FIELDS}
+_STAGE_FIELDS["group"] = _STAGE_FIELDS["classify"] + ("limit", "group_size", "group_epochs")  # not the map scales
 _STAGE_FIELDS["maps"] = _STAGE_FIELDS["classify"] + _MAPS_FIELDS
 _STAGE_FIELDS["calibrate"] = _STAGE_FIELDS["maps"] + _CALIBRATE_FIELDS
 _STAGE_FIELDS["seeds"] = _STAGE_FIELDS["calibrate"]
@@ -186,15 +187,21 @@ def agreement(predictions: dict[str, np.ndarray], regions: dict[str, np.ndarray]
 
 
 def is_current(run: RunDir, stage: str, key: dict[str, Any], *outputs: Path) -> bool:
-    """True when `stage` finished with `key`. A stage that finished with other settings is stale: its marker
-    and `outputs` are removed (a stage that never finished keeps its partial outputs, to resume from)."""
+    """True when `stage` finished with `key`. Otherwise the caller is about to run it: outputs made with other
+    settings (a finished stage's, or those a killed run left while working with other settings) are removed
+    with the marker, and `stages/<stage>.started` records `key`, so partial outputs are resumed from only
+    by a run with the same settings."""
     if run.stage_done(stage, key):
         return True
-    if run.stage_made_with_other_settings(stage, key):
+    started = run / "stages" / f"{stage}.started"
+    normal = json.loads(json.dumps(key, default=str))
+    stale_start = started.exists() and json.loads(started.read_text()).get("key") != normal
+    if run.stage_made_with_other_settings(stage, key) or stale_start:
         log.info("stage %s of %s was made with other settings; redoing it", stage, run.path)
         for out in outputs:
             shutil.rmtree(out, ignore_errors=True)
         run.clear_stage(stage)
+    write_json(started, {"key": normal})
     return False
 
 
@@ -276,7 +283,7 @@ def stage_classify(cfg: PipelineConfig, run: RunDir) -> Path:
             raise ConfigError(f"--classifier {cfg.classifier}: not a classify run directory (no model/ folder).")
         return Path(cfg.classifier)
     out = run / "classifier"
-    key = stage_key(cfg, "classify")
+    key = stage_key(cfg, "classify", prm=cfg.seeds == "prm")  # PRM classifiers train with peak stimulation
     if not is_current(run, "classify", key, out):
         ccfg = ClassifyConfig(data=cfg.data, out=str(out), train_split=cfg.train_split, eval_split=cfg.val_split,
                               background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes,
@@ -314,14 +321,15 @@ def stage_maps(cfg: PipelineConfig, run: RunDir, classifier: Path, ds) -> Path:
         return reused_maps(cfg, classifier, ds)
     maps_dir = run / "cams"  # maps.json, maps/<id>.npz, gallery.html
     key = stage_key(cfg, "maps")
-    if is_current(run, "maps", key, maps_dir, run / "group"):
+    if is_current(run, "maps", key, maps_dir):
         return maps_dir
     limit = cfg.limit
     if cfg.seeds == "group":
         from frugalseg.weak.group import GroupConfig, GroupMapsConfig, make_group_maps, train_group_classifier
 
         gout = run / "group"
-        if not is_current(run, "group", key, gout):
+        group_key = stage_key(cfg, "group")
+        if not is_current(run, "group", group_key, gout):
             train_group_classifier(GroupConfig(
                 data=cfg.data, out=str(gout), train_split=cfg.train_split, limit=limit,
                 background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes,
@@ -329,7 +337,7 @@ def stage_maps(cfg: PipelineConfig, run: RunDir, classifier: Path, ds) -> Path:
                 lr_steps=tuple(e for e in (cfg.group_epochs // 3, 2 * cfg.group_epochs // 3) if e > 0),
                 seed=cfg.seed, precision=cfg.precision, num_workers=cfg.num_workers, progress=cfg.progress,
                 resume=(gout / "checkpoints" / "last.ckpt").exists()))
-            run.mark_done("group", key=key)
+            run.mark_done("group", key=group_key)
         make_group_maps(GroupMapsConfig(classifier=str(gout), out=str(maps_dir), data=cfg.data, split=cfg.train_split,
                                         scales=tuple(cfg.scales), limit=limit, seed=cfg.seed, progress=cfg.progress))
     else:
@@ -355,11 +363,14 @@ class Thresholds:
     calibration_ids: tuple[str, ...] = ()  # training images whose masks chose them (excluded from scoring)
 
 
-def stage_calibrate(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds) -> Thresholds:
+def stage_calibrate(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds,
+                    given: dict[str, np.ndarray] | None = None) -> Thresholds:
     """The seed/CRF thresholds: the configured ones, or (with `calibration_fraction`) the seed threshold with
     the best seed mIoU on the masks of a seeded random draw of that fraction of the training images, the CRF
     planes then at that threshold and at it minus the configured gap (fg_threshold - bg_threshold, AdvCAM's
-    0.2). The sweep is kept in calibration.json, next to the ids that chose it."""
+    0.2). The sweep is kept in calibration.json, next to the ids that chose it. With a label budget
+    (`mask_fraction`, `given`) the draw is among the budget's masked images, so calibration spends no mask
+    beyond the budget."""
     from frugalseg.weak.maps_stage import iter_seed_items
     from frugalseg.weak.seeds import choose_threshold, evaluate_seeds, sweep_table
 
@@ -374,11 +385,13 @@ def stage_calibrate(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds) -> Thr
     if ds.labels.background is None:
         raise ConfigError(f"{ds.name} has no background class, so there is no background threshold to calibrate; "
                           "drop --calibration-fraction.")
-    masked = [s for s in ds.samples if s.mask is not None]
+    masked = [s for s in ds.samples if s.mask is not None and (not given or s.id in given)]
     n = max(1, round(cfg.calibration_fraction * len(ds.samples)))
     if len(masked) < n or n >= len(ds.samples):
+        where = " within the label budget (--mask-fraction)" if given else ""
         raise DataError(f"{ds.name}: --calibration-fraction {cfg.calibration_fraction} needs masks on {n} of the "
-                        f"{len(ds.samples)} training images (leaving some to score), but {len(masked)} have masks.")
+                        f"{len(ds.samples)} training images (leaving some to score), but {len(masked)} have "
+                        f"masks{where}.")
     rng = np.random.default_rng(cfg.budget_seed)
     chosen = ds.with_samples([masked[i] for i in sorted(rng.choice(len(masked), n, replace=False))])
     results = evaluate_seeds(iter_seed_items(maps_dir, chosen), ds.labels.num_classes, ds.labels.names,
@@ -536,17 +549,24 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     ds = open_training_images(cfg)
     given = given_masks(cfg, run, ds)
     t0 = time.time()
-    timings: dict[str, float] = {}
+    # Seconds per stage as of the invocation that last *ran* it (a resumed run does not report a skipped
+    # stage as taking 0 s): a stage ran when it wrote a done-marker during this call.
+    timings_file = run / "stage_seconds.json"
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.exists() else {}
 
     def timed(name: str, fn, *args):
         t = time.time()
         out = fn(*args)
-        timings[name] = round(time.time() - t, 1)
+        if any(m.stat().st_mtime >= t for m in (run / "stages").glob("*.done")):
+            timings[name] = round(time.time() - t, 1)
+        else:
+            timings.setdefault(name, None)  # skipped, and ran before times were kept
+        write_json(timings_file, timings)
         return out
 
     classifier = timed("classify", stage_classify, cfg, run)
     maps_dir = timed("maps", stage_maps, cfg, run, classifier, ds)
-    th = timed("calibrate", stage_calibrate, cfg, run, maps_dir, ds)
+    th = timed("calibrate", stage_calibrate, cfg, run, maps_dir, ds, given)
     seeds_dir = timed("seeds", stage_seeds, cfg, run, maps_dir, ds, th)
     stages = [("seed", seeds_dir)]
     current = seeds_dir
