@@ -21,6 +21,11 @@ import yaml
 from frugalseg.data.io import atomic_path, write_text
 
 
+def _settings(key: dict) -> Any:
+    """A stage key as it reads back from its marker (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(_jsonable(key)))
+
+
 def _jsonable(x: Any) -> Any:
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return _jsonable(dataclasses.asdict(x))
@@ -98,27 +103,37 @@ class RunDir:
             tmp.write_text(yaml.safe_dump(_jsonable(config), sort_keys=False))
         return path
 
+    def _marker(self, stage: str, kind: str = "done") -> Path:
+        return self.path / "stages" / f"{stage}.{kind}"
+
+    def _recorded_key(self, stage: str, kind: str) -> Any:
+        return json.loads(self._marker(stage, kind).read_text()).get("key")
+
     def stage_done(self, stage: str, key: dict | None = None) -> bool:
         """Whether `stage` finished; with `key` (the settings it depends on), only if it finished with those."""
-        marker = self.path / "stages" / f"{stage}.done"
-        if not marker.exists():
+        if not self._marker(stage).exists():
             return False
-        if key is None:
-            return True
-        return json.loads(marker.read_text()).get("key") == json.loads(json.dumps(_jsonable(key)))
+        return key is None or self._recorded_key(stage, "done") == _settings(key)
 
     def stage_made_with_other_settings(self, stage: str, key: dict) -> bool:
-        """True when `stage` finished with settings other than `key` (its outputs are stale, not partial)."""
-        return (self.path / "stages" / f"{stage}.done").exists() and not self.stage_done(stage, key)
+        """True when `stage` finished, or was started by a run that was killed, with settings other than `key`:
+        its outputs, whole or partial, are stale."""
+        return any(self._marker(stage, kind).exists() and self._recorded_key(stage, kind) != _settings(key)
+                   for kind in ("done", "started"))
+
+    def mark_started(self, stage: str, key: dict) -> None:
+        """Note the settings a stage is about to run with, so a killed run's partial outputs are resumed only by
+        a run with the same settings."""
+        write_json(self._marker(stage, "started"), {"key": key})
 
     def clear_stage(self, stage: str) -> None:
-        (self.path / "stages" / f"{stage}.done").unlink(missing_ok=True)
+        self._marker(stage).unlink(missing_ok=True)
 
     def mark_done(self, stage: str, info: dict | None = None, key: dict | None = None) -> None:
         record = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
         if key is not None:
-            record["key"] = _jsonable(key)
-        write_json(self.path / "stages" / f"{stage}.done", record)
+            record["key"] = key
+        write_json(self._marker(stage), record)
 
     def write_metrics(self, split: str, metrics: dict) -> Path:
         path = self.path / "metrics" / f"{split}.json"

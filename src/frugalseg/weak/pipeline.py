@@ -185,7 +185,6 @@ def agreement(predictions: dict[str, np.ndarray], regions: dict[str, np.ndarray]
     return out
 
 
-
 def is_current(run: RunDir, stage: str, key: dict[str, Any], *outputs: Path) -> bool:
     """True when `stage` finished with `key`. Otherwise the caller is about to run it: outputs made with other
     settings (a finished stage's, or those a killed run left while working with other settings) are removed
@@ -193,15 +192,12 @@ def is_current(run: RunDir, stage: str, key: dict[str, Any], *outputs: Path) -> 
     by a run with the same settings."""
     if run.stage_done(stage, key):
         return True
-    started = run / "stages" / f"{stage}.started"
-    normal = json.loads(json.dumps(key, default=str))
-    stale_start = started.exists() and json.loads(started.read_text()).get("key") != normal
-    if run.stage_made_with_other_settings(stage, key) or stale_start:
+    if run.stage_made_with_other_settings(stage, key):
         log.info("stage %s of %s was made with other settings; redoing it", stage, run.path)
         for out in outputs:
             shutil.rmtree(out, ignore_errors=True)
         run.clear_stage(stage)
-    write_json(started, {"key": normal})
+    run.mark_started(stage, key)
     return False
 
 
@@ -601,6 +597,7 @@ def summarise(cfg: PipelineConfig, ds, stages, val_by_round: dict, timings: dict
     # The calibration images chose only the threshold; the stages after it are scored on them too, apart
     # (their masks were not used to make anything downstream), as a second, smaller check.
     held = ds.with_samples([s for s in ds.samples if s.id in calibration]) if calibration else None
+    held_truth = {s.id: held.read_mask(s) for s in held.samples} if held is not None else None
     rows = []
     for name, folder in stages:
         score = score_masks(folder, scored, truth)
@@ -611,7 +608,8 @@ def summarise(cfg: PipelineConfig, ds, stages, val_by_round: dict, timings: dict
         if held is not None:
             from frugalseg.weak.crf import evaluate_pseudo_masks
 
-            rows[-1]["miou_calibration_images"] = evaluate_pseudo_masks(folder, held, save=False)["miou"]
+            rows[-1]["miou_calibration_images"] = evaluate_pseudo_masks(folder, held, save=False,
+                                                                        truth=held_truth)["miou"]
     val = {r: {"miou": m.get("miou"), "per_class": {k: v.get("iou") for k, v in m.get("per_class", {}).items()}}
            for r, m in val_by_round.items()}
     final = val[max(val)]["miou"] if val else None
