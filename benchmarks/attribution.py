@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from common import ROOT, default_data_root, print_table, save_results
+from common import ROOT, allocator_description, default_data_root, print_table, save_results
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
@@ -92,6 +92,15 @@ def protocol(train_dir: Path, val_dir: Path) -> dict:
     }
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far (0 where `resource` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def speed(classifier: Path, n: int) -> dict:
     """Batched climb vs the reference loop, same images/weights, scale 1.0, T=27, this machine."""
     from frugalseg.data import open_dataset
@@ -115,52 +124,57 @@ def speed(classifier: Path, n: int) -> dict:
     n = len(items)  # val images with at least one tag the classifier knows (fewer than asked for when the split runs out)
     cfg = AdvCAMConfig(scales=(1.0,))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    advcam_maps(model, items[0][0][None], [items[0][1]], AdvCAMConfig(scales=(1.0,), steps=2))  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    for img, t in items:  # one image at a time: the gain from batching its classes and the lighter step
-        advcam_maps(model, img[None], [t], cfg)
-    sync()
-    batched = time.perf_counter() - t0
+
+    def timed(fn, *a, **kw) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn(*a, **kw)
+        sync()
+        return time.perf_counter() - t0
+
+    timed(advcam_maps, model, items[0][0][None], [items[0][1]], AdvCAMConfig(scales=(1.0,), steps=2))  # warm-up
+    timed(advcam_reference, model, items[0][0], items[0][1], AdvCAMConfig(scales=(1.0,), steps=2))
+    # Interleaved, image by image: both methods see the same machine load and the same allocator state (glibc
+    # adapts its thresholds to what the process freed before, so back-to-back blocks favour whichever ran second).
+    batched_s, loop_s = [], []
+    for img, t in items:
+        batched_s.append(timed(advcam_maps, model, img[None], [t], cfg))  # its classes batched, the lighter step
+        loop_s.append(timed(advcam_reference, model, img, t, cfg))
+    batched, loop = sum(batched_s), sum(loop_s)
     by_size: dict = {}
     for img, t in items:  # as `frugalseg cams` runs it: same-size images climb together
         by_size.setdefault(tuple(img.shape), []).append((img, t))
-    for group in by_size.values():  # warm-up at the grouped batch shapes (kernel selection is per shape)
-        advcam_maps(model, torch.stack([g[0] for g in group]), [g[1] for g in group], AdvCAMConfig(scales=(1.0,), steps=2))
-    sync()
-    t0 = time.perf_counter()
-    for group in by_size.values():
-        advcam_maps(model, torch.stack([g[0] for g in group]), [g[1] for g in group], cfg)
-    sync()
-    grouped = time.perf_counter() - t0
-    bf16 = None
-    if device.type == "cpu":  # bf16 on CPU: faster, not exact; its map deviation is reported beside it
+    stacked = [(torch.stack([g[0] for g in group]), [g[1] for g in group]) for group in by_size.values()]
+    for imgs, tags in stacked:  # warm-up at the grouped batch shapes (kernel selection is per shape)
+        timed(advcam_maps, model, imgs, tags, AdvCAMConfig(scales=(1.0,), steps=2))
+    faults0 = page_faults()
+    grouped = sum(timed(advcam_maps, model, imgs, tags, cfg) for imgs, tags in stacked)
+    faults_per_step = (page_faults() - faults0) / (cfg.steps * len(stacked))
+    bf16 = plain_dw = None
+    if device.type == "cpu":
+        # bf16 on CPU: faster, not exact; its map deviation is reported beside it
         cfg16 = AdvCAMConfig(scales=(1.0,), autocast="bf16")
-        for group in by_size.values():
-            advcam_maps(model, torch.stack([g[0] for g in group]), [g[1] for g in group], AdvCAMConfig(scales=(1.0,), steps=2, autocast="bf16"))
-        t0 = time.perf_counter()
-        dev = []
-        for group in by_size.values():
-            imgs, tags = torch.stack([g[0] for g in group]), [g[1] for g in group]
-            out16 = advcam_maps(model, imgs, tags, cfg16)
-            dev.append((imgs, tags, out16))
-        t16 = time.perf_counter() - t0
+        for imgs, tags in stacked:
+            timed(advcam_maps, model, imgs, tags, AdvCAMConfig(scales=(1.0,), steps=2, autocast="bf16"))
+        t16 = sum(timed(advcam_maps, model, imgs, tags, cfg16) for imgs, tags in stacked)
         diffs = []
-        for imgs, tags, out16 in dev:
-            out32 = advcam_maps(model, imgs, tags, cfg)
+        for imgs, tags in stacked:
+            out16, out32 = advcam_maps(model, imgs, tags, cfg16), advcam_maps(model, imgs, tags, cfg)
             diffs += [float((a.high_res - b.high_res).abs().max()) for a, b in zip(out16, out32) if a.keys.numel()]
-        bf16 = {"images_per_s": n / t16, "max_abs_map_diff_vs_float32": max(diffs) if diffs else None}
-    t0 = time.perf_counter()
-    for img, t in items:
-        advcam_reference(model, img, t, cfg)
-    sync()
-    loop = time.perf_counter() - t0
+        bf16 = {"images_per_s": n / t16, "speedup": loop / t16, "max_abs_map_diff_vs_float32": max(diffs) if diffs else None}
+        # the same climb with oneDNN's own dilated depthwise backward: the share of `DepthwiseInputGrad`
+        cfg_plain = AdvCAMConfig(scales=(1.0,), depthwise_input_grad=False)
+        plain_dw = n / sum(timed(advcam_maps, model, imgs, tags, cfg_plain) for imgs, tags in stacked)
     passes_1 = count_passes([len(t) for _, t in items], cfg)
     return {
         "advcam_images_per_s": n / grouped, "oracle_images_per_s": n / loop, "advcam_speedup": loop / grouped,
         "advcam_images_per_s_one_image_at_a_time": n / batched, "advcam_speedup_one_image_at_a_time": loop / batched,
         "image_groups": len(by_size),
-        "bf16_cpu": None if bf16 is None else {**bf16, "speedup": loop / (n / bf16["images_per_s"])},
+        "advcam_images_per_s_without_depthwise_input_grad": plain_dw,
+        "allocator": allocator_description(), "page_faults_per_step_grouped": round(faults_per_step, 1),
+        "seconds_per_image": {"batched": [round(x, 3) for x in batched_s], "oracle": [round(x, 3) for x in loop_s]},
+        "protocol": "per image, batched then oracle, interleaved; then same-size images climb together (advcam_speedup)",
+        "bf16_cpu": bf16,
         "images": n, "mean_tags": passes_1["mean_tags_per_image"], "scale": 1.0, "steps": 27,
         "passes_per_image_scale_1": passes_1,
         "passes_per_image_default_scales": count_passes([len(t) for _, t in items], AdvCAMConfig()),
@@ -240,7 +254,10 @@ def main() -> None:
         n = args.speed_images or s["speed_images"]
         sp = speed(Path(args.runs) / name / "classifier_cam", n)
         print({k: v for k, v in sp.items() if "passes" not in k})
-        save_results(name, {f"advcam_speed_{'gpu' if torch.cuda.is_available() else 'cpu'}": sp}, {"speed": {"images": n}}, started)
+        key = f"advcam_speed_{'gpu' if torch.cuda.is_available() else 'cpu'}"
+        if allocator_description() == "C library defaults" and not torch.cuda.is_available():
+            key += "_default_allocator"  # FRUGALSEG_DEFAULT_ALLOCATOR=1: kept beside the tuned figures
+        save_results(name, {key: sp}, {"speed": {"images": n}}, started)
         return
     name = "attribution_quick" if args.quick else "attribution"
     root = Path(args.runs) / name

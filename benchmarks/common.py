@@ -10,7 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from frugalseg.cpu_allocator import allocator_description, tune_cpu_allocator  # noqa: E402
 from frugalseg.runs import git_commit, machine_info, read_json, write_json  # noqa: E402
+
+tune_cpu_allocator()  # as the frugalseg command does: the figures time what users run
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -38,6 +41,7 @@ def save_results(name: str, figures: dict, settings: dict, started: float) -> Pa
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "git_commit": git_commit(ROOT),
+        "allocator": allocator_description(),
     }
     old_figures, old_measured = dict(old.get("figures", {})), dict(old.get("measured_on", {}))
     for key in figures:

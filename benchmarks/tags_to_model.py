@@ -53,6 +53,50 @@ def full_supervision_miou() -> tuple[float | None, dict]:
                                              "measured_on": data.get("measured_on", {}).get("msrc_objects", {}).get("machine", {}).get("gpu", "cpu")}
 
 
+def seed_study(root: Path, common: dict, seeds: list[int], rounds: int) -> dict:
+    """Round-by-round val mIoU over training seeds: is round r+1's gain larger than seed-to-seed spread?
+
+    Only what trains after the maps varies (region classifiers, segmenters, data order); the tag classifier,
+    its maps and the calibration draw are the main run's, so differences are those of the mining rounds.
+    """
+    import statistics
+
+    main_dir = root / "cam_crf_mining"
+    if not (main_dir / "summary.json").exists():
+        raise SystemExit(f"{main_dir} has no finished run: run this benchmark without --seed-study first.")
+    per_seed = {0: json.loads((main_dir / "summary.json").read_text())}
+    for seed in [x for x in seeds if x != 0]:
+        cfg = PipelineConfig(**{**common, "seed": seed}, out=str(root / f"cam_crf_mining_seed{seed}"), seeds="cam",
+                             refine="crf", classifier=str(main_dir / "classifier"), maps_from=str(main_dir / "cams"))
+        per_seed[seed] = run_pipeline(cfg)
+    table: dict = {}
+    for seed, summ in per_seed.items():
+        stages = {r["stage"]: r["miou"] for r in summ["stages"]}
+        table[str(seed)] = {
+            "val_miou_by_round": {str(r): v["miou"] for r, v in summ["val_by_round"].items()},
+            "regions_miou_train": {str(r): stages.get(f"round{r}_regions") for r in range(1, rounds + 1)},
+            "predictions_miou_train": {str(r): stages.get(f"round{r}_predictions") for r in range(1, rounds + 1)},
+        }
+
+    def spread(values: list[float]) -> dict:
+        return {"mean": round(statistics.fmean(values), 4),
+                "std": round(statistics.stdev(values), 4) if len(values) > 1 else None, "n": len(values)}
+
+    over = {f"val_round{r}": spread([t["val_miou_by_round"][str(r)] for t in table.values()]) for r in range(1, rounds + 1)}
+    over.update({f"regions_train_round{r}": spread([t["regions_miou_train"][str(r)] for t in table.values()])
+                 for r in range(1, rounds + 1)})
+    gains = [t["val_miou_by_round"][str(rounds)] - t["val_miou_by_round"]["1"] for t in table.values()]
+    over[f"val_round{rounds}_minus_round1"] = spread(gains)
+    full, _ = full_supervision_miou()
+    if full:
+        over["ratio_to_full_by_round"] = {str(r): round(over[f"val_round{r}"]["mean"] / full, 4) for r in range(1, rounds + 1)}
+    rows = [(seed, *(f"{t['val_miou_by_round'][str(r)]:.4f}" for r in range(1, rounds + 1))) for seed, t in table.items()]
+    rows.append(("mean", *(f"{over[f'val_round{r}']['mean']:.4f}" for r in range(1, rounds + 1))))
+    print_table(rows, ("seed", *(f"val round {r}" for r in range(1, rounds + 1))))
+    return {"seeds": sorted(per_seed), "split": "val", "per_seed": table, "over_seeds": over,
+            "shared": "tag classifier, maps and calibration draw of the main run (seed 0)"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="48 training images, short schedules (minutes here).")
@@ -64,6 +108,10 @@ def main() -> None:
                     help="The same run with round 2 mining from the round-1 predictions as they are and its segmenter "
                          "started again from ImageNet (MCOF's rounds), instead of the agreement with the round-1 "
                          "regions and a segmenter continuing from round 1's.")
+    ap.add_argument("--seed-study", type=int, nargs="+", metavar="SEED",
+                    help="Repeat the main run's mining rounds with these seeds (the region classifiers and segmenters "
+                         "train with them; the tag classifier, maps and calibration are the main run's) and report "
+                         "round-by-round val mIoU per seed and over seeds, the main run's seed 0 included.")
     args = ap.parse_args()
     started = time.time()
     s = settings(args.quick)
@@ -93,6 +141,12 @@ def main() -> None:
         save_results("tags_to_model_quick" if args.quick else "tags_to_model", {"ablation_round_seeds_predictions": fig},
                      {"ablation_round_seeds_predictions": {"round_seeds": args.ablation_round_seeds,
                                                              "segmenter_init": "imagenet"}}, started)
+        return
+
+    if args.seed_study:
+        name = "tags_to_model_quick" if args.quick else "tags_to_model"
+        fig = seed_study(root, common, args.seed_study, s["rounds"])
+        save_results(name, {"seed_study": fig}, {"seed_study": {"seeds": fig["seeds"], "shared": fig["shared"]}}, started)
         return
 
     main_cfg = PipelineConfig(out=str(root / "cam_crf_mining"), seeds="cam", refine="crf", **common)

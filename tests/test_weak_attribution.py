@@ -178,3 +178,38 @@ def test_fold_batchnorm_is_exact_and_removes_bn(model):
     x = torch.rand(2, 3, 48, 64)
     ref = model.class_maps(x)
     assert (fused.class_maps(x) - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("kernel,dilation,padding", [(3, 2, 2), (5, 2, 4), (5, 3, 1), ((3, 5), (2, 1), (2, 2))])
+def test_depthwise_input_grad_equals_autograd(kernel, dilation, padding):
+    from frugalseg.weak.advcam import DepthwiseInputGrad
+
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(6, 6, kernel, padding=padding, dilation=dilation, groups=6).requires_grad_(False)
+    wrapped = DepthwiseInputGrad(conv)
+    x = torch.randn(2, 6, 11, 13, requires_grad=True)
+    y_ref, y = conv(x), wrapped(x)
+    assert torch.equal(y_ref, y)
+    g = torch.randn_like(y)
+    (ref,) = torch.autograd.grad(y_ref, x, g)
+    (got,) = torch.autograd.grad(y, x, g)
+    assert got.shape == x.shape
+    assert (got - ref).abs().max() <= 1e-5
+    conv.requires_grad_(True)  # a trainable kernel keeps autograd's own backward, weight gradient included
+    (gw,) = torch.autograd.grad(wrapped(x).sum(), conv.weight)
+    assert gw.shape == conv.weight.shape
+
+
+def test_depthwise_input_grad_wraps_only_dilated_stride1_depthwise(model):
+    from frugalseg.weak.advcam import DepthwiseInputGrad, with_depthwise_input_grad
+
+    assert not DepthwiseInputGrad.applies_to(torch.nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=4))
+    assert not DepthwiseInputGrad.applies_to(torch.nn.Conv2d(4, 4, 3, padding=1, groups=4))  # not dilated
+    assert not DepthwiseInputGrad.applies_to(torch.nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=4))  # multiplier 2
+    assert not DepthwiseInputGrad.applies_to(torch.nn.Conv2d(4, 4, 3, padding=5, dilation=2, groups=4))  # pad > d(k-1)
+    wrapped = with_depthwise_input_grad(model)
+    n = sum(isinstance(m, DepthwiseInputGrad) for m in wrapped.modules())
+    assert n >= 4  # output stride 16: the last lite0 stages are dilated depthwise convolutions
+    assert not any(isinstance(m, DepthwiseInputGrad) for m in model.modules())  # the original is untouched
+    x = torch.rand(1, 3, 48, 64)
+    assert torch.equal(wrapped.class_maps(x), model.class_maps(x))

@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import click
 
+from frugalseg.cpu_allocator import tune_cpu_allocator
 from frugalseg.errors import FrugalsegError
 
 log = logging.getLogger("frugalseg")
@@ -304,6 +305,7 @@ def cli(verbose: int) -> None:
     logging.getLogger("frugalseg").setLevel(logging.INFO if verbose == 0 else level)
     if verbose < 2:
         _quiet_lightning()
+    tune_cpu_allocator()
     import warnings
 
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
