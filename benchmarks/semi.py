@@ -28,6 +28,7 @@ methods' ranking. Results: benchmarks/results/semi.json (semi_quick.json with --
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -53,8 +54,8 @@ QUICK_ACDC = dict(patch_size=[64, 64], channels=[8, 16, 32, 64], iterations=160,
                   unlabelled_batch_size=4, val_limit=4, rampup_every=1)
 QUICK_LA = dict(arch="unet", patch_size=[64, 64, 48], channels=[8, 16, 32, 64], iterations=80, epoch_steps=40,
                 labelled_batch_size=2, unlabelled_batch_size=2, val_limit=None, rampup_every=1)
-# msrc masks + tags. Full: the tags_to_model schedule with AdvCAM maps (multi-scale AdvCAM on 276 images is
-# GPU work: about 11.5 s per image and scale on this CPU). Quick: the first 48 training images, one scale,
+# msrc masks + tags. Full: the tags_to_model schedule with AdvCAM maps (the four default scales cost about 7x
+# the climbing of scale 1.0 alone: GPU work; `--msrc-scales 1.0` makes it CPU-sized). Quick: the first 48 training images, one scale,
 # 8 climbing steps, one mining round.
 MSRC_MASK_FRACTION = 0.1
 MSRC_FULL = dict(limit=None, classifier_epochs=8, scales=(1.0, 0.5, 1.5, 2.0), steps=27, rounds=2, seg_epochs=20,
@@ -280,14 +281,17 @@ def by_round(summary: dict) -> dict[str, float]:
     return {str(r): v["miou"] for r, v in summary["val_by_round"].items()}
 
 
-def run_msrc(quick: bool, out_root: Path, parallel: int, max_iterations: int | None) -> tuple[dict, dict]:
-    """Masks (10 %) + tags vs masks-only vs tags-only on msrc-objects, val mIoU; in this process, one at a time."""
+def run_msrc(quick: bool, out_root: Path, parallel: int, max_iterations: int | None,
+             scales: tuple[float, ...] | None = None) -> tuple[dict, dict]:
+    """Masks (10 %) + tags vs masks-only vs tags-only on msrc-objects, val mIoU; in this process, one at a time.
+    `scales` replaces the AdvCAM scales of the schedule (the full one at scale 1.0 fits a CPU afternoon)."""
     from frugalseg.supervised import train
     from frugalseg.weak.pipeline import PipelineConfig, run_pipeline, segmenter_config
 
-    common = dict(data="msrc-objects", train_split="train", val_split="val", seeds="advcam", progress=False,
-                  **(MSRC_QUICK if quick else MSRC_FULL))
-    figures: dict = {"val_split": "val", "mask_fraction": MSRC_MASK_FRACTION, "seeds": "advcam"}
+    schedule = {**(MSRC_QUICK if quick else MSRC_FULL), **({"scales": tuple(scales)} if scales else {})}
+    common = dict(data="msrc-objects", train_split="train", val_split="val", seeds="advcam", progress=False, **schedule)
+    figures: dict = {"val_split": "val", "mask_fraction": MSRC_MASK_FRACTION, "seeds": "advcam",
+                     "advcam_scales": list(schedule["scales"])}
     t = time.time()
     tags_cfg = PipelineConfig(out=str(out_root / "msrc_tags_only"), **common)
     tags = run_pipeline(tags_cfg)
@@ -344,6 +348,9 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="Keep the run directories of an earlier invocation: finished runs and stages are not redone "
                          "(their wall times then describe the earlier invocation). Default: start fresh.")
+    ap.add_argument("--msrc-scales", type=float, nargs="+",
+                    help="AdvCAM scales of the msrc part (default: the schedule's; 1.0 alone makes the full schedule "
+                         "CPU-sized, about an hour on 2 cores).")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -362,7 +369,7 @@ def main() -> None:
     out_root.mkdir(parents=True, exist_ok=True)
     path = None
     for part in args.only or ["acdc", "la", "msrc"]:
-        fn = {"acdc": run_acdc, "la": run_la, "msrc": run_msrc}[part]
+        fn = {"acdc": run_acdc, "la": run_la, "msrc": functools.partial(run_msrc, scales=args.msrc_scales)}[part]
         figures, settings = fn(args.quick, out_root, parallel, args.max_iterations)
         extra = {"quick": args.quick, "max_iterations": args.max_iterations, "threads_per_run": default_threads(parallel)}
         if args.quick:

@@ -53,6 +53,31 @@ def full_supervision_miou() -> tuple[float | None, dict]:
                                              "measured_on": data.get("measured_on", {}).get("msrc_objects", {}).get("machine", {}).get("gpu", "cpu")}
 
 
+def copy_finished_stages(src: Path, dst: Path, keep_rounds: int) -> None:
+    """Start `dst` from `src`'s finished stages up to round `keep_rounds` (their markers hold the settings, so
+    the pipeline redoes whatever the new run's settings change and reuses the rest)."""
+    import re
+    import shutil
+
+    if dst.exists():
+        return
+    if not (src / "summary.json").exists():
+        raise SystemExit(f"{src} has no finished run: run this benchmark without options first.")
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def later_round(name: str) -> bool:
+        m = re.match(r"round(\d+)", name)
+        return bool(m) and int(m.group(1)) > keep_rounds
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        top = Path(folder) == src
+        return [n for n in names if later_round(n) or (top and n in ("summary.json", "report.html", "report_assets"))]
+
+    shutil.copytree(src, tmp, ignore=ignore)
+    tmp.rename(dst)
+
+
 def seed_study(root: Path, common: dict, seeds: list[int], rounds: int) -> dict:
     """Round-by-round val mIoU over training seeds: is round r+1's gain larger than seed-to-seed spread?
 
@@ -108,6 +133,9 @@ def main() -> None:
                     help="The same run with round 2 mining from the round-1 predictions as they are and its segmenter "
                          "started again from ImageNet (MCOF's rounds), instead of the agreement with the round-1 "
                          "regions and a segmenter continuing from round 1's.")
+    ap.add_argument("--ablation-segmenter-init", choices=("imagenet",),
+                    help="The same run with the round-2 segmenter started from ImageNet weights (MCOF retrains each "
+                         "round) instead of continuing from round 1's; rounds 1 and before are copied from the main run.")
     ap.add_argument("--seed-study", type=int, nargs="+", metavar="SEED",
                     help="Repeat the main run's mining rounds with these seeds (the region classifiers and segmenters "
                          "train with them; the tag classifier, maps and calibration are the main run's) and report "
@@ -141,6 +169,21 @@ def main() -> None:
         save_results("tags_to_model_quick" if args.quick else "tags_to_model", {"ablation_round_seeds_predictions": fig},
                      {"ablation_round_seeds_predictions": {"round_seeds": args.ablation_round_seeds,
                                                              "segmenter_init": "imagenet"}}, started)
+        return
+
+    if args.ablation_segmenter_init:
+        out = root / f"cam_crf_mining_segmenter_init_{args.ablation_segmenter_init}"
+        copy_finished_stages(root / "cam_crf_mining", out, keep_rounds=1)
+        cfg = PipelineConfig(**common, out=str(out), seeds="cam", refine="crf", segmenter_init=args.ablation_segmenter_init)
+        summ = run_pipeline(cfg)
+        fig = {"segmenter_init": args.ablation_segmenter_init, "round_seeds": cfg.round_seeds, "seconds": summ["seconds"],
+               "val_miou_by_round": {str(r): v["miou"] for r, v in summ["val_by_round"].items()},
+               "pseudo_mask_miou": {r["stage"]: r["miou"] for r in summ["stages"]},
+               "pseudo_mask_miou_calibration_images": {r["stage"]: r.get("miou_calibration_images") for r in summ["stages"]},
+               "scored_images": summ["scored_images"]}
+        print(f"segmenter init = {args.ablation_segmenter_init}: val mIoU by round {fig['val_miou_by_round']}")
+        save_results("tags_to_model_quick" if args.quick else "tags_to_model", {"ablation_segmenter_init_imagenet": fig},
+                     {"ablation_segmenter_init_imagenet": {"segmenter_init": args.ablation_segmenter_init}}, started)
         return
 
     if args.seed_study:
