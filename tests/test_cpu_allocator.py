@@ -13,7 +13,7 @@ CODE = "from frugalseg.cpu_allocator import tune_cpu_allocator, allocator_descri
 def _run(env_extra: dict[str, str]) -> str:
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "FRUGALSEG_DEFAULT_ALLOCATOR"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("FRUGALSEG_DEFAULT_ALLOCATOR", "GLIBC_TUNABLES")}
     env.update(env_extra)
     return subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -28,6 +28,7 @@ def test_allocator_tuned_on_glibc_and_described():
     assert out.startswith("True | glibc mallopt mmap_threshold=32 MiB trim_threshold=256 MiB")
 
 
-@pytest.mark.parametrize("env", [{"FRUGALSEG_DEFAULT_ALLOCATOR": "1"}, {"MALLOC_TRIM_THRESHOLD_": "1000000"}])
+@pytest.mark.parametrize("env", [{"FRUGALSEG_DEFAULT_ALLOCATOR": "1"}, {"MALLOC_TRIM_THRESHOLD_": "1000000"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"}])
 def test_allocator_left_alone_when_user_chose(env):
     assert _run(env) == "False | C library defaults"

@@ -2,15 +2,15 @@
 
 Why: a CPU forward/backward pass allocates and frees the same activation-sized blocks (1-30 MB) at every
 step. glibc's defaults trim the top of the heap once 2x the largest recently freed block is free there,
-so the next step gets fresh pages from the kernel and pays a page fault per 4 KiB page (AdvCAM's climb
-on a 2-core CPU spent a fifth of its time there). glibc raises its thresholds by itself only after the
+so the next step gets fresh pages from the kernel and pays a page fault per 4 KiB page (a large share of
+AdvCAM's climb on a 2-core CPU). glibc raises its thresholds by itself only after the
 process happens to free a larger mapped block, so a fresh process that only climbs or trains stays slow.
 Peak memory barely moves: the blocks are reused, not added.
 
 The `frugalseg` command and the benchmarks call `tune_cpu_allocator()` at start-up; library users may
 call it themselves. It is process-wide, so it stays off where the user has chosen: when
-MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are set (glibc's own knobs), or
-FRUGALSEG_DEFAULT_ALLOCATOR=1, or on a C library without `mallopt` (macOS, Windows, musl ignores it).
+MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES glibc.malloc.* are set (glibc's own
+knobs), or FRUGALSEG_DEFAULT_ALLOCATOR=1, or on a C library without `mallopt` (macOS, Windows, musl ignores it).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def tune_cpu_allocator() -> bool:
     _state["tuned"] = False
     if os.environ.get("FRUGALSEG_DEFAULT_ALLOCATOR") == "1":
         return False
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    if ("MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     if not sys.platform.startswith("linux"):
         return False
