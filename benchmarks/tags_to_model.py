@@ -122,6 +122,63 @@ def seed_study(root: Path, common: dict, seeds: list[int], rounds: int) -> dict:
             "shared": "tag classifier, maps and calibration draw of the main run (seed 0)"}
 
 
+def continue_lr_study(root: Path, common: dict, mult: float, seeds: list[int], rounds: int) -> dict:
+    """Round >= 2 segmenters continuing from round 1's at lr x `mult`, for each seed of the seed study: rounds up
+    to 1 are copied from that seed's run, so only the later rounds retrain. The choice between the two learning
+    rates is read on the calibration images (training images whose masks chose the threshold and trained nothing),
+    never on val; val is reported beside it."""
+    import statistics
+
+    main_dir = root / "cam_crf_mining"
+    table: dict = {}
+    for seed in seeds:
+        src = main_dir if seed == 0 else root / f"cam_crf_mining_seed{seed}"
+        if not (src / "summary.json").exists():
+            raise SystemExit(f"{src} has no finished run: run the main benchmark and --seed-study {seed} first.")
+        dst = root / f"cam_crf_mining_seed{seed}_continue_lr{mult:g}"
+        copy_finished_stages(src, dst, keep_rounds=1)
+        shared = {} if seed == 0 else {"classifier": str(main_dir / "classifier"), "maps_from": str(main_dir / "cams")}
+        cfg = PipelineConfig(**{**common, "seed": seed}, out=str(dst), seeds="cam", refine="crf", continue_lr_mult=mult,
+                             **shared)
+        new = run_pipeline(cfg)
+        base = json.loads((src / "summary.json").read_text())
+
+        def calib(summ: dict, r: int) -> float | None:
+            rows = {row["stage"]: row for row in summ["stages"]}
+            return rows.get(f"round{r}_predictions", {}).get("miou_calibration_images")
+
+        table[str(seed)] = {
+            "val_round1": base["val_by_round"]["1"]["miou"],
+            **{f"val_round{r}_lr_mult_1": base["val_by_round"][str(r)]["miou"] for r in range(2, rounds + 1)},
+            **{f"val_round{r}_lr_mult_{mult:g}": new["val_by_round"][str(r)]["miou"] for r in range(2, rounds + 1)},
+            "calibration_images_round1_predictions": calib(base, 1),
+            **{f"calibration_images_round{r}_predictions_lr_mult_1": calib(base, r) for r in range(2, rounds + 1)},
+            **{f"calibration_images_round{r}_predictions_lr_mult_{mult:g}": calib(new, r) for r in range(2, rounds + 1)},
+            "seconds": new["seconds"]}
+
+    def mean(key: str) -> float:
+        return round(statistics.fmean(t[key] for t in table.values()), 4)
+
+    over = {k: mean(k) for k in next(iter(table.values())) if k != "seconds"}
+    last = f"round{rounds}"
+    over[f"val_{last}_lr_mult_{mult:g}_minus_round1"] = round(over[f"val_{last}_lr_mult_{mult:g}"] - over["val_round1"], 4)
+    over[f"val_{last}_lr_mult_{mult:g}_minus_lr_mult_1"] = round(
+        over[f"val_{last}_lr_mult_{mult:g}"] - over[f"val_{last}_lr_mult_1"], 4)
+    better_on_calibration = over[f"calibration_images_{last}_predictions_lr_mult_{mult:g}"] > \
+        over[f"calibration_images_{last}_predictions_lr_mult_1"]
+    rows = [(seed, f"{t['val_round1']:.4f}", f"{t[f'val_{last}_lr_mult_1']:.4f}", f"{t[f'val_{last}_lr_mult_{mult:g}']:.4f}",
+             f"{t[f'calibration_images_{last}_predictions_lr_mult_1']:.4f}",
+             f"{t[f'calibration_images_{last}_predictions_lr_mult_{mult:g}']:.4f}") for seed, t in table.items()]
+    rows.append(("mean", *(f"{over[k]:.4f}" for k in ("val_round1", f"val_{last}_lr_mult_1", f"val_{last}_lr_mult_{mult:g}",
+                                                      f"calibration_images_{last}_predictions_lr_mult_1",
+                                                      f"calibration_images_{last}_predictions_lr_mult_{mult:g}"))))
+    print_table(rows, ("seed", "val r1", f"val r{rounds} lr x1", f"val r{rounds} lr x{mult:g}",
+                       f"calib r{rounds} x1", f"calib r{rounds} x{mult:g}"))
+    return {"continue_lr_mult": mult, "seeds": seeds, "split": "val (reported); calibration images of train (choice)",
+            "per_seed": table, "over_seeds": over,
+            "chosen_on_calibration_images": mult if better_on_calibration else 1.0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="48 training images, short schedules (minutes here).")
@@ -136,6 +193,9 @@ def main() -> None:
     ap.add_argument("--ablation-segmenter-init", choices=("imagenet",),
                     help="The same run with the round-2 segmenter started from ImageNet weights (MCOF retrains each "
                          "round) instead of continuing from round 1's; rounds 1 and before are copied from the main run.")
+    ap.add_argument("--ablation-continue-lr-mult", type=float, metavar="MULT",
+                    help="Round >= 2 segmenters continue from round 1's at lr x MULT, for seeds 0 1 2 of the seed study "
+                         "(run the main benchmark and --seed-study 1 2 first); the choice is read on calibration images.")
     ap.add_argument("--seed-study", type=int, nargs="+", metavar="SEED",
                     help="Repeat the main run's mining rounds with these seeds (the region classifiers and segmenters "
                          "train with them; the tag classifier, maps and calibration are the main run's) and report "
@@ -184,6 +244,14 @@ def main() -> None:
         print(f"segmenter init = {args.ablation_segmenter_init}: val mIoU by round {fig['val_miou_by_round']}")
         save_results("tags_to_model_quick" if args.quick else "tags_to_model", {"ablation_segmenter_init_imagenet": fig},
                      {"ablation_segmenter_init_imagenet": {"segmenter_init": args.ablation_segmenter_init}}, started)
+        return
+
+    if args.ablation_continue_lr_mult:
+        name = "tags_to_model_quick" if args.quick else "tags_to_model"
+        fig = continue_lr_study(root, common, args.ablation_continue_lr_mult, [0, 1, 2], s["rounds"])
+        save_results(name, {"ablation_continue_lr": fig}, {"ablation_continue_lr": {
+            "continue_lr_mult": args.ablation_continue_lr_mult, "seeds": [0, 1, 2],
+            "shared": "rounds up to 1 of each seed's run"}}, started)
         return
 
     if args.seed_study:

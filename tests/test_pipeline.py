@@ -96,6 +96,8 @@ def test_config_errors_are_clear(tmp_path):
         PipelineConfig().validate()
     with pytest.raises(ConfigError, match="bg_threshold <= fg_threshold"):
         PipelineConfig(data="x", fg_threshold=0.1, bg_threshold=0.3).validate()
+    with pytest.raises(ConfigError, match="continue_lr_mult must be > 0"):
+        PipelineConfig(data="x", continue_lr_mult=0).validate()
     with pytest.raises(ConfigError, match="not a classify run"):
         pipeline.stage_classify(PipelineConfig(data="x", classifier=str(tmp_path)), None)
 
@@ -237,6 +239,11 @@ def test_second_round_seeds_are_the_agreement_of_round_one(shapes_dataset, tmp_p
     assert [r["stage"] for r in again["stages"]][4] == "round2_regions"
     assert marker.stat().st_mtime_ns == stamp  # round 1 untouched
     assert json.loads((run / "stages" / "round2_regions.done").read_text())["key"]["round_seeds"] == ["predictions"]
+    # a continuing segmenter at a tenth of the learning rate: round 2 retrains at lr/10, round 1 stays as it was
+    run_pipeline(tiny(shapes_dataset, run, limit=4, rounds=2, round_seeds="predictions", continue_lr_mult=0.1))
+    lr = {r: yaml.safe_load((run / f"round{r}" / "segmenter" / "config.yaml").read_text())["lr"] for r in (1, 2)}
+    assert lr[2] == pytest.approx(lr[1] * 0.1)
+    assert marker.stat().st_mtime_ns == stamp
 
 
 def test_init_from_loads_every_weight_and_names_a_different_network(tmp_path):

@@ -60,6 +60,7 @@ HELP = {
     "round_seeds": "Rounds >= 2 start from the last predictions (MCOF) or where they agree with the last mined regions (agreement).",
     "init_from": "Start from the weights of an exported model (a run's model/ folder or a .ckpt) of the same network.",
     "segmenter_init": "Round >= 2 segmenters: continue from the previous round's model (previous) or start from ImageNet weights.",
+    "continue_lr_mult": "Round >= 2 segmenters that continue from the previous round's model train at lr times this.",
     "calibration_fraction": "Masks of this fraction of training images choose the background threshold (seeds, CRF); they are not scored.",
     "region_class_balanced": "Mining: weigh the region classifier's classes by inverse frequency (off: background keeps its weight).",
     "fg_threshold": "CRF pseudo-masks: foreground where the CRF of maps vs this background level says so (AdvCAM 0.35).",

@@ -107,6 +107,8 @@ class PipelineConfig:
     round_seeds: Literal["predictions", "agreement"] = "agreement"
     # rounds >= 2: the segmenter continues from the previous round's model, or starts again from ImageNet
     segmenter_init: Literal["previous", "imagenet"] = "previous"
+    # learning rate of a segmenter that continues from the previous round's, as a multiple of `lr`
+    continue_lr_mult: float = 1.0
     # segmenter
     seg_arch: Literal["ocr", "fcn"] = "ocr"
     seg_epochs: int = 30
@@ -126,6 +128,8 @@ class PipelineConfig:
             raise ConfigError(f"Unknown seeds '{self.seeds}'; choose one of {SEED_METHODS}.")
         if self.rounds < 0:
             raise ConfigError(f"rounds must be >= 0, got {self.rounds}.")
+        if not self.continue_lr_mult > 0:
+            raise ConfigError(f"continue_lr_mult must be > 0, got {self.continue_lr_mult}.")
         if not 0 <= self.bg_threshold <= self.fg_threshold <= 1:
             raise ConfigError("Need 0 <= bg_threshold <= fg_threshold <= 1.")
         if self.mask_fraction is not None and not 0 < self.mask_fraction <= 1:
@@ -171,6 +175,8 @@ def round_key(cfg: PipelineConfig, r: int, ds) -> dict[str, Any]:
     (raising `saliency_rounds` from 1 to 2 leaves round 1 current and redoes round 2 onwards)."""
     # round 1 starts from the CRF and from ImageNet either way
     extra = {"round_seeds": [cfg.round_seeds] * (r - 1), "segmenter_init": [cfg.segmenter_init] * (r - 1)} if r > 1 else {}
+    if r > 1 and cfg.segmenter_init == "previous" and cfg.continue_lr_mult != 1.0:  # old keys stay valid at 1.0
+        extra["continue_lr_mult"] = [cfg.continue_lr_mult] * (r - 1)
     return stage_key(cfg, "round", round=r, saliency=[uses_saliency(cfg, i, ds) for i in range(1, r + 1)], **extra)
 
 
@@ -488,7 +494,8 @@ def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, i
         write_json(rdir / "mining_stats.json", stats)
         run.mark_done(f"round{r}_regions", key=key)
     init = run / f"round{r - 1}" / "segmenter" / "model" if r > 1 and cfg.segmenter_init == "previous" else None
-    train(segmenter_config(cfg, rdir / "segmenter", mask_dir=str(regions_dir), init_from=init and str(init)))
+    lr = cfg.lr * cfg.continue_lr_mult if init else cfg.lr
+    train(segmenter_config(cfg, rdir / "segmenter", mask_dir=str(regions_dir), init_from=init and str(init), lr=lr))
     if not run.stage_done(f"round{r}_predictions"):
         predict_within_tags(rdir / "segmenter" / "model", ds, preds_dir, cfg.prediction_confidence)
         run.mark_done(f"round{r}_predictions", key=key)
