@@ -189,7 +189,7 @@ class LastCheckpoint(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # optimizer and loops too: resumable
 
 
 def make_trainer(cfg: TrainConfig, run_path: Path, *, max_epochs: int, val: bool = True, resuming: bool = False) -> L.Trainer:
