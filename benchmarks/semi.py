@@ -288,6 +288,12 @@ def stage_wall(summary: dict) -> float:
     return round(sum(v for v in summary["stage_seconds"].values() if v is not None), 1)
 
 
+def stage_table(summary: dict) -> dict:
+    """Pseudo-mask mIoU per pipeline stage on the training images it scores (not those that chose a threshold)."""
+    return {"pseudo_mask_miou_train": {r["stage"]: r["miou"] for r in summary["stages"]},
+            "pseudo_mask_scored_images": summary["scored_images"]}
+
+
 def finished_part(folder: Path, cfg, make: Callable[[], dict]) -> dict:
     """Figures of a finished run with the same settings (a `--resume`d benchmark), else `make()` timed and
     kept next to the run, so a resumed benchmark reports the figures and wall time of the run that made them."""
@@ -322,14 +328,14 @@ def run_msrc(quick: bool, out_root: Path, parallel: int, max_iterations: int | N
     tags_cfg = PipelineConfig(out=str(out_root / "msrc_tags_only"), **common)
     tags = run_pipeline(tags_cfg)
     figures["tags_only"] = {"val_miou": tags["final_val_miou"], "val_miou_by_round": by_round(tags),
-                            "thresholds": tags["thresholds"], "wall_s": stage_wall(tags)}
+                            "thresholds": tags["thresholds"], **stage_table(tags), "wall_s": stage_wall(tags)}
     both_cfg = PipelineConfig(out=str(out_root / "msrc_masks_tags"), mask_fraction=MSRC_MASK_FRACTION,
                               calibration_fraction=MSRC_MASK_FRACTION,
                               classifier=str(out_root / "msrc_tags_only" / "classifier"),
                               maps_from=str(out_root / "msrc_tags_only" / "cams"), **common)
     both = run_pipeline(both_cfg)
     figures["masks_tags"] = {"val_miou": both["final_val_miou"], "val_miou_by_round": by_round(both),
-                             "masked_images": both["masked_images"], "thresholds": both["thresholds"],
+                             "masked_images": both["masked_images"], "thresholds": both["thresholds"], **stage_table(both),
                              "wall_s_after_shared_maps": stage_wall(both)}
     masked = json.loads((out_root / "msrc_masks_tags" / "budget.json").read_text())["mask"]
     epochs, steps = masks_only_steps(both["train_images"], len(masked), both_cfg.seg_epochs, both_cfg.batch_size)
