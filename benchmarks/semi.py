@@ -296,13 +296,15 @@ def stage_table(summary: dict) -> dict:
 
 def finished_part(folder: Path, cfg, make: Callable[[], dict]) -> dict:
     """Figures of a finished run with the same settings (a `--resume`d benchmark), else `make()` timed and
-    kept next to the run, so a resumed benchmark reports the figures and wall time of the run that made them."""
+    kept next to the run, so a resumed benchmark reports the figures and wall time of the run that made them.
+    Any other run in `folder` is removed first: a finished training run is skipped, not retrained."""
     record = folder / "benchmark_part.json"
     settings = {k: v for k, v in vars(cfg).items() if k != "progress"}
     if record.exists():
         kept = json.loads(record.read_text())
         if kept["settings"] == json.loads(json.dumps(settings)):
             return kept["figures"]
+    shutil.rmtree(folder, ignore_errors=True)
     t = time.time()
     figures = {**make(), "wall_s": round(time.time() - t, 1)}
     write_json(record, {"settings": settings, "figures": figures})
