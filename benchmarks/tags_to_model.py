@@ -276,7 +276,7 @@ def main() -> None:
         figures[f"round{r}_regions_miou"] = stages[f"round{r}_regions"]["miou"]
         figures[f"round{r}_predictions_miou"] = stages[f"round{r}_predictions"]["miou"]
     figures["val_miou_by_round"] = {str(r): v["miou"] for r, v in summary["val_by_round"].items()}
-    figures["val_per_class_iou_last_round"] = summary["val_by_round"][max(summary["val_by_round"])]["per_class"]
+    figures["val_per_class_iou_last_round"] = summary["val_by_round"][max(summary["val_by_round"], key=int)]["per_class"]
     figures["tags_only_val_miou"] = summary["final_val_miou"]
     full, full_src = full_supervision_miou()
     figures["full_supervision_val_miou"] = full

@@ -47,7 +47,9 @@ def test_run_writes_every_stage_and_resumes_after_an_interrupted_stage(shapes_da
     assert 0.0 <= summary["final_val_miou"] <= 1.0
     run = tmp_path / "run"
     assert len(list((run / "crf").glob("*.png"))) == 8 and len(list((run / "round1" / "predictions").glob("*.png"))) == 8
-    assert json.loads((run / "summary.json").read_text())["train_images"] == 8
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["train_images"] == 8
+    assert on_disk["val_by_round"] == summary["val_by_round"] and list(summary["val_by_round"]) == ["1"]
     page = (run / "report.html").read_text()
     assert "Pseudo-mask mIoU per stage" in page and page.count("report_assets/") == 8
 

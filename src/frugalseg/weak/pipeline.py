@@ -617,9 +617,10 @@ def summarise(cfg: PipelineConfig, ds, stages, val_by_round: dict, timings: dict
 
             rows[-1]["miou_calibration_images"] = evaluate_pseudo_masks(folder, held, save=False,
                                                                         truth=held_truth)["miou"]
-    val = {r: {"miou": m.get("miou"), "per_class": {k: v.get("iou") for k, v in m.get("per_class", {}).items()}}
-           for r, m in val_by_round.items()}
-    final = val[max(val)]["miou"] if val else None
+    # String keys, as summary.json has them once written: a caller reads the returned summary and the file alike.
+    val = {str(r): {"miou": m.get("miou"), "per_class": {k: v.get("iou") for k, v in m.get("per_class", {}).items()}}
+           for r, m in sorted(val_by_round.items())}
+    final = val[str(max(val_by_round))]["miou"] if val else None
     thresholds = None if th is None else {"seed": th.seed, "fg": th.fg, "bg": th.bg,
                                           "calibration_images": len(calibration)}
     return {"config": dataclasses.asdict(cfg), "train_images": len(ds), "scored_images": len(scored),
