@@ -154,12 +154,14 @@ def continue_lr_study(root: Path, common: dict, mult: float, seeds: list[int], r
             "calibration_images_round1_predictions": calib(base, 1),
             **{f"calibration_images_round{r}_predictions_lr_mult_1": calib(base, r) for r in range(2, rounds + 1)},
             **{f"calibration_images_round{r}_predictions_lr_mult_{mult:g}": calib(new, r) for r in range(2, rounds + 1)},
-            "seconds": new["seconds"]}
+            # Stage times of the run that computed the later rounds (a resumed study would otherwise report the
+            # seconds of its own, near-empty, invocation).
+            "seconds_rounds_after_1": round(sum(new["stage_seconds"].get(f"round{r}") or 0.0 for r in range(2, rounds + 1)), 1)}
 
     def mean(key: str) -> float:
         return round(statistics.fmean(t[key] for t in table.values()), 4)
 
-    over = {k: mean(k) for k in next(iter(table.values())) if k != "seconds"}
+    over = {k: mean(k) for k in next(iter(table.values())) if not k.startswith("seconds")}
     last = f"round{rounds}"
     over[f"val_{last}_lr_mult_{mult:g}_minus_round1"] = round(over[f"val_{last}_lr_mult_{mult:g}"] - over["val_round1"], 4)
     over[f"val_{last}_lr_mult_{mult:g}_minus_lr_mult_1"] = round(
