@@ -70,10 +70,13 @@ def machine_info() -> dict[str, Any]:
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
+    """HEAD, with `-dirty` when tracked code differs from it. Benchmark result files are left out of that check:
+    a benchmark that adds to its own results file would otherwise always call the code it ran dirty."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
         commit = out.stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)benchmarks/results"], cwd=cwd, capture_output=True, text=True, timeout=5)
         return f"{commit}{'-dirty' if dirty.stdout.strip() else ''}" if commit else None
     except (OSError, subprocess.SubprocessError):
         return None
