@@ -271,6 +271,38 @@ def test_init_from_loads_every_weight_and_names_a_different_network(tmp_path):
         init_weights(target, spec, tmp_path / "nothing")
 
 
+def test_settings_a_stage_does_not_use_leave_it_current(shapes_dataset, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run_pipeline(tiny(shapes_dataset, run))
+    regions_marker = (run / "stages" / "round1_regions.done").read_text()
+    monkeypatch.setattr("frugalseg.weak.classify.train_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
+    monkeypatch.setattr("frugalseg.weak.maps_stage.make_maps", lambda *a, **k: pytest.fail("maps recomputed"))
+    monkeypatch.setattr("frugalseg.weak.crf.refine_dataset", lambda *a, **k: pytest.fail("CRF redone"))
+    monkeypatch.setattr("frugalseg.weak.mining.mine_round", lambda *a, **k: pytest.fail("round 1 regions mined again"))
+    monkeypatch.setattr("frugalseg.supervised.train", lambda *a, **k: None)  # a finished segmenter is a no-op
+    # Without calibration or a label budget, budget_seed draws nothing: no stage is redone.
+    run_pipeline(tiny(shapes_dataset, run, budget_seed=3))
+    # Round 1's confidence threshold acts on its predictions only: those are redone, its regions kept.
+    before = (run / "round1" / "predictions").stat().st_mtime_ns
+    run_pipeline(tiny(shapes_dataset, run, budget_seed=3, prediction_confidence=0.8))
+    assert (run / "stages" / "round1_regions.done").read_text() == regions_marker
+    done = json.loads((run / "stages" / "round1_predictions.done").read_text())
+    assert done["key"]["prediction_confidence"] == 0.8 and (run / "round1" / "predictions").stat().st_mtime_ns != before
+
+
+def test_a_marker_holding_a_retired_field_still_matches(tmp_path):
+    from frugalseg.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.mark_done("crf", key={"fg": 0.5, "budget_seed": 0})  # written before budget_seed left this key
+    assert run.stage_done("crf", {"fg": 0.5}, retired=("budget_seed",))
+    assert not run.stage_done("crf", {"fg": 0.5})  # not retired: a different key
+    assert not run.stage_done("crf", {"fg": 0.5, "budget_seed": 1}, retired=("budget_seed",))  # in the key: compared
+    assert not run.stage_done("crf", {"fg": 0.6}, retired=("budget_seed",))
+    assert run.stage_made_with_other_settings("crf", {"fg": 0.6}, retired=("budget_seed",))
+    assert not run.stage_made_with_other_settings("crf", {"fg": 0.5}, retired=("budget_seed",))
+
+
 def test_partial_outputs_of_a_killed_stage_are_dropped_when_the_settings_changed(tmp_path):
     from frugalseg.runs import RunDir
     from frugalseg.weak.pipeline import is_current

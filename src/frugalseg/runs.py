@@ -13,6 +13,7 @@ import math
 import platform
 import subprocess
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,13 @@ from frugalseg.data.io import atomic_path, write_text
 def _settings(key: dict) -> Any:
     """A stage key as it reads back from its marker (tuples become lists, paths strings)."""
     return json.loads(json.dumps(_jsonable(key)))
+
+
+def _same_settings(recorded: Any, key: dict, retired: Collection[str] = ()) -> bool:
+    want = _settings(key)
+    if isinstance(recorded, dict) and retired:
+        recorded = {k: v for k, v in recorded.items() if k in want or k not in retired}
+    return recorded == want
 
 
 def _jsonable(x: Any) -> Any:
@@ -112,16 +120,19 @@ class RunDir:
     def _recorded_key(self, stage: str, kind: str) -> Any:
         return json.loads(self._marker(stage, kind).read_text()).get("key")
 
-    def stage_done(self, stage: str, key: dict | None = None) -> bool:
-        """Whether `stage` finished; with `key` (the settings it depends on), only if it finished with those."""
+    def stage_done(self, stage: str, key: dict | None = None, retired: Collection[str] = ()) -> bool:
+        """Whether `stage` finished; with `key` (the settings it depends on), only if it finished with those.
+        `retired`: fields earlier versions recorded for this stage although it does not depend on them; a marker
+        holding one that `key` lacks still matches (so an existing run is not redone for a key that got leaner)."""
         if not self._marker(stage).exists():
             return False
-        return key is None or self._recorded_key(stage, "done") == _settings(key)
+        return key is None or _same_settings(self._recorded_key(stage, "done"), key, retired)
 
-    def stage_made_with_other_settings(self, stage: str, key: dict) -> bool:
+    def stage_made_with_other_settings(self, stage: str, key: dict, retired: Collection[str] = ()) -> bool:
         """True when `stage` finished, or was started by a run that was killed, with settings other than `key`:
         its outputs, whole or partial, are stale."""
-        return any(self._marker(stage, kind).exists() and self._recorded_key(stage, kind) != _settings(key)
+        return any(self._marker(stage, kind).exists()
+                   and not _same_settings(self._recorded_key(stage, kind), key, retired)
                    for kind in ("done", "started"))
 
     def mark_started(self, stage: str, key: dict) -> None:

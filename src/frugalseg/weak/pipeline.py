@@ -149,7 +149,7 @@ _MAPS_FIELDS = ("seeds", "maps_from", "limit", "scales", "steps", "restriction",
 _CALIBRATE_FIELDS = ("calibration_fraction", "budget_seed", "mask_fraction", "fg_threshold", "bg_threshold")
 _CRF_FIELDS = ("refine", "fg_threshold", "bg_threshold")
 _ROUND_FIELDS = ("mask_fraction", "superpixel_method", "min_coverage", "mining", "expand_only", "mining_confidence",
-                 "region_class_balanced", "prediction_confidence", "seg_arch", "seg_epochs", "crop_size", "batch_size",
+                 "region_class_balanced", "seg_arch", "seg_epochs", "crop_size", "batch_size",
                  "lr")  # and whether rounds 1..r used saliency (round_key), rather than saliency_rounds itself
 _STAGE_FIELDS = {"classify": _CLASSIFY_FIELDS}
 _STAGE_FIELDS["group"] = _STAGE_FIELDS["classify"] + ("limit", "group_size", "group_epochs")  # not the map scales
@@ -160,10 +160,19 @@ _STAGE_FIELDS["crf"] = _STAGE_FIELDS["calibrate"] + _CRF_FIELDS
 _STAGE_FIELDS["round"] = _STAGE_FIELDS["crf"] + _ROUND_FIELDS
 
 
+# Fields earlier versions put in the keys of stages that do not use them (the round-1 regions and segmenter and
+# `prediction_confidence`; every stage and `budget_seed` when nothing is drawn): a marker that still holds one
+# matches a key without it, so a finished run is not redone for them.
+RETIRED_KEY_FIELDS = ("prediction_confidence", "budget_seed")
+
+
 def stage_key(cfg: PipelineConfig, stage: str, **extra: Any) -> dict[str, Any]:
     """The settings a stage's output depends on: its own and every upstream stage's (so a change upstream
     makes every later stage stale too). The PRM flag of the classifier is part of `seeds`."""
-    return {**{f: getattr(cfg, f) for f in _STAGE_FIELDS[stage]}, **extra}
+    key = {f: getattr(cfg, f) for f in _STAGE_FIELDS[stage]}
+    if "budget_seed" in key and cfg.calibration_fraction is None and cfg.mask_fraction is None:
+        del key["budget_seed"]  # it draws the calibration images and the label budget; with neither, nothing
+    return {**key, **extra}
 
 
 def uses_saliency(cfg: PipelineConfig, r: int, ds) -> bool:
@@ -174,7 +183,8 @@ def round_key(cfg: PipelineConfig, r: int, ds) -> dict[str, Any]:
     """Round r depends on the rounds before it, so its key lists which of rounds 1..r refined with saliency
     (raising `saliency_rounds` from 1 to 2 leaves round 1 current and redoes round 2 onwards)."""
     # round 1 starts from the CRF and from ImageNet either way
-    extra = {"round_seeds": [cfg.round_seeds] * (r - 1), "segmenter_init": [cfg.segmenter_init] * (r - 1)} if r > 1 else {}
+    extra = {"round_seeds": [cfg.round_seeds] * (r - 1), "segmenter_init": [cfg.segmenter_init] * (r - 1),
+             "prediction_confidence": cfg.prediction_confidence} if r > 1 else {}  # earlier rounds' predictions
     if r > 1 and cfg.segmenter_init == "previous" and cfg.continue_lr_mult != 1.0:  # old keys stay valid at 1.0
         extra["continue_lr_mult"] = [cfg.continue_lr_mult] * (r - 1)
     return stage_key(cfg, "round", round=r, saliency=[uses_saliency(cfg, i, ds) for i in range(1, r + 1)], **extra)
@@ -196,9 +206,9 @@ def is_current(run: RunDir, stage: str, key: dict[str, Any], *outputs: Path) -> 
     settings (a finished stage's, or those a killed run left while working with other settings) are removed
     with the marker, and `stages/<stage>.started` records `key`, so partial outputs are resumed from only
     by a run with the same settings."""
-    if run.stage_done(stage, key):
+    if run.stage_done(stage, key, RETIRED_KEY_FIELDS):
         return True
-    if run.stage_made_with_other_settings(stage, key):
+    if run.stage_made_with_other_settings(stage, key, RETIRED_KEY_FIELDS):
         log.info("stage %s of %s was made with other settings; redoing it", stage, run.path)
         for out in outputs:
             shutil.rmtree(out, ignore_errors=True)
@@ -496,9 +506,10 @@ def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, i
     init = run / f"round{r - 1}" / "segmenter" / "model" if r > 1 and cfg.segmenter_init == "previous" else None
     lr = cfg.lr * cfg.continue_lr_mult if init else cfg.lr
     train(segmenter_config(cfg, rdir / "segmenter", mask_dir=str(regions_dir), init_from=init and str(init), lr=lr))
-    if not run.stage_done(f"round{r}_predictions"):
+    preds_key = {**key, "prediction_confidence": cfg.prediction_confidence}  # this round's own threshold
+    if not is_current(run, f"round{r}_predictions", preds_key, preds_dir):
         predict_within_tags(rdir / "segmenter" / "model", ds, preds_dir, cfg.prediction_confidence)
-        run.mark_done(f"round{r}_predictions", key=key)
+        run.mark_done(f"round{r}_predictions", key=preds_key)
     return regions_dir, preds_dir, inputs
 
 
