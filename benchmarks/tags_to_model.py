@@ -122,6 +122,12 @@ def seed_study(root: Path, common: dict, seeds: list[int], rounds: int) -> dict:
             "shared": "tag classifier, maps and calibration draw of the main run (seed 0)"}
 
 
+def retrained_seconds(summary: dict, rounds: range) -> float | None:
+    """Seconds of these rounds in the runs that computed them; None where a round's time was not kept."""
+    times = [summary["stage_seconds"].get(f"round{r}") for r in rounds]
+    return None if any(t is None for t in times) else round(sum(times), 1)
+
+
 def continue_lr_study(root: Path, common: dict, mult: float, seeds: list[int], rounds: int) -> dict:
     """Round >= 2 segmenters continuing from round 1's at lr x `mult`, for each seed of the seed study: rounds up
     to 1 are copied from that seed's run, so only the later rounds retrain. The choice between the two learning
@@ -156,7 +162,7 @@ def continue_lr_study(root: Path, common: dict, mult: float, seeds: list[int], r
             **{f"calibration_images_round{r}_predictions_lr_mult_{mult:g}": calib(new, r) for r in range(2, rounds + 1)},
             # Stage times of the run that computed the later rounds (a resumed study would otherwise report the
             # seconds of its own, near-empty, invocation).
-            "seconds_rounds_after_1": round(sum(new["stage_seconds"].get(f"round{r}") or 0.0 for r in range(2, rounds + 1)), 1)}
+            "seconds_rounds_after_1": retrained_seconds(new, range(2, rounds + 1))}
 
     def mean(key: str) -> float:
         return round(statistics.fmean(t[key] for t in table.values()), 4)

@@ -36,3 +36,19 @@ def test_results_files_do_not_make_a_commit_dirty(repo: Path) -> None:
 
 def test_outside_a_repository_there_is_no_commit(tmp_path: Path) -> None:
     assert git_commit(tmp_path) is None
+
+
+def test_a_git_that_cannot_filter_paths_still_sees_changes(repo: Path, monkeypatch) -> None:
+    import frugalseg.runs as runs
+
+    real = subprocess.run
+
+    def old_git(cmd, **kw):  # exclude pathspecs unknown: exit 128, nothing on stdout
+        if ":/" in cmd:
+            return subprocess.CompletedProcess(cmd, 128, "", "fatal: Unimplemented pathspec magic")
+        return real(cmd, **kw)
+
+    monkeypatch.setattr(runs.subprocess, "run", old_git)
+    head = git(repo, "rev-parse", "HEAD")
+    (repo / "benchmarks" / "results" / "speed.json").write_text('{"a": 2}\n')
+    assert git_commit(repo) == f"{head}-dirty"  # the plain check cannot leave results out, but misses nothing

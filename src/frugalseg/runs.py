@@ -85,6 +85,11 @@ def git_commit(cwd: Path | None = None) -> str | None:
         commit = out.stdout.strip() or None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
                                 ":(top,exclude)benchmarks/results"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        if dirty.returncode != 0:  # a git without exclude pathspecs: any change counts, rather than none
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                   capture_output=True, text=True, timeout=5)
+            if dirty.returncode != 0:
+                return f"{commit}-unknown" if commit else None
         return f"{commit}{'-dirty' if dirty.stdout.strip() else ''}" if commit else None
     except (OSError, subprocess.SubprocessError):
         return None
