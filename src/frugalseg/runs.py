@@ -83,14 +83,15 @@ def git_commit(cwd: Path | None = None) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
         commit = out.stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(top,exclude)benchmarks/results"], cwd=cwd, capture_output=True, text=True, timeout=5)
-        if dirty.returncode != 0:  # a git without exclude pathspecs: any change counts, rather than none
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                   capture_output=True, text=True, timeout=5)
-            if dirty.returncode != 0:
-                return f"{commit}-unknown" if commit else None
-        return f"{commit}{'-dirty' if dirty.stdout.strip() else ''}" if commit else None
+        if commit is None:
+            return None
+        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        # a git without exclude pathspecs fails the first: then any change counts, rather than none
+        for args in (status + ["--", ":/", ":(top,exclude)benchmarks/results"], status):
+            dirty = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=5)
+            if dirty.returncode == 0:
+                return f"{commit}{'-dirty' if dirty.stdout.strip() else ''}"
+        return f"{commit}-unknown"
     except (OSError, subprocess.SubprocessError):
         return None
 

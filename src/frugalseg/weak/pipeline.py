@@ -475,9 +475,9 @@ def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, i
     rdir = run / f"round{r}"
     regions_dir, preds_dir = rdir / "regions", rdir / "predictions"
     key = round_key(cfg, r, ds)
-    # stale regions make the round's segmenter (and its resumable checkpoint) stale too: redo the round
-    if not is_current(run, f"round{r}_regions", key, rdir):
-        run.clear_stage(f"round{r}_predictions")
+    # stale regions make the round's segmenter (and its resumable checkpoint) stale too: redo the round (the
+    # predictions' key holds the round's, so their marker is stale as well)
+    is_current(run, f"round{r}_regions", key, rdir)
     if not run.stage_done(f"round{r}_regions") and not cfg.mining:
         write_masks(regions_dir, ds, {**read_masks(seeds_dir, ds), **(given or {})})
         run.mark_done(f"round{r}_regions", {"mining": False}, key=key)
