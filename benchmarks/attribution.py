@@ -101,13 +101,17 @@ def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def speed(classifier: Path, n: int) -> dict:
-    """Batched climb vs the reference loop, same images/weights, scale 1.0, T=27, this machine."""
+def speed(classifier: Path, n: int, batch_size: int | None = None) -> dict:
+    """Batched climb vs the reference loop, same images/weights, scale 1.0, T=27, this machine.
+
+    The grouped figure climbs same-size images `batch_size` at a time, as `frugalseg cams` does (its
+    default batch size unless given; None on a GPU: whole size groups, to fill it)."""
     from frugalseg.data import open_dataset
     from frugalseg.data.transforms import to_tensor_image
     from frugalseg.weak.advcam import AdvCAMConfig, advcam_maps, count_passes
     from frugalseg.weak.advcam_reference import advcam_reference
     from frugalseg.weak.classify import load_classifier
+    from frugalseg.weak.maps_stage import MapsConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, spec, _ = load_classifier(classifier)
@@ -144,7 +148,11 @@ def speed(classifier: Path, n: int) -> dict:
     by_size: dict = {}
     for img, t in items:  # as `frugalseg cams` runs it: same-size images climb together
         by_size.setdefault(tuple(img.shape), []).append((img, t))
-    stacked = [(torch.stack([g[0] for g in group]), [g[1] for g in group]) for group in by_size.values()]
+    if batch_size is None and device.type == "cpu":
+        batch_size = MapsConfig().batch_size
+    stacked = [(torch.stack([g[0] for g in chunk]), [g[1] for g in chunk])
+               for group in by_size.values()
+               for chunk in (group[i:i + (batch_size or len(group))] for i in range(0, len(group), batch_size or len(group)))]
     for imgs, tags in stacked:  # warm-up at the grouped batch shapes (kernel selection is per shape)
         timed(advcam_maps, model, imgs, tags, AdvCAMConfig(scales=(1.0,), steps=2))
     faults0 = page_faults()
@@ -169,7 +177,7 @@ def speed(classifier: Path, n: int) -> dict:
     return {
         "advcam_images_per_s": n / grouped, "oracle_images_per_s": n / loop, "advcam_speedup": loop / grouped,
         "advcam_images_per_s_one_image_at_a_time": n / batched, "advcam_speedup_one_image_at_a_time": loop / batched,
-        "image_groups": len(by_size),
+        "image_groups": len(by_size), "grouped_batches": len(stacked), "grouped_batch_size": batch_size,
         "advcam_images_per_s_without_depthwise_input_grad": plain_dw,
         "allocator": allocator_description(), "page_faults_per_step_grouped": round(faults_per_step, 1),
         "seconds_per_image": {"batched": [round(x, 3) for x in batched_s], "oracle": [round(x, 3) for x in loop_s]},
@@ -238,6 +246,9 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--only-speed", action="store_true", help="Measure AdvCAM speed only (classifier must exist).")
     ap.add_argument("--speed-images", type=int, help="Val images timed (default 4, or 2 with --quick; a GPU needs more to fill it).")
+    ap.add_argument("--speed-batch-size", type=int,
+                    help="Images per grouped climb in the speed test (default: `frugalseg cams`' batch size on CPU, whole size groups on a GPU).")
+    ap.add_argument("--speed-key", default="", help="Suffix of the results key of an --only-speed run (keeps earlier runs beside it).")
     ap.add_argument("--only-advcam-multiscale", action="store_true",
                     help="Multi-scale AdvCAM (default scales) on all train+val images, lambda 7 then 0 (a GPU job).")
     ap.add_argument("--only-advcam-all", action="store_true",
@@ -252,12 +263,13 @@ def main() -> None:
         name = "attribution_quick" if args.quick else "attribution"
         started = time.time()
         n = args.speed_images or s["speed_images"]
-        sp = speed(Path(args.runs) / name / "classifier_cam", n)
+        sp = speed(Path(args.runs) / name / "classifier_cam", n, args.speed_batch_size)
         print({k: v for k, v in sp.items() if "passes" not in k})
         key = f"advcam_speed_{'gpu' if torch.cuda.is_available() else 'cpu'}"
         if allocator_description() == "C library defaults" and not torch.cuda.is_available():
             key += "_default_allocator"  # FRUGALSEG_DEFAULT_ALLOCATOR=1: kept beside the tuned figures
-        save_results(name, {key: sp}, {"speed": {"images": n}}, started)
+        key += f"_{args.speed_key}" if args.speed_key else ""
+        save_results(name, {key: sp}, {key: {"images": n, "batch_size": sp["grouped_batch_size"]}}, started)
         return
     name = "attribution_quick" if args.quick else "attribution"
     root = Path(args.runs) / name
