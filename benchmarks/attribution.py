@@ -317,7 +317,8 @@ def main() -> None:
     # channels and msrc maps are 20x15, ResNet-50 on VOC has K+ ~ 1024 and 32x24 maps, so lambda=7 there
     # weighs like lambda ~ 2.8 here.
     variants = {"default": {}, "lambda_0": {"restriction": 0.0}, "lambda_1": {"restriction": 1.0},
-                "lambda_2.8": {"restriction": 2.8}, "lambda_20": {"restriction": 20.0}, "T_13": {"steps": 13},
+                "lambda_2.8": {"restriction": 2.8}, "lambda_20": {"restriction": 20.0},
+                "xi_0.04": {"step_size": 0.04}, "xi_0.16": {"step_size": 0.16}, "T_13": {"steps": 13},
                 "raw_cam_penalty": {"gradcam_scale": False}, "clamp_previous": {"clamp": "previous"}}
     if args.quick:
         variants = {k: variants[k] for k in ("default", "lambda_0")}
