@@ -104,6 +104,12 @@ def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def in_batches(items: list, size: int | None) -> list[list]:
+    """`items` in consecutive batches of `size` (one batch when size is None)."""
+    size = size or len(items)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def speed(classifier: Path, n: int, batch_size: int | None = None) -> dict:
     """Batched climb vs the reference loop, same images/weights, scale 1.0, T=27, this machine.
 
@@ -153,9 +159,8 @@ def speed(classifier: Path, n: int, batch_size: int | None = None) -> dict:
         by_size.setdefault(tuple(img.shape), []).append((img, t))
     if batch_size is None and device.type == "cpu":
         batch_size = MapsConfig().batch_size
-    stacked = [(torch.stack([g[0] for g in chunk]), [g[1] for g in chunk])
-               for group in by_size.values()
-               for chunk in (group[i:i + (batch_size or len(group))] for i in range(0, len(group), batch_size or len(group)))]
+    stacked = [(torch.stack([img for img, _ in batch]), [t for _, t in batch])
+               for group in by_size.values() for batch in in_batches(group, batch_size)]
     for imgs, tags in stacked:  # warm-up at the grouped batch shapes (kernel selection is per shape)
         timed(advcam_maps, model, imgs, tags, AdvCAMConfig(scales=(1.0,), steps=2))
     faults0 = page_faults()
