@@ -102,6 +102,8 @@ def test_pass_counts():
     c = count_passes([2, 1], AdvCAMConfig())
     assert c["batched_forward_per_image"] == 27 * 3 + 13
     assert c["reference_backward_per_image"] == 1.5 * (27 * 3 + 13) * 2
+    assert (c["floor_forward_per_image"], c["floor_backward_per_image"]) == (27 * 3 + 13, 27 * 3 + 13 - 4)
+    assert c["batched_backward_per_image"] == c["floor_backward_per_image"]
 
 
 def test_peak_finder_on_hand_made_maps():
