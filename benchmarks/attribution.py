@@ -56,7 +56,7 @@ def settings(quick: bool) -> dict:
 
 
 def train_classifiers(root: Path, s: dict) -> tuple[Path, Path, dict]:
-    from frugalseg.weak.classify import ClassifyConfig, train_classifier
+    from frugalseg.stages.classify import ClassifyConfig, train_classifier
 
     out = {}
     runs = {}
@@ -73,7 +73,7 @@ def train_classifiers(root: Path, s: dict) -> tuple[Path, Path, dict]:
 
 
 def maps(classifier: Path, out: Path, method: str, split: str, limit: int | None = None, scales=(1.0,), **kw) -> dict:
-    from frugalseg.weak.maps_stage import MapsConfig, make_maps
+    from frugalseg.stages.maps import MapsConfig, make_maps
 
     cfg = MapsConfig(classifier=str(classifier), out=str(out), method=method, split=split, limit=limit,
                      scales=tuple(scales), progress=False, gallery_images=12, **kw)
@@ -82,7 +82,7 @@ def maps(classifier: Path, out: Path, method: str, split: str, limit: int | None
 
 def protocol(train_dir: Path, val_dir: Path) -> dict:
     """Sweep on train -> threshold -> val. Returns the val figure plus both sweeps (labelled as sweeps)."""
-    from frugalseg.weak.maps_stage import eval_seeds
+    from frugalseg.stages.maps import eval_seeds
 
     tr = eval_seeds(train_dir, split="train", sweep=SWEEP)
     va = eval_seeds(val_dir, split="val", threshold_from=train_dir / "seeds_train.json", sweep=SWEEP)
@@ -120,7 +120,7 @@ def speed(classifier: Path, n: int, batch_size: int | None = None) -> dict:
     from frugalseg.weak.advcam import AdvCAMConfig, advcam_maps, count_passes
     from frugalseg.weak.advcam_reference import advcam_reference
     from frugalseg.weak.classify import load_classifier
-    from frugalseg.weak.maps_stage import MapsConfig
+    from frugalseg.stages.maps import MapsConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, spec, _ = load_classifier(classifier)
@@ -167,7 +167,9 @@ def speed(classifier: Path, n: int, batch_size: int | None = None) -> dict:
     grouped = sum(timed(advcam_maps, model, imgs, tags, cfg) for imgs, tags in stacked)
     faults_per_step = (page_faults() - faults0) / (cfg.steps * len(stacked))
     bf16 = plain_dw = None
-    if device.type == "cpu":
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        bf16 = {"skipped": "this CPU has no native bf16 (oneDNN would emulate it, far slower than float32)"}
+    if device.type == "cpu" and bf16 is None:
         # bf16 on CPU: faster, not exact; its map deviation is reported beside it
         cfg16 = AdvCAMConfig(scales=(1.0,), autocast="bf16")
         for imgs, tags in stacked:
@@ -178,6 +180,7 @@ def speed(classifier: Path, n: int, batch_size: int | None = None) -> dict:
             out16, out32 = advcam_maps(model, imgs, tags, cfg16), advcam_maps(model, imgs, tags, cfg)
             diffs += [float((a.high_res - b.high_res).abs().max()) for a, b in zip(out16, out32) if a.keys.numel()]
         bf16 = {"images_per_s": n / t16, "speedup": loop / t16, "max_abs_map_diff_vs_float32": max(diffs) if diffs else None}
+    if device.type == "cpu":
         # the same climb with oneDNN's own dilated depthwise backward: the share of `DepthwiseInputGrad`
         cfg_plain = AdvCAMConfig(scales=(1.0,), depthwise_input_grad=False)
         plain_dw = n / sum(timed(advcam_maps, model, imgs, tags, cfg_plain) for imgs, tags in stacked)
@@ -318,7 +321,7 @@ def main() -> None:
                                         for b in sub["cam"]["val_by_object_size"]}
 
     # 3. sensitivity, train images only (best threshold of each variant's own train sweep: a train-side sweep)
-    from frugalseg.weak.maps_stage import eval_seeds
+    from frugalseg.stages.maps import eval_seeds
 
     # lambda_2.8: the reference's balance of penalty to score. The score is a spatial mean (1/hw per pixel),
     # the penalty a sum of Grad-CAM values (about 1/(2K+) per unit of CAM); lite0 has K+ ~ 158 of 320

@@ -43,7 +43,7 @@ from common import ROOT, default_data_root, print_table, save_results
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
 from frugalseg.runs import write_json  # noqa: E402
-from frugalseg.semi.batches import SemiConfig  # noqa: E402
+from frugalseg.stages.semi import SemiConfig  # noqa: E402
 
 ACDC_LABELLED = (3, 7)  # patients (SSL4MIS: 68 / 136 slices of its 70 patients; 50 patients here)
 ACDC_METHODS = ("supervised", "meanteacher", "dtc", "cotrain_k2", "cotrain_k2_noadv", "cotrain_k3", "cotrain_k3_noadv")
@@ -106,10 +106,7 @@ def default_threads(parallel: int) -> int:
 
 def _method(name: str) -> tuple[type, dict]:
     """Config class and method-specific fields of a run name such as 'cotrain_k3_noadv'."""
-    from frugalseg.semi.cotrain import CoTrainConfig
-    from frugalseg.semi.dtc import DTCConfig
-    from frugalseg.semi.meanteacher import MeanTeacherConfig
-    from frugalseg.semi.supervised_only import SupervisedOnlyConfig
+    from frugalseg.stages.semi import CoTrainConfig, DTCConfig, MeanTeacherConfig, SupervisedOnlyConfig
 
     if name == "supervised":
         return SupervisedOnlyConfig, {}
@@ -160,7 +157,7 @@ def child(name: str, quick: bool, out_root: str, max_iterations: int | None, wor
     """One run in its own process; prints its figures as the last JSON line."""
     import torch
 
-    from frugalseg.semi import methods
+    from frugalseg.stages.semi import SEMI_METHODS
 
     if threads:
         torch.set_num_threads(threads)
@@ -170,7 +167,7 @@ def child(name: str, quick: bool, out_root: str, max_iterations: int | None, wor
     if max_iterations:
         cfg.iterations = min(cfg.iterations or max_iterations, max_iterations)
     t0 = time.time()
-    res = methods()[cfg.semi][1](cfg)
+    res = SEMI_METHODS[cfg.semi][1](cfg)
     val = res["val"]
     done = json.loads((Path(cfg.out) / "stages" / "train.done").read_text())
     print(json.dumps({
@@ -320,8 +317,8 @@ def run_msrc(quick: bool, out_root: Path, parallel: int, max_iterations: int | N
     calibration drawn within the label budget): a user who has masks for a few images has exactly the data
     to tune them. Tags-only has no masks, so it keeps the pipeline's default thresholds. Wall times are the
     stage times of the invocation that ran each stage (`stage_seconds`), so a `--resume` keeps them true."""
-    from frugalseg.supervised import train
-    from frugalseg.weak.pipeline import PipelineConfig, run_pipeline, segmenter_config
+    from frugalseg.stages.train import train
+    from frugalseg.stages.pipeline import PipelineConfig, run_pipeline, segmenter_config
 
     schedule = {**(MSRC_QUICK if quick else MSRC_FULL), **({"scales": tuple(scales)} if scales else {})}
     common = dict(data="msrc-objects", train_split="train", val_split="val", seeds="advcam", progress=False, **schedule)

@@ -27,7 +27,7 @@ import os  # noqa: E402
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
-from frugalseg.config import TrainConfig  # noqa: E402
+from frugalseg.stages.train import TrainConfig  # noqa: E402
 
 
 def default_workers() -> int:
@@ -122,7 +122,7 @@ def acdc_config(quick: bool) -> TrainConfig:
 
 def msrc_child(name: str, seed: int, quick: bool, out_root: str, max_steps: int = -1, workers: int | None = None) -> None:
     """One msrc configuration and seed, in its own process; prints its figures as the last JSON line."""
-    from frugalseg.supervised import train
+    from frugalseg.stages.train import train
 
     cfg = all_configs(quick)[name]
     cfg.seed, cfg.max_steps = seed, max_steps
@@ -244,7 +244,7 @@ def run_select(quick: bool, out_root: Path, parallel: int, max_steps: int = -1) 
 
 
 def run_acdc(quick: bool, out_root) -> tuple[dict, dict]:
-    from frugalseg.supervised import train
+    from frugalseg.stages.train import train
 
     cfg = acdc_config(quick)
     cfg.out = str(out_root / "acdc_unet2d_full")
@@ -274,7 +274,7 @@ def throughput_child(quick: bool) -> None:
     from frugalseg.data import open_dataset
     from frugalseg.data.torchdata import MaskedImages
     from frugalseg.models import create_segmenter
-    from frugalseg.supervised import train_transform
+    from frugalseg.stages.train import train_transform
     from frugalseg.losses import segmentation_loss
     from torch.utils.data import DataLoader
 

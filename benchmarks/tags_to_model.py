@@ -32,7 +32,7 @@ from common import ROOT, default_data_root, print_table, save_results
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
-from frugalseg.weak.pipeline import PipelineConfig, run_pipeline  # noqa: E402
+from frugalseg.stages.pipeline import PipelineConfig, run_pipeline  # noqa: E402
 
 
 def settings(quick: bool) -> dict:

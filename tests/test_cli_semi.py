@@ -74,7 +74,10 @@ def test_train_semi_tiny_acdc_run_writes_the_run_directory(tmp_path, semi):
     assert spec["arch"] == arch and spec["method"] == semi
     assert len(budget["unlabelled"]) == (0 if semi == "none" else 4)
     metrics = json.loads((out / "metrics" / "val.json").read_text())
-    assert metrics["method"] == semi and metrics["samples"] == 1 and 0 <= metrics["case_mean_dice"] <= 1
+    assert metrics["method"] == semi and metrics["samples"] == 1 and metrics["kind"] == "volume"
+    case = metrics["per_case"][0]  # one case: the case means are its values, Jaccard follows from Dice
+    assert metrics["case_mean_dice"] == pytest.approx(sum(case["dice"].values()) / 3)
+    assert case["jaccard"] == pytest.approx({c: d / (2 - d) for c, d in case["dice"].items()})
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from frugalseg.data.io import safe_name
 from frugalseg.errors import DataError
-from frugalseg.weak.maps_io import CamMaps, load_maps, maps_path, safe_name, save_maps
+from frugalseg.weak.maps_io import CamMaps, load_maps, maps_path, save_maps
 
 
 def _maps(n: int = 2, h: int = 4, w: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -44,6 +44,8 @@ def test_acdc_train_slices_keep_list_order_and_protocol_counts():
     assert ds.labels.names == ("background", "RV", "Myo", "LV") and ds.labels.background == 0
     assert patient_of("patient004_frame01_slice_1") == "patient004"
     assert patient_of("patient004_frame01") == "patient004"
+    # any other id (an LA volume, an image) is its own patient: never cut at an underscore
+    assert patient_of("0RZDK210BSMWAA6467LU") == "0RZDK210BSMWAA6467LU" and patient_of("case_12") == "case_12"
     three, seven = first_patients_ids(ds, 3), first_patients_ids(ds, 7)
     assert len(three) == 68 and len(seven) == 136  # SSL4MIS patients_to_slices for ACDC
     assert list(three) == listed[:68] and list(seven) == listed[:136]

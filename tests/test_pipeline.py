@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from PIL import Image
 
+from frugalseg.data import open_dataset
+from frugalseg.data.io import read_label_png, write_label_png
+from frugalseg.data.labels import LabelSpec
+from frugalseg.data.samples import with_mask_folder
 from frugalseg.errors import ConfigError, DataError
-from frugalseg.weak import pipeline
-from frugalseg.weak.pipeline import PipelineConfig, run_pipeline
+from frugalseg.export import save_export
+from frugalseg.models import build_model
+from frugalseg.runs import RunDir
+from frugalseg.stages import pipeline
+from frugalseg.stages.options import option, unclassified_fields
+from frugalseg.stages.pipeline import (
+    PipelineConfig,
+    mask_file,
+    needs_run,
+    restart_stage,
+    run_pipeline,
+    stage_calibrate,
+    stage_is_current,
+    stage_key,
+)
+from frugalseg.stages.train import init_weights
+from frugalseg.weak.mining import agreement
+from frugalseg.weak.seeds import evaluate_seeds, iter_seed_items
 
 
 def tiny(shapes: Path, out: Path, **kw) -> PipelineConfig:
@@ -22,8 +45,34 @@ def tiny(shapes: Path, out: Path, **kw) -> PipelineConfig:
     return PipelineConfig(**base)
 
 
+def copy_run(src: Path, dst: Path) -> Path:
+    """A finished run to change settings on (the shared one stays as it is for the other tests)."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def base_run(shapes_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """One finished tags-to-model run (cam seeds, CRF, one mining round; 4 images) that several tests start from."""
+    run = tmp_path_factory.mktemp("pipeline") / "base"
+    return run, run_pipeline(tiny(shapes_dataset, run, limit=4))
+
+
+@pytest.fixture(scope="module")
+def two_round_run(shapes_dataset, base_run, tmp_path_factory) -> tuple[Path, dict]:
+    """The base run continued with a second round (round 1 is current and kept)."""
+    run = copy_run(base_run[0], tmp_path_factory.mktemp("pipeline2") / "two_rounds")
+    return run, run_pipeline(tiny(shapes_dataset, run, limit=4, rounds=2))
+
+
+def no_recomputation_before_the_crf(monkeypatch) -> None:
+    """The classifier and maps stages would fail if they ran."""
+    monkeypatch.setattr("frugalseg.stages.pipeline.train_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
+    monkeypatch.setattr("frugalseg.stages.pipeline.make_maps", lambda *a, **k: pytest.fail("maps recomputed"))
+
+
 def test_run_writes_every_stage_and_resumes_after_an_interrupted_stage(shapes_dataset, tmp_path, monkeypatch):
-    cfg = tiny(shapes_dataset, tmp_path / "run", mask_fraction=0.25)  # masks + tags
+    cfg = tiny(shapes_dataset, tmp_path / "run", limit=4, mask_fraction=0.5)  # masks + tags
     real_crf = pipeline.stage_crf
 
     def crash(*args):
@@ -37,8 +86,7 @@ def test_run_writes_every_stage_and_resumes_after_an_interrupted_stage(shapes_da
 
     # Second call: finished stages are not redone (their functions would fail if called).
     monkeypatch.setattr(pipeline, "stage_crf", real_crf)
-    monkeypatch.setattr("frugalseg.weak.classify.train_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
-    monkeypatch.setattr("frugalseg.weak.maps_stage.make_maps", lambda *a, **k: pytest.fail("maps recomputed"))
+    no_recomputation_before_the_crf(monkeypatch)
     summary = run_pipeline(cfg)
     names = [r["stage"] for r in summary["stages"]]
     assert names == ["seed", "crf", "round1_regions", "round1_predictions"]
@@ -46,41 +94,114 @@ def test_run_writes_every_stage_and_resumes_after_an_interrupted_stage(shapes_da
         assert 0.0 <= r["miou"] <= 1.0 and r["split"] == "train"
     assert 0.0 <= summary["final_val_miou"] <= 1.0
     run = tmp_path / "run"
-    assert len(list((run / "crf").glob("*.png"))) == 8 and len(list((run / "round1" / "predictions").glob("*.png"))) == 8
+    assert len(list((run / "crf").glob("*.png"))) == 4 and len(list((run / "round1" / "predictions").glob("*.png"))) == 4
     on_disk = json.loads((run / "summary.json").read_text())
-    assert on_disk["train_images"] == 8
+    assert on_disk["train_images"] == 4
     assert on_disk["val_by_round"] == summary["val_by_round"] and list(summary["val_by_round"]) == ["1"]
     page = (run / "report.html").read_text()
-    assert "Pseudo-mask mIoU per stage" in page and page.count("report_assets/") == 8
+    assert "Pseudo-mask mIoU per stage" in page and page.count("report_assets/") == 4
 
     # A pseudo-mask never holds a class outside the image's tags (+ background).
-    from frugalseg.data import open_dataset
-    from frugalseg.data.io import read_label_png
-    from frugalseg.weak.pipeline import mask_file
-
     ds = open_dataset(str(shapes_dataset), "train")
     masked = json.loads((run / "budget.json").read_text())["mask"]
-    assert len(masked) == 2 and summary["masked_images"] == 2  # 25 % of the 8 images the run uses (limit=8)
-    assert set(masked) <= {s.id for s in ds.samples[:8]}
+    assert len(masked) == 2 and summary["masked_images"] == 2  # half of the 4 images the run uses (limit=4)
+    assert set(masked) <= {s.id for s in ds.samples[:4]}
     for sid in masked:  # the budget's masks replace the mined regions of their images
         s = next(x for x in ds.samples if x.id == sid)
         assert (read_label_png(mask_file(run / "round1" / "regions", sid)) == ds.read_mask(s)).all()
-    for s in ds.samples[:8]:
+    for s in ds.samples[:4]:
         for folder in ("crf", "round1/regions", "round1/predictions"):
             present = set(np.unique(read_label_png(mask_file(run / folder, s.id))).tolist()) - {0, 255}
             assert present <= set(ds.tags_of(s)), (folder, s.id)
 
-    # A second run that differs only after the maps (tags only) reuses them (make_maps is still a failure).
-    reuse = tiny(shapes_dataset, tmp_path / "tags_only", rounds=0, classifier=str(run / "classifier"),
+
+def test_a_run_that_differs_only_after_the_maps_reuses_them(shapes_dataset, base_run, tmp_path, monkeypatch):
+    run, summary = base_run
+    no_recomputation_before_the_crf(monkeypatch)
+    reuse = tiny(shapes_dataset, tmp_path / "tags_only", limit=4, rounds=0, classifier=str(run / "classifier"),
                  maps_from=str(run / "cams"))
     again = run_pipeline(reuse)
     assert again["stages"][0]["miou"] == summary["stages"][0]["miou"]  # the same maps give the same seeds
     assert not (tmp_path / "tags_only" / "cams").exists()
     with pytest.raises(ConfigError, match="its maps are 'cam', this run asks for 'advcam'"):
-        run_pipeline(tiny(shapes_dataset, tmp_path / "x", seeds="advcam", classifier=str(run / "classifier"),
+        run_pipeline(tiny(shapes_dataset, tmp_path / "x", limit=4, seeds="advcam", classifier=str(run / "classifier"),
                           maps_from=str(run / "cams")))
     with pytest.raises(ConfigError, match="no maps.json there"):
-        run_pipeline(tiny(shapes_dataset, tmp_path / "y", classifier=str(run / "classifier"), maps_from=str(run)))
+        run_pipeline(tiny(shapes_dataset, tmp_path / "y", limit=4, classifier=str(run / "classifier"),
+                          maps_from=str(run)))
+
+
+def test_a_changed_setting_redoes_its_stage_and_the_later_ones_only(shapes_dataset, base_run, tmp_path, monkeypatch):
+    run = copy_run(base_run[0], tmp_path / "run")
+    first = base_run[1]["stage_seconds"]
+    before = json.loads((run / "stages" / "crf.done").read_text())
+    (run / "round1" / "segmenter" / "stale.txt").write_text("from the old round")
+    no_recomputation_before_the_crf(monkeypatch)
+    summary = run_pipeline(tiny(shapes_dataset, run, limit=4, fg_threshold=0.5, bg_threshold=0.3))
+    after = json.loads((run / "stages" / "crf.done").read_text())
+    # skipped stages keep the time of the invocation that ran them
+    assert summary["stage_seconds"]["classify"] == first["classify"] and first["classify"] > 0
+    assert (before["fg_threshold"], after["fg_threshold"]) == (0.35, 0.5)
+    assert not (run / "round1" / "segmenter" / "stale.txt").exists()  # the round was redone from scratch
+    assert json.loads((run / "stages" / "round1_predictions.done").read_text())["key"]["fg_threshold"] == 0.5
+    assert [r["stage"] for r in summary["stages"]] == ["seed", "crf", "round1_regions", "round1_predictions"]
+    # Unchanged settings: nothing is redone (the CRF would fail if called).
+    monkeypatch.setattr("frugalseg.stages.pipeline.refine_dataset", lambda *a, **k: pytest.fail("CRF redone"))
+    run_pipeline(tiny(shapes_dataset, run, limit=4, fg_threshold=0.5, bg_threshold=0.3))
+
+
+def test_settings_a_stage_does_not_use_leave_it_current(shapes_dataset, base_run, tmp_path, monkeypatch):
+    run = copy_run(base_run[0], tmp_path / "run")
+    regions_marker = (run / "stages" / "round1_regions.done").read_text()
+    no_recomputation_before_the_crf(monkeypatch)
+    monkeypatch.setattr("frugalseg.stages.pipeline.refine_dataset", lambda *a, **k: pytest.fail("CRF redone"))
+    monkeypatch.setattr("frugalseg.stages.pipeline.mine_round", lambda *a, **k: pytest.fail("round 1 regions mined again"))
+    monkeypatch.setattr("frugalseg.stages.pipeline.train", lambda *a, **k: None)  # a finished segmenter is a no-op
+    # Without calibration or a label budget, budget_seed draws nothing: no stage is redone.
+    run_pipeline(tiny(shapes_dataset, run, limit=4, budget_seed=3))
+    # Round 1's confidence threshold acts on its predictions only: those are redone, its regions kept.
+    before = (run / "round1" / "predictions").stat().st_mtime_ns
+    run_pipeline(tiny(shapes_dataset, run, limit=4, budget_seed=3, prediction_confidence=0.8))
+    assert (run / "stages" / "round1_regions.done").read_text() == regions_marker
+    done = json.loads((run / "stages" / "round1_predictions.done").read_text())
+    assert done["key"]["prediction_confidence"] == 0.8 and (run / "round1" / "predictions").stat().st_mtime_ns != before
+
+
+def test_second_round_seeds_are_the_agreement_of_round_one(shapes_dataset, two_round_run):
+    run, summary = two_round_run
+    assert [r["stage"] for r in summary["stages"]] == ["seed", "crf", "round1_regions", "round1_predictions",
+                                                        "round2_seeds", "round2_regions", "round2_predictions"]
+    for s in open_dataset(str(shapes_dataset), "train").samples[:4]:
+        p, q = (read_label_png(mask_file(run / "round1" / f, s.id)) for f in ("predictions", "regions"))
+        assert (read_label_png(mask_file(run / "round2" / "seeds", s.id)) == np.where(p == q, p, 255)).all()
+    seg = yaml.safe_load((run / "round2" / "segmenter" / "config.yaml").read_text())
+    assert seg["init_from"] == str(run / "round1" / "segmenter" / "model")  # round 2 continues from round 1
+    assert yaml.safe_load((run / "round1" / "segmenter" / "config.yaml").read_text())["init_from"] is None
+
+
+def test_mcof_round_seeds_redo_round_two_only(shapes_dataset, two_round_run, tmp_path, monkeypatch):
+    run = copy_run(two_round_run[0], tmp_path / "run")
+    no_recomputation_before_the_crf(monkeypatch)
+    # MCOF's own rule: round 2 mines from the predictions as they are; changing it redoes round 2 only.
+    marker = run / "stages" / "round1_predictions.done"
+    stamp = marker.stat().st_mtime_ns
+    again = run_pipeline(tiny(shapes_dataset, run, limit=4, rounds=2, round_seeds="predictions"))
+    assert [r["stage"] for r in again["stages"]][4] == "round2_regions"
+    assert marker.stat().st_mtime_ns == stamp  # round 1 untouched
+    assert json.loads((run / "stages" / "round2_regions.done").read_text())["key"]["round_seeds"] == ["predictions"]
+
+
+def test_a_slower_continuing_segmenter_redoes_round_two_only(shapes_dataset, two_round_run, tmp_path, monkeypatch):
+    run = copy_run(two_round_run[0], tmp_path / "run")
+    no_recomputation_before_the_crf(monkeypatch)
+    marker = run / "stages" / "round1_predictions.done"
+    stamp = marker.stat().st_mtime_ns
+    # a continuing segmenter at a tenth of the learning rate: round 2 retrains at lr/10, round 1 stays as it was
+    run_pipeline(tiny(shapes_dataset, run, limit=4, rounds=2, continue_lr_mult=0.1))
+    lr = {r: yaml.safe_load((run / f"round{r}" / "segmenter" / "config.yaml").read_text())["lr"] for r in (1, 2)}
+    assert lr[2] == pytest.approx(lr[1] * 0.1)
+    assert json.loads((run / "stages" / "round2_regions.done").read_text())["key"]["continue_lr_mult"] == [0.1]
+    assert marker.stat().st_mtime_ns == stamp
 
 
 def test_run_refuses_a_dataset_without_tags(tmp_path):
@@ -105,10 +226,6 @@ def test_config_errors_are_clear(tmp_path):
 
 
 def test_mask_folder_dataset_keeps_tags_and_skips_missing(shapes_dataset, tmp_path):
-    from frugalseg.data import open_dataset
-    from frugalseg.data.io import write_label_png
-    from frugalseg.data.samples import with_mask_folder
-
     ds = open_dataset(str(shapes_dataset), "train")
     s0, s1 = ds.samples[:2]
     mask = np.full(ds.read_mask(s0).shape, 255, np.uint8)
@@ -124,12 +241,9 @@ def test_mask_folder_dataset_keeps_tags_and_skips_missing(shapes_dataset, tmp_pa
         with_mask_folder(ds, tmp_path)
 
 
-def test_no_mining_rounds_train_on_the_crf_masks_as_they_are(shapes_dataset, tmp_path):
-    from frugalseg.data import open_dataset
-    from frugalseg.data.io import read_label_png
-    from frugalseg.weak.pipeline import mask_file
-
-    run = tmp_path / "run"
+def test_no_mining_rounds_train_on_the_crf_masks_as_they_are(shapes_dataset, base_run, tmp_path, monkeypatch):
+    run = copy_run(base_run[0], tmp_path / "run")
+    no_recomputation_before_the_crf(monkeypatch)
     summary = run_pipeline(tiny(shapes_dataset, run, limit=4, mining=False))
     assert [r["stage"] for r in summary["stages"]] == ["seed", "crf", "round1_regions", "round1_predictions"]
     assert not (run / "round1" / "mining_stats.json").exists()
@@ -138,8 +252,6 @@ def test_no_mining_rounds_train_on_the_crf_masks_as_they_are(shapes_dataset, tmp
 
 
 def test_calibration_chooses_the_threshold_on_a_few_masks_and_scores_the_others(shapes_dataset, tmp_path, monkeypatch):
-    from frugalseg.weak.seeds import evaluate_seeds
-
     run = tmp_path / "run"
     summary = run_pipeline(tiny(shapes_dataset, run, rounds=0, calibration_fraction=0.25))
     calib = json.loads((run / "calibration.json").read_text())
@@ -155,9 +267,6 @@ def test_calibration_chooses_the_threshold_on_a_few_masks_and_scores_the_others(
     assert json.loads((run / "stages" / "seeds.done").read_text())["threshold"] == calib["seed_threshold"]
     assert json.loads((run / "stages" / "crf.done").read_text())["fg_threshold"] == calib["fg_threshold"]
     # The seed figure is the seed mIoU of the six other images at the chosen threshold.
-    from frugalseg.data import open_dataset
-    from frugalseg.weak.maps_stage import iter_seed_items
-
     ds = open_dataset(str(shapes_dataset), "train")
     others = ds.with_samples([s for s in ds.samples[:8] if s.id not in calib["ids"]])
     ref = evaluate_seeds(iter_seed_items(run / "cams", others), ds.labels.num_classes, ds.labels.names,
@@ -170,30 +279,7 @@ def test_calibration_chooses_the_threshold_on_a_few_masks_and_scores_the_others(
         tiny(shapes_dataset, run, calibration_fraction=1.0).validate()
 
 
-def test_a_changed_setting_redoes_its_stage_and_the_later_ones_only(shapes_dataset, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    first = run_pipeline(tiny(shapes_dataset, run))["stage_seconds"]
-    before = json.loads((run / "stages" / "crf.done").read_text())
-    (run / "round1" / "segmenter" / "stale.txt").write_text("from the old round")
-    monkeypatch.setattr("frugalseg.weak.classify.train_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
-    monkeypatch.setattr("frugalseg.weak.maps_stage.make_maps", lambda *a, **k: pytest.fail("maps recomputed"))
-    summary = run_pipeline(tiny(shapes_dataset, run, fg_threshold=0.5, bg_threshold=0.3))
-    after = json.loads((run / "stages" / "crf.done").read_text())
-    # skipped stages keep the time of the invocation that ran them
-    assert summary["stage_seconds"]["classify"] == first["classify"] and first["classify"] > 0
-    assert (before["fg_threshold"], after["fg_threshold"]) == (0.35, 0.5)
-    assert not (run / "round1" / "segmenter" / "stale.txt").exists()  # the round was redone from scratch
-    assert json.loads((run / "stages" / "round1_predictions.done").read_text())["key"]["fg_threshold"] == 0.5
-    assert [r["stage"] for r in summary["stages"]] == ["seed", "crf", "round1_regions", "round1_predictions"]
-    # Unchanged settings: nothing is redone (the CRF would fail if called).
-    monkeypatch.setattr("frugalseg.weak.crf.refine_dataset", lambda *a, **k: pytest.fail("CRF redone"))
-    run_pipeline(tiny(shapes_dataset, run, fg_threshold=0.5, bg_threshold=0.3))
-
-
 def test_calibration_needs_masks_and_a_background_class(shapes_dataset, tmp_path):
-    from frugalseg.weak.pipeline import stage_calibrate
-    from frugalseg.runs import RunDir
-
     cfg = tiny(shapes_dataset, tmp_path / "run", calibration_fraction=0.5)
     ds = pipeline.open_training_images(cfg)
     no_masks = ds.with_samples([dataclasses_replace(s, mask=None) for s in ds.samples])
@@ -202,14 +288,10 @@ def test_calibration_needs_masks_and_a_background_class(shapes_dataset, tmp_path
 
 
 def dataclasses_replace(sample, **kw):
-    import dataclasses
-
     return dataclasses.replace(sample, **kw)
 
 
 def test_agreement_keeps_only_pixels_where_prediction_and_region_agree():
-    from frugalseg.weak.pipeline import agreement
-
     pred = {"a": np.array([[0, 1], [2, 255]], np.uint8)}
     region = {"a": np.array([[0, 2], [2, 255]], np.uint8)}
     assert agreement(pred, region)["a"].tolist() == [[0, 255], [2, 255]]
@@ -217,45 +299,7 @@ def test_agreement_keeps_only_pixels_where_prediction_and_region_agree():
         agreement({"b": pred["a"]}, region)
 
 
-def test_second_round_seeds_are_the_agreement_of_round_one(shapes_dataset, tmp_path):
-    from frugalseg.data import open_dataset
-    from frugalseg.data.io import read_label_png
-    from frugalseg.weak.pipeline import mask_file
-
-    run = tmp_path / "run"
-    summary = run_pipeline(tiny(shapes_dataset, run, limit=4, rounds=2))
-    assert [r["stage"] for r in summary["stages"]] == ["seed", "crf", "round1_regions", "round1_predictions",
-                                                        "round2_seeds", "round2_regions", "round2_predictions"]
-    for s in open_dataset(str(shapes_dataset), "train").samples[:4]:
-        p, q = (read_label_png(mask_file(run / "round1" / f, s.id)) for f in ("predictions", "regions"))
-        assert (read_label_png(mask_file(run / "round2" / "seeds", s.id)) == np.where(p == q, p, 255)).all()
-    import yaml
-
-    seg = yaml.safe_load((run / "round2" / "segmenter" / "config.yaml").read_text())
-    assert seg["init_from"] == str(run / "round1" / "segmenter" / "model")  # round 2 continues from round 1
-    assert yaml.safe_load((run / "round1" / "segmenter" / "config.yaml").read_text())["init_from"] is None
-    # MCOF's own rule: round 2 mines from the predictions as they are; changing it redoes round 2 only.
-    marker = run / "stages" / "round1_predictions.done"
-    stamp = marker.stat().st_mtime_ns
-    again = run_pipeline(tiny(shapes_dataset, run, limit=4, rounds=2, round_seeds="predictions"))
-    assert [r["stage"] for r in again["stages"]][4] == "round2_regions"
-    assert marker.stat().st_mtime_ns == stamp  # round 1 untouched
-    assert json.loads((run / "stages" / "round2_regions.done").read_text())["key"]["round_seeds"] == ["predictions"]
-    # a continuing segmenter at a tenth of the learning rate: round 2 retrains at lr/10, round 1 stays as it was
-    run_pipeline(tiny(shapes_dataset, run, limit=4, rounds=2, round_seeds="predictions", continue_lr_mult=0.1))
-    lr = {r: yaml.safe_load((run / f"round{r}" / "segmenter" / "config.yaml").read_text())["lr"] for r in (1, 2)}
-    assert lr[2] == pytest.approx(lr[1] * 0.1)
-    assert marker.stat().st_mtime_ns == stamp
-
-
 def test_init_from_loads_every_weight_and_names_a_different_network(tmp_path):
-    import torch
-
-    from frugalseg.data.labels import LabelSpec
-    from frugalseg.export import save_export
-    from frugalseg.models import build_model
-    from frugalseg.supervised import init_weights
-
     spec = {"arch": "fcn", "num_classes": 3, "in_chans": 3, "backbone": "tf_efficientnet_lite0", "output_stride": 16,
             "aux_stage": "penultimate"}
     torch.manual_seed(0)
@@ -271,28 +315,7 @@ def test_init_from_loads_every_weight_and_names_a_different_network(tmp_path):
         init_weights(target, spec, tmp_path / "nothing")
 
 
-def test_settings_a_stage_does_not_use_leave_it_current(shapes_dataset, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    run_pipeline(tiny(shapes_dataset, run))
-    regions_marker = (run / "stages" / "round1_regions.done").read_text()
-    monkeypatch.setattr("frugalseg.weak.classify.train_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
-    monkeypatch.setattr("frugalseg.weak.maps_stage.make_maps", lambda *a, **k: pytest.fail("maps recomputed"))
-    monkeypatch.setattr("frugalseg.weak.crf.refine_dataset", lambda *a, **k: pytest.fail("CRF redone"))
-    monkeypatch.setattr("frugalseg.weak.mining.mine_round", lambda *a, **k: pytest.fail("round 1 regions mined again"))
-    monkeypatch.setattr("frugalseg.supervised.train", lambda *a, **k: None)  # a finished segmenter is a no-op
-    # Without calibration or a label budget, budget_seed draws nothing: no stage is redone.
-    run_pipeline(tiny(shapes_dataset, run, budget_seed=3))
-    # Round 1's confidence threshold acts on its predictions only: those are redone, its regions kept.
-    before = (run / "round1" / "predictions").stat().st_mtime_ns
-    run_pipeline(tiny(shapes_dataset, run, budget_seed=3, prediction_confidence=0.8))
-    assert (run / "stages" / "round1_regions.done").read_text() == regions_marker
-    done = json.loads((run / "stages" / "round1_predictions.done").read_text())
-    assert done["key"]["prediction_confidence"] == 0.8 and (run / "round1" / "predictions").stat().st_mtime_ns != before
-
-
 def test_a_marker_holding_a_retired_field_still_matches(tmp_path):
-    from frugalseg.runs import RunDir
-
     run = RunDir(tmp_path / "run")
     run.mark_done("crf", key={"fg": 0.5, "budget_seed": 0})  # written before budget_seed left this key
     assert run.stage_done("crf", {"fg": 0.5}, retired=("budget_seed",))
@@ -304,18 +327,73 @@ def test_a_marker_holding_a_retired_field_still_matches(tmp_path):
 
 
 def test_partial_outputs_of_a_killed_stage_are_dropped_when_the_settings_changed(tmp_path):
-    from frugalseg.runs import RunDir
-    from frugalseg.weak.pipeline import is_current
-
     run = RunDir(tmp_path / "run")
     out = tmp_path / "run" / "crf"
-    assert not is_current(run, "crf", {"fg": 0.5}, out)  # about to run: the settings are noted
+    assert not stage_is_current(run, "crf", {"fg": 0.5})
+    assert needs_run(run, "crf", {"fg": 0.5}, out)  # about to run: the settings are noted
     out.mkdir()
     (out / "a.png").write_text("half-made at fg 0.5")  # ... and the run is killed here
-    assert not is_current(run, "crf", {"fg": 0.5}, out) and (out / "a.png").exists()  # same settings: resume
-    assert not is_current(run, "crf", {"fg": 0.6}, out) and not out.exists()  # other settings: start clean
+    assert needs_run(run, "crf", {"fg": 0.5}, out) and (out / "a.png").exists()  # same settings: resume
+    assert not stage_is_current(run, "crf", {"fg": 0.6}) and out.exists()  # the predicate removes nothing
+    restart_stage(run, "crf", {"fg": 0.6}, out)
+    assert not out.exists()  # other settings: start clean
     run.mark_done("crf", key={"fg": 0.6})
-    assert is_current(run, "crf", {"fg": 0.6}, out)
+    assert stage_is_current(run, "crf", {"fg": 0.6}) and not needs_run(run, "crf", {"fg": 0.6}, out)
+    out.mkdir()
+    restart_stage(run, "crf", {"fg": 0.7}, out)  # a finished stage with other settings: outputs and marker go
+    assert not out.exists() and not run.stage_done("crf")
+
+
+# ---- cache keys: every field says which stage's output it changes -----------------------------------------------
+# The keys as they were written by hand before they were derived from the fields (markers of existing runs hold
+# them): a change here redoes finished runs, so it must be deliberate.
+DATA = {"data", "train_split", "background_classes", "ignore_classes", "seed", "precision"}
+EXPECTED_KEYS = {"classify": DATA | {"classifier", "classifier_epochs"}}
+EXPECTED_KEYS["group"] = EXPECTED_KEYS["classify"] | {"limit", "group_size", "group_epochs"}
+EXPECTED_KEYS["maps"] = EXPECTED_KEYS["group"] | {"seeds", "maps_from", "scales", "steps", "restriction"}
+EXPECTED_KEYS["calibrate"] = EXPECTED_KEYS["maps"] | {"calibration_fraction", "budget_seed", "mask_fraction",
+                                                      "fg_threshold", "bg_threshold"}
+EXPECTED_KEYS["seeds"] = EXPECTED_KEYS["calibrate"]
+EXPECTED_KEYS["crf"] = EXPECTED_KEYS["calibrate"] | {"refine"}
+EXPECTED_KEYS["round"] = EXPECTED_KEYS["crf"] | {"superpixel_method", "min_coverage", "mining", "expand_only",
+                                                 "mining_confidence", "region_class_balanced", "seg_arch",
+                                                 "seg_epochs", "crop_size", "batch_size", "lr"}
+
+
+def test_every_pipeline_field_says_which_stage_it_changes():
+    assert unclassified_fields(PipelineConfig) == []
+
+    @dataclasses.dataclass
+    class WithANewField(PipelineConfig):
+        new_threshold: float = option(0.5, "A setting someone added without a stage.")
+
+    assert unclassified_fields(WithANewField) == ["new_threshold"]
+    with pytest.raises(ConfigError, match=r"\['new_threshold'\] declare no stage"):
+        stage_key(WithANewField(data="x"), "crf")
+
+
+def test_stage_keys_are_the_fields_of_the_stage_and_every_stage_before_it():
+    cfg = PipelineConfig(data="x", mask_fraction=0.5)  # something is drawn: budget_seed counts
+    for stage, expected in EXPECTED_KEYS.items():
+        assert set(stage_key(cfg, stage)) == expected, stage
+    assert "budget_seed" not in stage_key(PipelineConfig(data="x"), "crf")  # nothing drawn
+    assert stage_key(cfg, "classify", prm=True)["prm"] is True
+
+    class FakeLabels:
+        background = 0
+
+    ds = type("FakeDataset", (), {"labels": FakeLabels()})()
+    one = pipeline.round_key(cfg, 1, ds)
+    assert set(one) == EXPECTED_KEYS["round"] | {"round", "saliency"} and one["saliency"] == [True]
+    two = pipeline.round_key(dataclasses.replace(cfg, continue_lr_mult=0.1), 2, ds)
+    assert set(two) == EXPECTED_KEYS["round"] | {"round", "saliency", "round_seeds", "segmenter_init",
+                                                 "prediction_confidence", "continue_lr_mult"}
+    assert two["saliency"] == [True, False] and two["continue_lr_mult"] == [0.1]
+    assert set(pipeline.predictions_key(cfg, 1, ds)) == set(one) | {"prediction_confidence"}
+    # the fields outside every key change no cached output, or enter the round keys in their own shape
+    keyed = set().union(*EXPECTED_KEYS.values()) | {"prediction_confidence"} | set(pipeline.PER_ROUND_FIELDS)
+    unkeyed = {f.name for f in dataclasses.fields(PipelineConfig)} - keyed
+    assert unkeyed == {"out", "val_split", "crf_workers", "devices", "strategy", "num_workers", "resume", "progress"}
 
 
 def test_calibration_with_a_label_budget_uses_the_budget_masks(shapes_dataset, tmp_path):
@@ -324,5 +402,6 @@ def test_calibration_with_a_label_budget_uses_the_budget_masks(shapes_dataset, t
     calib = json.loads((run / "calibration.json").read_text())["ids"]
     assert sorted(calib) == sorted(json.loads((run / "budget.json").read_text())["mask"])
     assert summary["scored_images"] == 6
-    with pytest.raises(DataError, match="within the label budget"):
-        run_pipeline(tiny(shapes_dataset, tmp_path / "more", rounds=0, mask_fraction=0.25, calibration_fraction=0.5))
+    with pytest.raises(DataError, match="within the label budget"):  # (the classifier and maps of the first run)
+        run_pipeline(tiny(shapes_dataset, tmp_path / "more", rounds=0, mask_fraction=0.25, calibration_fraction=0.5,
+                          classifier=str(run / "classifier"), maps_from=str(run / "cams")))

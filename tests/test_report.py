@@ -17,6 +17,8 @@ from frugalseg.data.labels import LabelSpec
 from frugalseg.metrics import confusion_matrix, summarise
 from frugalseg.report import colourise, overlay, panel, write_report
 from frugalseg.report.overlays import VOID_COLOUR, boundary, legend
+from frugalseg.runs import RunDir
+from frugalseg.stages.train import TrainConfig
 
 H, W = 40, 56
 
@@ -60,7 +62,8 @@ def _make_run(tmp_path: Path) -> tuple[Path, object, dict]:
     (run / "metrics").mkdir()
     (run / "metrics" / "val.json").write_text(json.dumps(metrics, indent=2))
     (run / "budget.json").write_text(json.dumps({"budget": "2 masks", "mask": ["img0", "img1"], "tags": ["img2"], "none": []}))
-    (run / "config.yaml").write_text("model:\n  name: fcn-test\nlr: 0.01\nnote: <script>alert(1)</script>\n")
+    # the config exactly as a training run saves it (flat fields); a string that would be markup if not escaped
+    RunDir(run).save_config(TrainConfig(data=str(data), out=str(run), arch="fcn", mask_dir="<script>alert(1)</script>"))
     (run / "logs").mkdir()
     (run / "logs" / "metrics.csv").write_text(
         "epoch,step,train/loss,val/miou,val/mean_dice\n"
@@ -82,6 +85,7 @@ def test_report_contents_gallery_order_and_atomicity(tmp_path: Path) -> None:
     assert metrics["per_class"]["circle"]["iou"] is None
     assert 'title="absent from truth and prediction">—</span>' in page
     assert "shapes" in page and "fcn-test" in page and "2 masks" in page
+    assert "arch: fcn" in page and "lr: 0.01" in page  # the resolved config, shown as saved
     assert "<svg" in page and "val/miou" in page and "train/loss" in page  # curves
     assert "&lt;script&gt;" in page and "<script>" not in page  # config escaped
 
@@ -112,9 +116,10 @@ def test_report_rewrite_prunes_stale_thumbnails(tmp_path: Path) -> None:
 def test_report_without_dataset_csv_or_metrics(tmp_path: Path) -> None:
     run = tmp_path / "bare"
     run.mkdir()
-    (run / "config.yaml").write_text("dataset: voc\n")
+    RunDir(run).save_config(TrainConfig(data="voc2012", arch="fcn"))
     page = write_report(run).read_text()
-    assert "No metrics/val.json" in page and "voc" in page
+    assert "No metrics/val.json" in page
+    assert "dataset: <b>voc2012</b>" in page and "model: <b>fcn</b>" in page  # names from the config's own fields
     assert "report_assets" not in page and "<svg" not in page
     assert not (run / "report_assets").exists()
 

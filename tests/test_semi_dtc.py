@@ -260,32 +260,36 @@ def _finite(losses: dict) -> bool:
 
 
 def test_train_dtc_acdc_2d_three_iterations(tmp_path):
-    from frugalseg.semi.dtc import DTCConfig, load_dtc_model, train_dtc
+    from frugalseg.export import load_export
+    from frugalseg.stages.semi import DTCConfig, train_semi
 
     data_path("acdc")
     cfg = DTCConfig(data="acdc", out=str(tmp_path / "run"), labelled_patients=1, iterations=3, labelled_batch_size=2,
                     unlabelled_batch_size=2, patch_size=[64, 64], channels=[8, 16, 32], val_limit=1, progress=False)
-    result = train_dtc(cfg)
+    result = train_semi(cfg)
     assert _finite(result["losses"])
     assert result["losses"]["consistency_weight"] == pytest.approx(0.1 * math.exp(-5))  # 2D: SSL4MIS constants
     val = result["val"]
     assert val["samples"] == 1 and set(val["surface"]) == {"RV", "Myo", "LV"}
-    assert 0 <= val["case_mean_dice"] <= 1 and val["surface_units"] == "voxel"
+    assert val["surface_units"] == "voxel" and val["kind"] == "volume"
+    assert val["case_mean_dice"] == pytest.approx(sum(val["per_case"][0]["dice"].values()) / 3)
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "metrics" / "val.json").exists()
-    model, spec, labels = load_dtc_model(run / "model")
+    model, spec, labels = load_export(run / "model")
     assert spec["arch"] == "levelset_unet2d" and labels.num_classes == 4
+    seg, sdf = model(torch.zeros(1, 1, 64, 64))  # the dual-head network loads like any export
+    assert seg.shape == (1, 4, 64, 64) and sdf.shape == (1, 3, 64, 64)
     assert "dims: 2" in (run / "config.yaml").read_text()
 
 
 def test_train_dtc_la_3d_tiny_patch(tmp_path):
-    from frugalseg.semi.dtc import DTCConfig, train_dtc
+    from frugalseg.stages.semi import DTCConfig, train_semi
 
     data_path("la2018")
     cfg = DTCConfig(data="la2018", out=str(tmp_path / "run"), labelled_patients=2, iterations=2, labelled_batch_size=1,
                     unlabelled_batch_size=1, patch_size=[32, 32, 16], arch="unet", channels=[4, 8], val_split=None,
                     progress=False)
-    result = train_dtc(cfg)
+    result = train_semi(cfg)
     assert _finite(result["losses"])
     assert result["losses"]["consistency_weight"] == pytest.approx(math.exp(-5))  # 3D: DTC constants
     assert "val" not in result
@@ -304,7 +308,7 @@ def test_evaluate_dtc_sliding_window_and_largest_component(tmp_path):
     import h5py
 
     from frugalseg.data.hdf5 import load_hdf5
-    from frugalseg.semi.dtc import evaluate_dtc
+    from frugalseg.evaluation import evaluate
 
     label = np.zeros((20, 18, 12), dtype=np.uint8)
     label[4:14, 5:13, 3:9] = 1
@@ -317,18 +321,18 @@ def test_evaluate_dtc_sliding_window_and_largest_component(tmp_path):
     (tmp_path / "train.list").write_text("a\n")
     (tmp_path / "test.list").write_text("a\nb\n")
     ds = load_hdf5(tmp_path, "test")
-    common = dict(dims=3, patch_size=(8, 8, 8), overlap=0.25, progress=False)
-    plain = evaluate_dtc(_Oracle(), ds, ds.labels, **common, max_cases=1)
+    common = dict(dims=3, size=(8, 8, 8), overlap=0.25, progress=False)
+    plain = evaluate(_Oracle(), ds, ds.labels, **common, max_cases=1)
     assert plain["samples"] == 1
     assert plain["surface"]["class_1"]["dice"] < 1
-    lcc = evaluate_dtc(_Oracle(), ds, ds.labels, **common, largest_component=True)
+    lcc = evaluate(_Oracle(), ds, ds.labels, **common, largest_component=True)
     assert lcc["samples"] == 2
     assert lcc["surface"]["class_1"]["dice"] == 1.0 and lcc["surface"]["class_1"]["hd95"] == 0.0
     assert lcc["per_case"][0]["empty_pred"]["class_1"] is False
 
 
 def test_config_checks_and_epoch_alignment():
-    from frugalseg.semi.dtc import DTCConfig
+    from frugalseg.stages.semi import DTCConfig
 
     with pytest.raises(ConfigError, match="exactly one of labelled_patients"):
         DTCConfig(data="acdc").validate()
@@ -350,8 +354,8 @@ def test_config_checks_and_epoch_alignment():
 
 
 def test_train_dtc_resume_continues_with_the_next_batches(tmp_path, monkeypatch):
-    import frugalseg.semi.dtc as dtc
     from frugalseg.semi.batches import SemiBatches
+    from frugalseg.stages.semi import DTCConfig, train_semi
 
     data_path("acdc")
     drawn: list[int] = []
@@ -361,10 +365,10 @@ def test_train_dtc_resume_continues_with_the_next_batches(tmp_path, monkeypatch)
     common = dict(data="acdc", out=str(tmp_path / "run"), labelled_patients=1, labelled_batch_size=1,
                   unlabelled_batch_size=1, epoch_steps=2, patch_size=[32, 32], channels=[4, 8], val_split=None,
                   progress=False)
-    dtc.train_dtc(dtc.DTCConfig(iterations=2, **common))
+    train_semi(DTCConfig(iterations=2, **common))
     assert drawn == [0, 1]
     drawn.clear()
-    again = dtc.train_dtc(dtc.DTCConfig(iterations=4, resume=True, **common))
+    again = train_semi(DTCConfig(iterations=4, resume=True, **common))
     assert drawn == [2, 3]  # the resumed run draws the batches the uninterrupted run would have
     assert _finite(again["losses"])
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -10,11 +11,20 @@ import torch
 from click.testing import CliRunner
 
 from frugalseg.cli import cli
+from frugalseg.models.peaks import find_peaks, peak_list, peak_stimulation
 from frugalseg.models.tag_classifier import TagClassifier
-from frugalseg.weak.advcam import AdvCAMConfig, advcam_maps, climb_scale, count_passes
+from frugalseg.weak.advcam import (
+    AdvCAMConfig,
+    DepthwiseInputGrad,
+    advcam_maps,
+    climb_scale,
+    count_passes,
+    fold_batchnorm,
+    with_depthwise_input_grad,
+)
 from frugalseg.weak.advcam_reference import advcam_reference
 from frugalseg.weak.cam import cam_maps
-from frugalseg.weak.peaks import find_peaks, peak_list, peak_stimulation
+from frugalseg.weak.maps_io import save_maps
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +108,45 @@ def test_advcam_bad_input(model):
     assert mixed[0].high_res.shape == (0, 32, 32) and mixed[1].cam.shape == (1, 8, 8)
 
 
-def test_pass_counts():
-    c = count_passes([2, 1], AdvCAMConfig())
-    assert c["batched_forward_per_image"] == 27 * 3 + 13
-    assert c["reference_backward_per_image"] == 1.5 * (27 * 3 + 13) * 2
-    assert (c["floor_forward_per_image"], c["floor_backward_per_image"]) == (27 * 3 + 13, 27 * 3 + 13 - 4)
-    assert c["batched_backward_per_image"] == c["floor_backward_per_image"]
+@contextlib.contextmanager
+def counting_passes(backbone: torch.nn.Module):
+    """Counts the backbone's forward passes, and the backward passes that reach its output features."""
+    counts = {"forward": 0, "backward": 0}
+
+    def on_forward(module, inputs, output):
+        counts["forward"] += 1
+        feats = output[-1] if isinstance(output, (list, tuple)) else output
+        if feats.requires_grad:
+            feats.register_hook(lambda grad: counts.__setitem__("backward", counts["backward"] + 1))
+
+    handle = backbone.register_forward_hook(on_forward)
+    try:
+        yield counts
+    finally:
+        handle.remove()
+
+
+def test_pass_counts_are_the_passes_each_climb_makes(model):
+    """`count_passes` against the network passes really made, counted with hooks: per scale, the batched climb
+    runs T forwards (all images and classes at once) and T - 1 input-only backwards (the last map needs no
+    step); the reference loop runs T forwards and 2 T backwards (Grad-CAM, then the loss) per class."""
+    cfg = AdvCAMConfig(steps=3, scales=(1.0, 0.5), fold_bn=False, depthwise_input_grad=False)  # T = 3, then 3 // 2
+    tags = [[1, 3], [2]]
+    images = torch.rand(2, 3, 32, 32)
+    c = count_passes([len(t) for t in tags], cfg)
+    with counting_passes(model.backbone) as batched:
+        advcam_maps(model, images, tags, cfg)
+    assert (batched["forward"], batched["backward"]) == (3 + 1, 2 + 0)  # one batch: every image in every pass
+    assert (c["batched_forward_per_image"], c["batched_backward_per_image"]) == (batched["forward"], batched["backward"])
+    with counting_passes(model.backbone) as loop:
+        for image, t in zip(images, tags):
+            advcam_reference(model, image, t, cfg)
+    assert (loop["forward"], loop["backward"]) == (3 * 4, 2 * 3 * 4)  # 3 (image, class) pairs x 4 steps
+    assert c["reference_forward_per_image"] == loop["forward"] / len(images)
+    assert c["reference_backward_per_image"] == loop["backward"] / len(images)
+    assert not model.backbone._forward_hooks  # the counter leaves no hook behind
+    # the floor (one forward and one backward per step and scale, the last step forward only) is the batched count
+    assert (c["floor_forward_per_image"], c["floor_backward_per_image"]) == (4, 2)
 
 
 def test_peak_finder_on_hand_made_maps():
@@ -150,8 +193,6 @@ def test_classify_cams_eval_seeds_cli(shapes_dataset, tmp_path):
     assert seeds["sweep"]["kind"] == "sweep" and seeds["fixed_threshold"] == 0.15 and seeds["images"] == 4
     assert 0.0 <= seeds["fixed"]["miou"] <= 1.0
     # a rerun skips finished images; a map file of the wrong shape gives a clear error
-    from frugalseg.weak.maps_io import save_maps
-
     save_maps(files[0], np.array([1]), np.zeros((1, 4, 4)), np.zeros((1, 10, 10)))
     r = CliRunner().invoke(cli, ["eval-seeds", str(maps_dir)])
     assert r.exit_code != 0 and "the image is 64" in str(r.exception)
@@ -172,8 +213,6 @@ def test_classify_without_tags_is_a_clear_error(tmp_path):
 
 
 def test_fold_batchnorm_is_exact_and_removes_bn(model):
-    from frugalseg.weak.advcam import fold_batchnorm
-
     fused = fold_batchnorm(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.backbone.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())  # the original is untouched
@@ -184,8 +223,6 @@ def test_fold_batchnorm_is_exact_and_removes_bn(model):
 
 @pytest.mark.parametrize("kernel,dilation,padding", [(3, 2, 2), (5, 2, 4), (5, 3, 1), ((3, 5), (2, 1), (2, 2))])
 def test_depthwise_input_grad_equals_autograd(kernel, dilation, padding):
-    from frugalseg.weak.advcam import DepthwiseInputGrad
-
     torch.manual_seed(4)
     conv = torch.nn.Conv2d(6, 6, kernel, padding=padding, dilation=dilation, groups=6).requires_grad_(False)
     wrapped = DepthwiseInputGrad(conv)
@@ -203,8 +240,6 @@ def test_depthwise_input_grad_equals_autograd(kernel, dilation, padding):
 
 
 def test_depthwise_input_grad_wraps_only_dilated_stride1_depthwise(model):
-    from frugalseg.weak.advcam import DepthwiseInputGrad, with_depthwise_input_grad
-
     assert not DepthwiseInputGrad.applies_to(torch.nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=4))
     assert not DepthwiseInputGrad.applies_to(torch.nn.Conv2d(4, 4, 3, padding=1, groups=4))  # not dilated
     assert not DepthwiseInputGrad.applies_to(torch.nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=4))  # multiplier 2

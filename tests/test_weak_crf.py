@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from frugalseg.data.io import read_label_png
+from frugalseg.data.io import read_label_png, safe_name
 from frugalseg.errors import DataError, MissingDependencyError
 from frugalseg.weak.crf import (
     CrfSettings,
@@ -20,7 +20,7 @@ from frugalseg.weak.crf import (
     evaluate_pseudo_masks,
     refine_dataset,
 )
-from frugalseg.weak.maps_io import maps_path, safe_name, save_maps
+from frugalseg.weak.maps_io import maps_path, save_maps
 from frugalseg.weak.seeds import seed_from_maps
 
 pytest.importorskip("pydensecrf.densecrf")

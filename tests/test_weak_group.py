@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from frugalseg.data import open_dataset
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.models.group_net import GraphDropout, GroupGraph, GroupNet, GroupOutput, group_loss
-from frugalseg.weak.group import GroupConfig, GroupMapsConfig, group_maps, make_group_maps, sample_groups, train_group_classifier
+from frugalseg.models.tag_classifier import TagClassifier
+from frugalseg.stages.group import GroupConfig, GroupMapsConfig, make_group_maps, train_group_classifier
+from frugalseg.stages.maps import eval_seeds
+from frugalseg.weak.classify import classifier_spec, save_classifier
+from frugalseg.weak.group import group_maps, load_group_classifier, sample_groups
+from frugalseg.weak.maps_io import load_maps, maps_path
 
 
 def _graph(k: int = 5, n_std: float = 0.3, **kw) -> GroupGraph:
@@ -192,24 +196,16 @@ def test_group_maps_shapes_flip_and_partner_resize(net):
 
 # ---- end to end ------------------------------------------------------------------------------------------
 def test_train_then_make_group_maps_then_seeds(shapes_dataset, tmp_path):
-    from frugalseg.data import open_dataset
-    from frugalseg.models.tag_classifier import TagClassifier
-    from frugalseg.weak.classify import ClassifyConfig, classifier_spec, save_classifier
-    from frugalseg.weak.maps_io import load_maps, maps_path
-    from frugalseg.weak.maps_stage import eval_seeds
-
     labels = open_dataset(shapes_dataset, "train").labels
     torch.manual_seed(123)
     clf = TagClassifier(3, pretrained=False, peak_stimulation=True, bias=True)  # a PRM classifier: its head has a bias
-    save_classifier(clf, classifier_spec(ClassifyConfig(peak_stimulation=True), labels), labels, tmp_path / "cls" / "model")
+    save_classifier(clf, classifier_spec(labels, peak_stimulation=True), labels, tmp_path / "cls" / "model")
 
     run = tmp_path / "group"
     cfg = GroupConfig(data=str(shapes_dataset), out=str(run), limit=6, init_classifier=str(tmp_path / "cls"),
                       epochs=1, batch_size=2, input_size=64, crop_size=64, precision="32-true", progress=False)
     res = train_group_classifier(cfg)
     assert res["images"] == 6 and (run / "model" / "model.safetensors").exists() and (run / "checkpoints" / "last.ckpt").exists()
-    from frugalseg.weak.group import load_group_classifier
-
     model, spec, _ = load_group_classifier(run)
     assert spec["kind"] == "group_classifier" and spec["group_size"] == 3 and spec["class_ids"] == [1, 2, 3]
     # the frozen stem came from the classifier run, not from a fresh initialisation

@@ -9,7 +9,7 @@ import pytest
 
 from frugalseg.data.labels import LabelSpec
 from frugalseg.errors import DataError
-from frugalseg.weak.gallery import CamRow, colormap, write_cam_gallery
+from frugalseg.report.gallery import CamRow, colormap, write_cam_gallery
 from frugalseg.weak.maps_io import CamMaps
 from frugalseg.weak.seeds import (
     _size_bin,

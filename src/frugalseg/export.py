@@ -10,8 +10,11 @@ import torch
 from frugalseg.data.io import atomic_path, write_text
 from frugalseg.data.labels import LabelSpec
 from frugalseg.errors import DataError
+from frugalseg.models import build_model
 
 EXPORT_FORMAT = 1
+# Format of the `frugalseg` entry every training checkpoint carries (label spec, model spec, kind).
+CHECKPOINT_FORMAT = 1
 
 
 def save_export(model: torch.nn.Module, spec: dict, labels: LabelSpec, out_dir: Path) -> Path:
@@ -29,9 +32,11 @@ def save_export(model: torch.nn.Module, spec: dict, labels: LabelSpec, out_dir: 
 
 
 def load_export(path: Path) -> tuple[torch.nn.Module, dict, LabelSpec]:
-    """Model (eval mode, CPU), its spec and label spec from an export folder or a Lightning checkpoint."""
-    from frugalseg.models import build_model
+    """Model (eval mode, CPU), its spec and label spec from an export folder or a Lightning checkpoint.
 
+    A checkpoint's network is its `model.*` weights: the segmenter of supervised training, the network of
+    a semi-supervised step (a mean teacher's student; co-training's members are `models.<k>.*`, loaded
+    from its `models/` export instead)."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").exists():
         from safetensors.torch import load_file

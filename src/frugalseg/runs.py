@@ -7,9 +7,7 @@ incomplete and is rewritten. Files are written to a temporary name and renamed (
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import platform
 import subprocess
 import time
@@ -19,12 +17,12 @@ from typing import Any
 
 import yaml
 
-from frugalseg.data.io import atomic_path, write_text
+from frugalseg.data.io import atomic_path, jsonable, read_json, write_json, write_text
 
 
 def _settings(key: dict) -> Any:
     """A stage key as it reads back from its marker (tuples become lists, paths strings)."""
-    return json.loads(json.dumps(_jsonable(key)))
+    return json.loads(json.dumps(jsonable(key)))
 
 
 def _same_settings(recorded: Any, key: dict, retired: Collection[str] = ()) -> bool:
@@ -32,30 +30,6 @@ def _same_settings(recorded: Any, key: dict, retired: Collection[str] = ()) -> b
     if isinstance(recorded, dict) and retired:
         recorded = {k: v for k, v in recorded.items() if k in want or k not in retired}
     return recorded == want
-
-
-def _jsonable(x: Any) -> Any:
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _jsonable(dataclasses.asdict(x))
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
-        return _jsonable(x.item())
-    return x
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text(Path(path), json.dumps(_jsonable(data), indent=2) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
 
 
 def machine_info() -> dict[str, Any]:
@@ -117,7 +91,7 @@ class RunDir:
     def save_config(self, config: Any) -> Path:
         path = self.path / "config.yaml"
         with atomic_path(path) as tmp:
-            tmp.write_text(yaml.safe_dump(_jsonable(config), sort_keys=False))
+            tmp.write_text(yaml.safe_dump(jsonable(config), sort_keys=False))
         return path
 
     def _marker(self, stage: str, kind: str = "done") -> Path:

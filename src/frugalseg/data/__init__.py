@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 from frugalseg.data.budget import LabelBudget, apply_budget, holdout
 from frugalseg.data.labels import ClassMap, LabelSpec, merge_into_background
@@ -17,7 +18,7 @@ from frugalseg.errors import ConfigError, DataError
 
 __all__ = [
     "ClassMap", "LabelBudget", "LabelSpec", "Sample", "SegDataset", "apply_budget", "data_root",
-    "holdout", "merge_into_background", "open_dataset",
+    "holdout", "merge_into_background", "open_dataset", "open_split", "open_splits",
 ]
 
 
@@ -72,6 +73,52 @@ def open_dataset(source: str | Path, split: str = "train") -> SegDataset:
         fit, held = holdout(_open_dataset(source, base), fraction=HOLDOUT_FRACTION, seed=0)
         return fit if part == "fit" else held
     return _open_dataset(source, split)
+
+
+def open_split(
+    source: str | Path,
+    split: str = "train",
+    *,
+    background_classes: Sequence[str] | None = None,
+    ignore_classes: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> SegDataset:
+    """A split with the run's class remapping applied: the one way every stage opens its data.
+
+    `background_classes` are merged into the background class, `ignore_classes` become void (255);
+    `limit` keeps the first N samples (a fixed, stated subset for CPU runs).
+    """
+    ds = open_dataset(source, split)
+    if background_classes or ignore_classes:
+        from frugalseg.data.voc import remap
+
+        ds = remap(ds, merge_into_background(ds.labels, list(background_classes or []), list(ignore_classes or [])))
+    if limit is not None:
+        ds = ds.with_samples(ds.samples[:limit])
+    return ds
+
+
+def open_splits(
+    source: str | Path,
+    splits: str,
+    *,
+    background_classes: Sequence[str] | None = None,
+    ignore_classes: Sequence[str] | None = None,
+) -> SegDataset:
+    """One dataset over '+'-joined split names ("train+val"), each opened with `open_split`; a sample in
+    several of them appears once. Weakly supervised stages map the very images they train on, so they
+    join splits where a supervised stage would keep them apart."""
+    parts = [open_split(source, s, background_classes=background_classes, ignore_classes=ignore_classes)
+             for s in splits.split("+") if s]
+    if not parts:
+        raise ConfigError(f"No split named in '{splits}'.")
+    samples, seen = [], set()
+    for p in parts:
+        if p.labels.names != parts[0].labels.names:
+            raise DataError(f"{source}: splits {splits} have different classes.")
+        samples += [s for s in p.samples if s.id not in seen]
+        seen |= {s.id for s in p.samples}
+    return parts[0].with_samples(samples, name=f"{parts[0].name.split(':')[0]}:{splits}")
 
 
 def _open_dataset(source: str | Path, split: str) -> SegDataset:

@@ -7,7 +7,7 @@ benchmarked on identical labelled sets. The chosen ids are written to the run di
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -105,6 +105,3 @@ def holdout(ds: SegDataset, fraction: float = 0.2, seed: int = 0) -> tuple[SegDa
     val = [s for s in ds.samples if s.id in val_ids]
     return ds.with_samples(train, name=f"{ds.name}:train"), ds.with_samples(val, name=f"{ds.name}:val")
 
-
-def ids_of(ds: SegDataset) -> Sequence[str]:
-    return [s.id for s in ds.samples]

@@ -19,17 +19,15 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from frugalseg.data.labels import LabelSpec
-from frugalseg.data.samples import VOLUME_READERS, Sample, SegDataset
+from frugalseg.data.samples import Sample, SegDataset
+from frugalseg.data.voc import read_class_names
+from frugalseg.data.volume_io import read_h5_image, read_h5_mask, to_class_ids
 from frugalseg.errors import DataError
 
 __all__ = ["DATASET_CLASSES", "first_patients_ids", "load_hdf5", "patient_of", "read_h5_image", "read_h5_mask",
            "to_class_ids"]
 
-IMAGE_KEY = "image"
-LABEL_KEY = "label"
 
 # Class names of the known SSL4MIS datasets, keyed by the dataset folder name (lower case).
 DATASET_CLASSES: dict[str, tuple[str, ...]] = {
@@ -37,63 +35,6 @@ DATASET_CLASSES: dict[str, tuple[str, ...]] = {
     "la2018": ("background", "left_atrium"),
     "la": ("background", "left_atrium"),
 }
-
-
-# ---- readers (registered in VOLUME_READERS) -------------------------------------------------------
-def _h5py():
-    # h5py is a core dependency, but importing it lazily keeps `import frugalseg.data` light.
-    import h5py
-
-    return h5py
-
-
-def _read_dataset(path: Path, key: str) -> np.ndarray:
-    """One dataset of an HDF5 file, with errors that name the file and the keys it does hold."""
-    h5py = _h5py()
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found.")
-    try:
-        with h5py.File(path, "r") as f:
-            keys = sorted(f.keys())
-            node = f.get(key)
-            if not isinstance(node, h5py.Dataset):
-                raise DataError(
-                    f"{path}: no dataset '{key}' in this HDF5 file (found keys {keys}). SSL4MIS-layout files "
-                    f"hold '{IMAGE_KEY}' (float image) and '{LABEL_KEY}' (uint8 class ids)."
-                )
-            return np.asarray(node[()])
-    except DataError:
-        raise
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise DataError(f"{path}: cannot read HDF5 file ({exc}). The file may be corrupt or truncated.") from None
-
-
-def read_h5_image(path: Path) -> np.ndarray:
-    """The `image` dataset as float32 (H, W) or (D, H, W)."""
-    return _read_dataset(path, IMAGE_KEY).astype(np.float32, copy=False)
-
-
-def to_class_ids(raw: np.ndarray, where: str) -> np.ndarray:
-    """Integer-valued labels of any dtype as uint8 ids, refusing values a uint8 mask cannot hold."""
-    if raw.dtype == np.uint8:
-        return raw
-    if raw.dtype.kind == "b":
-        return raw.astype(np.uint8)
-    if raw.size and (raw.min() < 0 or raw.max() > 255):
-        raise DataError(f"{where}: label values range {raw.min()}..{raw.max()}; class ids must be in 0..255.")
-    if raw.dtype.kind == "f" and raw.size and not np.array_equal(raw, np.round(raw)):
-        raise DataError(f"{where}: label holds non-integer values (dtype {raw.dtype}); expected class ids.")
-    return np.round(raw).astype(np.uint8) if raw.dtype.kind == "f" else raw.astype(np.uint8)
-
-
-def read_h5_mask(path: Path) -> np.ndarray:
-    """The `label` dataset as uint8 class ids (values must be integers in 0..255)."""
-    return to_class_ids(_read_dataset(path, LABEL_KEY), str(path))
-
-
-VOLUME_READERS[".h5"] = (read_h5_image, read_h5_mask)
-VOLUME_READERS[".hdf5"] = (read_h5_image, read_h5_mask)
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -132,8 +73,6 @@ def _class_names(root: Path, first_file: Path, class_names: Sequence[str] | None
     if known is not None:
         return known
     if (root / "classes.txt").exists():
-        from frugalseg.data.voc import read_class_names
-
         return tuple(read_class_names(root / "classes.txt"))
     top = int(read_h5_mask(first_file).max())
     return ("background", *(f"class_{k}" for k in range(1, max(top, 1) + 1)))
@@ -191,10 +130,12 @@ def load_hdf5(root: Path | str, split: str = "train", class_names: Sequence[str]
 _PATIENT = re.compile(r"^(.+?)_frame\d+")
 
 
-def patient_of(slice_id: str) -> str:
-    """The patient of an ACDC slice or volume id: 'patient004_frame01_slice_1' → 'patient004'."""
-    m = _PATIENT.match(slice_id)
-    return m.group(1) if m else slice_id.split("_")[0]
+def patient_of(sample_id: str) -> str:
+    """The patient of an ACDC slice or volume id ('patient004_frame01_slice_1' → 'patient004'); any other id
+    (an LA volume, an image) is its own patient. Labelled sets drawn by patient (`first_patients_ids`,
+    `semi.batches.select_labelled`) and co-training's views group samples with it."""
+    m = _PATIENT.match(sample_id)
+    return m.group(1) if m else sample_id
 
 
 def first_patients_ids(ds: SegDataset, n_patients: int) -> tuple[str, ...]:

@@ -6,11 +6,16 @@ VOC palette labels into colours. Every unreadable or inconsistent file raises `D
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,7 +23,6 @@ from PIL import Image, UnidentifiedImageError
 from frugalseg.errors import DataError
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-VOLUME_SUFFIXES = {".h5", ".hdf5", ".nii", ".nii.gz"}
 
 
 def suffix_of(path: Path) -> str:
@@ -123,3 +127,51 @@ def write_rgb(path: Path, rgb: np.ndarray) -> None:
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+# ---- one naming scheme for per-sample files --------------------------------------------------------
+def safe_name(sample_id: str) -> str:
+    """A file name for a sample id: the id itself when it is already a plain name, else a cleaned id + hash.
+
+    Plain ids (letters, digits, `.`, `_`, `-`, not starting with a dot), which is what VOC and most folder
+    datasets use, stay readable (`2007_000032`); ids with slashes, spaces or other characters are cleaned
+    and given a short hash of the original so two different ids never share a file.
+    """
+    sample_id = str(sample_id)
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,119}", sample_id):
+        return sample_id
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id).strip("._")[:60] or "sample"
+    return f"{stem}-{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}"
+
+
+def sample_file(folder: Path | str, sample_id: str, suffix: str) -> Path:
+    """`folder/<safe id><suffix>`: the one place a per-sample artefact (mask, maps, prediction, report tile)
+    gets its file name, so every stage finds every other stage's files."""
+    return Path(folder) / f"{safe_name(sample_id)}{suffix}"
+
+
+# ---- JSON artefacts ----------------------------------------------------------------------------------
+def jsonable(x: Any) -> Any:
+    """Plain JSON types from dataclasses, paths, tuples, NaN (-> null) and numpy / torch scalars."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return jsonable(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
+        return jsonable(x.item())
+    return x
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """Write `data` as indented JSON, atomically."""
+    write_text(Path(path), json.dumps(jsonable(data), indent=2) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text())

@@ -26,77 +26,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from frugalseg.data.hdf5 import to_class_ids
 from frugalseg.data.io import atomic_path, suffix_of
 from frugalseg.data.labels import LabelSpec
-from frugalseg.data.samples import VOLUME_READERS, Sample, SegDataset
+from frugalseg.data.samples import Sample, SegDataset
+from frugalseg.data.volume_io import _load, _nib, _spacing, _spatial_shape, read_nifti_image, read_nifti_mask, read_nifti_spacing  # noqa: F401
 from frugalseg.errors import DataError, require
 
 __all__ = ["load_msd", "read_nifti_image", "read_nifti_mask", "read_nifti_spacing", "write_nifti"]
 
 
-def _nib():
-    return require("nibabel", "medical", "NIfTI input")
-
-
-def _load(path: Path):
-    nib = _nib()
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found.")
-    try:
-        return nib.load(str(path))
-    except Exception as exc:  # nibabel raises several unrelated types (ImageFileError, EOFError, OSError...)
-        raise DataError(f"{path}: cannot read NIfTI file ({exc}). The file may be corrupt or truncated.") from None
-
-
-def _spatial_shape(img, path: Path) -> tuple[int, ...]:
-    """The spatial shape, refusing multi-channel 4D data (a trailing axis of size 1 is dropped)."""
-    shape = tuple(int(s) for s in img.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) > 3:
-        raise DataError(
-            f"{path}: {len(shape)}D image of shape {shape}; multi-modal (4D) NIfTI input is not supported yet. "
-            "Split the modalities into separate datasets or pick one channel."
-        )
-    if len(shape) < 2:
-        raise DataError(f"{path}: image of shape {shape} is not 2D or 3D.")
-    return shape
-
-
-def _array(path: Path) -> np.ndarray:
-    img = _load(path)
-    shape = _spatial_shape(img, Path(path))
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # truncated gzip streams fail only when the data is read
-        raise DataError(f"{path}: cannot read NIfTI data ({exc}). The file may be corrupt or truncated.") from None
-    return np.ascontiguousarray(data.reshape(shape).transpose())  # (x, y, z) -> (z, y, x)
-
-
-def read_nifti_image(path: Path) -> np.ndarray:
-    """Image as float32 in (z, y, x) order (2D files: (y, x)); header scaling is applied."""
-    return _array(path).astype(np.float32, copy=False)
-
-
-def read_nifti_mask(path: Path) -> np.ndarray:
-    """Label volume as uint8 class ids in (z, y, x) order."""
-    return to_class_ids(_array(path), str(path))
-
-
-def read_nifti_spacing(path: Path) -> tuple[float, ...]:
-    """Voxel size from the header zooms, in (z, y, x) order like the arrays."""
-    return _spacing(_load(path), Path(path))
-
-
-def _spacing(img, path: Path) -> tuple[float, ...]:
-    n = len(_spatial_shape(img, path))
-    return tuple(float(z) for z in img.header.get_zooms()[:n])[::-1]
-
-
-VOLUME_READERS[".nii"] = (read_nifti_image, read_nifti_mask)
-VOLUME_READERS[".nii.gz"] = (read_nifti_image, read_nifti_mask)
 
 
 def write_nifti(

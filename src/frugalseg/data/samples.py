@@ -14,8 +14,9 @@ from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
-from frugalseg.data.io import RASTER_SUFFIXES, read_label_png, read_rgb, suffix_of
+from frugalseg.data.io import RASTER_SUFFIXES, read_label_png, read_rgb, safe_name, sample_file, suffix_of
 from frugalseg.data.labels import ClassMap, LabelSpec, identity_map
+from frugalseg.data.volume_io import volume_reader
 from frugalseg.errors import DataError
 
 Supervision = Literal["mask", "tags", "none"]
@@ -36,24 +37,6 @@ class Sample:
     tags: frozenset[int] | None = None
     supervision: Supervision = "mask"
     spacing: tuple[float, ...] | None = None
-
-
-# Readers for formats other than raster images: suffix -> (read image, read raw mask, read spacing).
-# Filled by the format modules (hdf5.py, nifti.py) when they are imported; a plain dict, no registry.
-VolumeReader = tuple[Callable[[Path], np.ndarray], Callable[[Path], np.ndarray]]
-VOLUME_READERS: dict[str, VolumeReader] = {}
-
-
-def _volume_reader(path: Path) -> VolumeReader:
-    suffix = suffix_of(path)
-    if suffix in (".h5", ".hdf5"):
-        import frugalseg.data.hdf5  # noqa: F401  (fills VOLUME_READERS)
-    elif suffix in (".nii", ".nii.gz"):
-        import frugalseg.data.nifti  # noqa: F401
-    try:
-        return VOLUME_READERS[suffix]
-    except KeyError:
-        raise DataError(f"{path}: unsupported file type '{suffix}'.") from None
 
 
 @dataclass
@@ -89,7 +72,7 @@ class SegDataset:
         """RGB uint8 (H, W, 3) for raster images; float32 (H, W) or (D, H, W) for medical formats."""
         if suffix_of(sample.image) in RASTER_SUFFIXES:
             return read_rgb(sample.image)
-        return _volume_reader(sample.image)[0](sample.image)
+        return volume_reader(sample.image)[0](sample.image)
 
     def read_mask(self, sample: Sample) -> np.ndarray:
         """Ground-truth ids in this dataset's label spec (class map applied, 255 = void)."""
@@ -98,7 +81,7 @@ class SegDataset:
         if suffix_of(sample.mask) in RASTER_SUFFIXES:
             raw = read_label_png(sample.mask, palette=list(self.class_map.source.palette))
         else:
-            raw = _volume_reader(sample.mask)[1](sample.mask)
+            raw = volume_reader(sample.mask)[1](sample.mask)
         self.class_map.source.check_mask(raw, f"{sample.mask}")
         return self.class_map(raw)
 
@@ -164,15 +147,12 @@ def with_mask_folder(ds: SegDataset, folder: str | Path) -> SegDataset:
     dataset (given, or derived from its own masks) so nothing re-derives tags from the pseudo-masks.
     Samples without a file are left out; a folder with none of them is an error.
     """
-    from frugalseg.data.labels import identity_map
-    from frugalseg.weak.maps_io import safe_name
-
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"Mask folder {folder} does not exist.")
     samples = []
     for s in ds.samples:
-        path = folder / f"{safe_name(s.id)}.png"
+        path = sample_file(folder, s.id, ".png")
         if path.exists():
             samples.append(replace(s, mask=path, tags=ds.tags_of(s), supervision="mask"))
     if not samples:

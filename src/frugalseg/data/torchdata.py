@@ -4,18 +4,24 @@ Images are small relative to memory for the datasets this library targets on one
 thousand images), and decoding PNGs every epoch costs more than the CPU can spare next to training;
 `cache=True` keeps decoded tensors. Volumes (ndim 3) used by 2D training are expanded into slices by
 the dataset loader, not here.
+
+Also here, for validation and evaluation: `EvalCases` (whole cases, one per item, as a 2D or 3D network
+reads them: `case_input`), `first_item` (the collate of one-case batches) and `input_channels` (what the
+first convolution of a network for this dataset takes).
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from frugalseg.data.labels import IGNORE_INDEX
 from frugalseg.data.samples import SegDataset
 from frugalseg.data.transforms import to_tensor_image
+from frugalseg.errors import DataError
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -108,3 +114,48 @@ def pad_collate(batch: list[dict]) -> dict:
         masks[k, :bh, :bw] = b["mask"]
         sizes.append((bh, bw))
     return {"image": images, "mask": masks, "index": torch.tensor([b["index"] for b in batch]), "sizes": sizes}
+
+
+def first_item(batch: list[dict]) -> dict:
+    """Collate of one-case batches (`batch_size=1`): the case itself (cases differ in size)."""
+    return batch[0]
+
+
+def input_channels(ds: SegDataset) -> int:
+    """Input channels of a network for `ds`: 3 for RGB 2D images, else 1 (greyscale images, slices, volumes)."""
+    image = ds.read_image(ds[0])
+    return 3 if ds.ndim == 2 and image.ndim == 3 and image.shape[-1] == 3 else 1
+
+
+def case_input(image: np.ndarray, ds_ndim: int, net_dims: int) -> torch.Tensor:
+    """A case as a network reads it: a 2D network gets (D, C, H, W) slices (a 2D image is one slice),
+    a 3D network one (C, D, H, W) volume."""
+    if ds_ndim == 3:
+        v = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        if v.ndim != 3:
+            raise DataError(f"expected a (D, H, W) volume, got shape {tuple(v.shape)}.")
+        return v[:, None] if net_dims == 2 else v[None]
+    if net_dims != 2:
+        raise DataError("a 3D network cannot segment 2D images; train on volumes or use a 2D network.")
+    return to_tensor_image(np.ascontiguousarray(image))[None]
+
+
+class EvalCases(Dataset):
+    """Whole cases with a mask, one per item: {"input": `case_input`, "mask": (D, H, W) or (H, W) int64,
+    "index"}. Validation of 2D networks on volumes (slice by slice) and of 3D networks (sliding window);
+    load with `DataLoader(..., batch_size=1, collate_fn=first_item)`."""
+
+    def __init__(self, ds: SegDataset, net_dims: int = 2):
+        self.ds = ds
+        self.net_dims = net_dims
+        self.samples = [s for s in ds.samples if s.mask is not None]
+        if not self.samples:
+            raise DataError(f"{ds.name}: no sample has a ground-truth mask to validate against.")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        image, mask = self.ds.read_pair(self.samples[i])
+        return {"input": case_input(image, self.ds.ndim, self.net_dims),
+                "mask": torch.from_numpy(mask.astype(np.int64)), "index": i}

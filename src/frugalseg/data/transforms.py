@@ -7,7 +7,6 @@ rot90/flip as SSL4MIS does). Masks are resampled with nearest neighbour so ids n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -78,11 +77,3 @@ class ResizeTransform:
                 image, mask = image.flip(-1), mask.flip(-1)
         return image.contiguous(), mask.contiguous()
 
-
-def pad_to_multiple(image: torch.Tensor, multiple: int = 32) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Zero-pad (…, H, W) at the bottom/right to a multiple; returns the original size to crop back."""
-    h, w = image.shape[-2:]
-    H, W = math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple
-    if (H, W) == (h, w):
-        return image, (h, w)
-    return F.pad(image, (0, W - w, 0, H - h)), (h, w)

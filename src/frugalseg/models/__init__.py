@@ -5,7 +5,13 @@ from __future__ import annotations
 from frugalseg.models.backbones import create_backbone, create_classifier
 from frugalseg.models.segmenter import Segmenter, create_segmenter
 
-__all__ = ["Segmenter", "create_backbone", "create_classifier", "create_segmenter"]
+__all__ = ["Segmenter", "build_model", "create_backbone", "create_classifier", "create_segmenter", "first_output"]
+
+
+def first_output(out):
+    """The segmentation logits of a network's output: networks with several outputs (DTC's level-set nets:
+    segmentation, level set) put them first; inference, evaluation and the semi-supervised losses read them so."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def build_model(spec: dict, pretrained: bool | str = False):

@@ -20,7 +20,7 @@ from torch import nn
 
 from frugalseg.errors import ConfigError
 from frugalseg.models.backbones import create_backbone
-from frugalseg.weak.peaks import peak_stimulation
+from frugalseg.models.peaks import peak_stimulation
 
 
 class TagClassifier(nn.Module):
@@ -97,15 +97,6 @@ class TagClassifier(nn.Module):
         """Backbone at lr, the new 1x1 classifier at lr x head_lr_mult (IRN: 10x)."""
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         return [{"params": backbone, "lr": lr}, {"params": list(self.classifier.parameters()), "lr": lr * head_lr_mult}]
-
-
-def multilabel_targets(tags: list[list[int]], num_classes: int, device=None) -> torch.Tensor:
-    """Tag lists to a (B, K) 0/1 float tensor."""
-    y = torch.zeros(len(tags), num_classes, device=device)
-    for i, t in enumerate(tags):
-        if t:
-            y[i, torch.as_tensor(t, dtype=torch.long)] = 1.0
-    return y
 
 
 def tag_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

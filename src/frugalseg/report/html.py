@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
@@ -28,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
+import yaml
 from PIL import Image
 
-from frugalseg.data.io import atomic_path, read_label_png
+from frugalseg.data.io import atomic_path, read_label_png, safe_name, sample_file
 from frugalseg.data.labels import LabelSpec
 from frugalseg.errors import DataError
 from frugalseg.report.overlays import (
@@ -109,22 +109,19 @@ def _read_json(path: Path, notes: list[str]) -> Any:
 
 
 def _config_names(config_text: str | None) -> dict[str, str]:
-    """dataset/model names from the resolved config, used only when the metrics JSON lacks them."""
+    """dataset/model names from the resolved config (a stage config saved flat: `data`, `arch`, ...), used
+    only when the metrics JSON lacks them."""
     if not config_text:
         return {}
     try:
-        import yaml
-
         cfg = yaml.safe_load(config_text)
-    except Exception:  # a malformed config is shown verbatim anyway
+    except yaml.YAMLError:  # a malformed config is shown verbatim anyway
         return {}
     out = {}
     if isinstance(cfg, dict):
-        for key in ("dataset", "model"):
-            v = cfg.get(key)
-            if isinstance(v, dict):
-                v = v.get("name") or v.get("source") or v.get("arch")
-            if isinstance(v, (str, int, float)):
+        for key, field in (("dataset", "data"), ("model", "arch")):
+            v = cfg.get(field)
+            if isinstance(v, (str, int, float)) and v != "":
                 out[key] = str(v)
     return out
 
@@ -327,11 +324,6 @@ class _Row:
     thumbs: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # column -> (rel path, w, h)
 
 
-def _safe_name(sample_id: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id).strip("._")[:60] or "sample"
-    return f"{stem}-{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}"
-
-
 def _save_jpeg(path: Path, rgb: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(rgb).save(tmp, format="JPEG", quality=88, subsampling=0, optimize=True)
@@ -355,7 +347,7 @@ def _build_gallery(run_dir: Path, ds: "SegDataset", split: str, max_images: int,
     scored: list[tuple[float, str, Any]] = []
     problems: list[str] = []
     for s in ds.samples:
-        p = pred_dir / f"{s.id}.png"
+        p = sample_file(pred_dir, s.id, ".png")
         if not p.exists():
             continue
         try:
@@ -383,7 +375,7 @@ def _build_gallery(run_dir: Path, ds: "SegDataset", split: str, max_images: int,
     for iou, sid, s in scored[: max(0, max_images)]:
         try:
             image = ds.read_image(s)
-            pred = read_label_png(pred_dir / f"{sid}.png")
+            pred = read_label_png(sample_file(pred_dir, sid, ".png"))
             truth = ds.read_mask(s) if s.mask is not None else None
         except DataError as exc:
             notes.append(str(exc))
@@ -402,12 +394,11 @@ def _build_gallery(run_dir: Path, ds: "SegDataset", split: str, max_images: int,
             pictures["truth"] = overlay(img_t, truth_t, labels)
             pictures["errors"] = error_map(img_t, truth_t, pred_t, labels)
             row.truth_ids = _ids_in(truth, labels)
-        base = f"{split}-{_safe_name(sid)}"
         for col, rgb in pictures.items():
-            name = f"{base}-{col}.jpg"
-            _save_jpeg(assets / name, rgb)
-            written.add(name)
-            row.thumbs[col] = (f"{ASSETS_DIR}/{name}", rgb.shape[1], rgb.shape[0])
+            thumb = sample_file(assets, sid, f"-{split}-{col}.jpg")
+            _save_jpeg(thumb, rgb)
+            written.add(thumb.name)
+            row.thumbs[col] = (f"{ASSETS_DIR}/{thumb.name}", rgb.shape[1], rgb.shape[0])
         rows.append(row)
     return rows, len(scored), all_ious
 
@@ -474,7 +465,7 @@ def _gallery_html(rows: list[_Row], total: int, ious: list[float], labels: Label
             info.append(f'<div class="small warn">missed: {_class_chips(missed, labels, lut, "bad")}</div>')
         if extra:
             info.append(f'<div class="small warn">not in truth: {_class_chips(extra, labels, lut, "bad")}</div>')
-        body.append(f'<tr id="g-{_e(_safe_name(r.id))}">{"".join(cells)}<td class="info">{"".join(info)}</td></tr>')
+        body.append(f'<tr id="g-{_e(safe_name(r.id))}">{"".join(cells)}<td class="info">{"".join(info)}</td></tr>')
     return (f'{intro}<div class="gallery-top"><div class="keyline">{key}{void}</div>{_histogram_svg(ious)}</div>'
             f'<div class="scroll"><table class="gallery"><thead><tr>{head}<th>Per-image IoU</th></tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
@@ -716,6 +707,28 @@ footer{color:var(--muted);font-size:12px;margin-top:20px}
 """
 
 
+def html_page(title: str, body: str, *, css: str = "", footer: str = ".") -> str:
+    """The one page shell of every frugalseg page (run report, map gallery, tags-to-model report): head,
+    the shared stylesheet `CSS` (plus a page's own `css`), `<main>` around `body`, and a footer
+    "Generated by frugalseg on <date>" followed by `footer` (an HTML fragment, e.g. " from <code>run/</code>.").
+    No JavaScript, no external assets: a page and its assets folder can be copied or zipped as they are."""
+    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{CSS}{css}</style></head><body><main>"
+        f"{body}<footer>Generated by frugalseg on {_e(now)}{footer}</footer></main></body></html>\n"
+    )
+
+
+def write_page(path: Path | str, title: str, body: str, *, css: str = "", footer: str = ".") -> Path:
+    """`html_page` written atomically to `path`; returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(html_page(title, body, css=css, footer=footer), encoding="utf-8")
+    return path
+
+
 def _section(sid: str, title: str, body: str, cls: str = "") -> str:
     c = f' class="{cls}"' if cls else ""
     return f'<section id="{sid}"{c}><h2>{_e(title)}</h2>{body}</section>'
@@ -800,20 +813,12 @@ def write_report(
     if notes:
         notes_html = _section("notes", "Notes", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>", "notes")
     rules = m.get("rules")
-    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(page_title)} — frugalseg report</title><style>{CSS}</style></head><body><main>"
+    out = write_page(
+        run_dir / "report.html", f"{page_title} — frugalseg report",
         f'<header><h1>{_e(page_title)}</h1><div class="meta">{meta_html}</div><nav>{nav}</nav></header>'
-        f"{notes_html}{''.join(_section(*s) for s in sections)}"
-        f"<footer>Generated by frugalseg on {_e(now)} from <code>{_e(run_dir.name)}/</code>."
-        f"{' Metric rules: ' + _e(rules) + '.' if rules else ''}</footer>"
-        "</main></body></html>\n"
+        f"{notes_html}{''.join(_section(*s) for s in sections)}",
+        footer=f" from <code>{_e(run_dir.name)}/</code>.{' Metric rules: ' + _e(rules) + '.' if rules else ''}",
     )
-    out = run_dir / "report.html"
-    with atomic_path(out) as tmp:
-        tmp.write_text(page, encoding="utf-8")
     _prune_assets(run_dir / ASSETS_DIR, written)
     log.info("wrote %s (%d thumbnails)", out, len(written))
     return out

@@ -42,12 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX
+from frugalseg.models import first_output
 
 __all__ = ["attack_mode", "fgsm", "kl_divergence", "l2_normalize", "vat"]
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @contextlib.contextmanager
@@ -103,7 +100,7 @@ def fgsm(
         raise ValueError(f"fgsm: target shape {tuple(y.shape)} does not match input {tuple(x.shape)} (B, *spatial).")
     with attack_mode(model, eval_mode), torch.enable_grad():
         x_in = x.detach().clone().requires_grad_(True)
-        logits = _first(model(x_in))
+        logits = first_output(model(x_in))
         loss = F.cross_entropy(logits.float(), y.long(), ignore_index=ignore_index, reduction="sum")
         (grad,) = torch.autograd.grad(loss, x_in)
     return _clamp(x.detach() + eps * grad.sign(), clamp).detach()
@@ -128,12 +125,12 @@ def vat(
     with attack_mode(model, eval_mode), torch.autocast(device_type, enabled=False), torch.enable_grad():
         xf = x.float()
         with torch.no_grad():
-            clean = _first(model(xf)).float()
+            clean = first_output(model(xf)).float()
         d = torch.randn(x.shape, generator=generator, device="cpu" if generator is not None else x.device)
         d = l2_normalize(d.to(xf))
         for _ in range(power_iterations):
             r = (xi * d).requires_grad_(True)
-            distance = kl_divergence(clean, _first(model(xf + r))).mean()
+            distance = kl_divergence(clean, first_output(model(xf + r))).mean()
             (grad,) = torch.autograd.grad(distance, r)
             d = l2_normalize(grad.detach())
     return _clamp(x + (eps * d).to(x.dtype), clamp).detach()

@@ -31,7 +31,9 @@ An ensemble of K networks, trained jointly with one optimiser on
   λ_cot = 10, λ_dif = 0.5, T = 80, the official trainer's constructor defaults).
 - **Prediction.** The ensemble's mean softmax (`EnsembleSegmenter`).
 - **Data.** The batches, schedule, resume and evaluation every semi-supervised method shares
-  (`frugalseg.semi.batches`, `frugalseg.semi.stage`), with one labelled stream per model (its view).
+  (`frugalseg.semi.batches`, `frugalseg.stages.semi`, `frugalseg.evaluation`), with one labelled stream
+  per model (its view). The step module is `CoTrainStep`; its configuration `CoTrainConfig` (defaults:
+  the official ACDC config) is in `frugalseg.stages.semi`.
 
 Deliberate differences from the official code (jizongFox/Deep-Co-Training-for-Semi-Supervised-Image-
 Segmentation): one summed loss and one optimiser step per batch (`cotraining.py` does three separate
@@ -44,28 +46,28 @@ and adversarial losses constant; nothing of that survives here.
 
 from __future__ import annotations
 
-import logging
+import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Literal, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frugalseg.data.io import write_text
 from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
-from frugalseg.errors import ConfigError
+from frugalseg.errors import ConfigError, DataError
+from frugalseg.export import load_export, save_export
+from frugalseg.models import first_output
 from frugalseg.semi.adversarial import fgsm, kl_divergence, vat
-from frugalseg.semi.batches import SemiConfig, case_of, split_batch
-from frugalseg.semi.stage import SemiModule, supervised_loss, train_semi
-
-log = logging.getLogger(__name__)
+from frugalseg.semi.batches import split_batch
+from frugalseg.semi.step import SemiStep, supervised_loss
 
 __all__ = [
-    "CoTrainConfig", "CoTrainModule", "EnsembleSegmenter", "adversarial_pairs", "assign_views",
-    "cotrain_ramp", "cotraining_loss", "generalized_jsd", "load_ensemble", "train_cotrain",
+    "CoTrainStep", "EnsembleSegmenter", "adversarial_pairs", "assign_views", "cotrain_ramp", "cotraining_loss",
+    "generalized_jsd", "load_ensemble", "save_ensemble",
 ]
 
 
@@ -196,12 +198,8 @@ class EnsembleSegmenter(nn.Module):
         self.members = nn.ModuleList(models)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([_first(m(x)).float().softmax(1) for m in self.members]).mean(0)
+        probs = torch.stack([first_output(m(x)).float().softmax(1) for m in self.members]).mean(0)
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def cotraining_loss(
@@ -238,11 +236,11 @@ def cotraining_loss(
         sel = stream == m
         if not bool(sel.any()):
             raise ValueError(f"cotraining_loss: the labelled batch has no sample of model {m}'s view.")
-        logits = _first(model(x_lab[sel]))
+        logits = first_output(model(x_lab[sel]))
         lab_logits.append(logits)
         sup_terms.append(supervised_loss(logits, y_lab[sel], loss_kind, ignore_index))
     sup = torch.stack(sup_terms).sum()
-    unl_logits = [_first(model(x_unl)) for model in models]
+    unl_logits = [first_output(model(x_unl)) for model in models]
     jsd = generalized_jsd([F.log_softmax(z.float(), 1) for z in unl_logits], log_probs=True)
     dif = sup.new_zeros(())
     if adversarial and w_dif > 0 and k >= 2:
@@ -268,137 +266,75 @@ def cotraining_loss(
                         models[i], x_unl, vat_xi, vat_eps, vat_power_iterations, clamp=clamp,
                         eval_mode=attack_eval_mode, generator=generator)
                 for j in targets:
-                    terms.append(kl_divergence(clean, _first(models[j](x_adv))).mean())
+                    terms.append(kl_divergence(clean, first_output(models[j](x_adv))).mean())
         dif = torch.stack(terms).mean()
     loss = sup + w_cot * jsd + w_dif * dif
     return {"loss": loss, "sup": sup.detach(), "jsd": jsd.detach(), "dif": dif.detach()}
 
 
-# ---- configuration -----------------------------------------------------------------------------------
-@dataclass
-class CoTrainConfig(SemiConfig):
-    """Deep co-training (defaults: the official ACDC config where it has one; K = `n_models`)."""
-
-    SEMI: ClassVar[str] = "cotrain"
-    semi: str = "cotrain"
-    out: str = "runs/cotrain"
-    n_models: int = 2
-    views: str = "split"  # split | bootstrap
-    view_overlap: float = 0.0  # split: fraction of labelled units every model sees
-    view_unit: str = "patient"  # patient | image
-    adversarial: bool = True
-    adv_pairs: str = "all"  # all (i → every j ≠ i) | ring (i → i+1)
-    adv_source: str = "coin"  # coin (FGSM labelled or VAT unlabelled, p = 0.5, official) | both
-    fgsm_eps: float = 0.05  # L∞, per pixel
-    vat_xi: float = 1e-3  # L2 per sample; official 1e-6 underflows in float32
-    vat_eps: float = 0.05  # L2 per sample
-    vat_power_iterations: int = 1
-    adv_clamp: list[float] | None = field(default_factory=lambda: [0.0, 1.0])  # ACDC intensities are in [0, 1]
-    attack_eval_mode: bool = True
-    lambda_cot: float = 1.0
-    lambda_dif: float = 0.005
-    ramp_epochs: float = 100.0  # in units of rampup_every iterations
-    ramp_mult: float = -5.0
-    eval_members: bool = False
-    # official: Adam lr 1e-3, weight decay 1e-4, 4 labelled (per model) + 4 unlabelled (2D)
-    optimizer: Literal["sgd", "adam"] = "adam"
-    lr: float = 1e-3
-
-    @classmethod
-    def protocol(cls, dims: int) -> dict:
-        base = super().protocol(dims)
-        if dims == 2:
-            base.update(labelled_batch_size=4, unlabelled_batch_size=4)
-        return base
-
-    def validate(self) -> "CoTrainConfig":
-        if self.n_models < 2:
-            raise ConfigError(f"co-training needs n_models >= 2, got {self.n_models}.")
-        if self.views not in ("split", "bootstrap"):
-            raise ConfigError(f"views must be split or bootstrap, got '{self.views}'.")
-        if self.view_unit not in ("patient", "image"):
-            raise ConfigError(f"view_unit must be patient or image, got '{self.view_unit}'.")
-        adversarial_pairs(self.n_models, self.adv_pairs)
-        if self.adv_source not in ("coin", "both"):
-            raise ConfigError(f"adv_source must be coin or both, got '{self.adv_source}'.")
-        super().validate()
-        return self
-
-
 # ---- the step module -----------------------------------------------------------------------------------
-class CoTrainModule(SemiModule):
-    """K models, one optimiser; batches hold one labelled stream per model (its view)."""
+class CoTrainStep(SemiStep):
+    """K models (`models`), one optimiser; the batches hold one labelled stream per model (its view) and
+    an unlabelled block. Predicts, validates and exports the ensemble (`models/`: members + ensemble.json).
+
+    Ramps (`cotrain_ramp`) run in units of `rampup_every` iterations; `seed` seeds each step's coin and
+    VAT directions (seed · 1000003 + step: the same on resume)."""
 
     kind: ClassVar[str] = "cotrain"
 
-    def __init__(self, models: Sequence[nn.Module], labels: LabelSpec, cfg: CoTrainConfig, model_spec: dict):
+    def __init__(self, models: Sequence[nn.Module], *, lambda_cot: float = 1.0, lambda_dif: float = 0.005,
+                 ramp_epochs: float = 100.0, ramp_mult: float = -5.0, rampup_every: int = 150,
+                 adversarial: bool = True, pairs: str = "all", adv_source: str = "coin", fgsm_eps: float = 0.05,
+                 vat_xi: float = 1e-3, vat_eps: float = 0.05, vat_power_iterations: int = 1,
+                 clamp: Sequence[float] | None = (0.0, 1.0), attack_eval_mode: bool = True, loss: str = "dice_ce",
+                 seed: int = 0, ignore_index: int = IGNORE_INDEX):
         if len(models) < 2:
-            raise ConfigError("CoTrainModule needs at least two models.")
-        super().__init__(labels, cfg, model_spec)
+            raise ConfigError("co-training needs at least two models.")
+        super().__init__()
         self.models = nn.ModuleList(models)
-
-    @classmethod
-    def create(cls, spec: dict, labels: LabelSpec, cfg: CoTrainConfig) -> "CoTrainModule":
-        from frugalseg.models import build_model
-
-        return cls([build_model(spec) for _ in range(cfg.n_models)], labels, cfg, spec)
-
-    @classmethod
-    def streams(cls, cfg: CoTrainConfig, labelled: Sequence[str]) -> list[tuple[str, ...]]:
-        return assign_views(labelled, cfg.n_models, mode=cfg.views, overlap=cfg.view_overlap, seed=cfg.budget_seed,
-                            group=case_of if cfg.view_unit == "patient" else None)
-
-    @property
-    def ensemble(self) -> EnsembleSegmenter:
-        return EnsembleSegmenter(list(self.models))
+        self.lambda_cot, self.lambda_dif, self.ramp_epochs, self.ramp_mult = lambda_cot, lambda_dif, ramp_epochs, ramp_mult
+        self.rampup_every = rampup_every
+        self.attack = dict(adversarial=adversarial, pairs=pairs, adv_source=adv_source, fgsm_eps=fgsm_eps,
+                           vat_xi=vat_xi, vat_eps=vat_eps, vat_power_iterations=vat_power_iterations, clamp=clamp,
+                           attack_eval_mode=attack_eval_mode)
+        self.loss, self.seed, self.ignore_index = loss, seed, ignore_index
 
     @property
     def predictor(self) -> nn.Module:
-        return self.ensemble
+        return EnsembleSegmenter(list(self.models))
 
     def weights(self, step: int) -> tuple[float, float]:
-        t = step // max(1, self.cfg.rampup_every)
-        return (cotrain_ramp(t, self.cfg.ramp_epochs, self.cfg.lambda_cot, self.cfg.ramp_mult),
-                cotrain_ramp(t, self.cfg.ramp_epochs, self.cfg.lambda_dif, self.cfg.ramp_mult))
+        """(λ_cot, λ_dif) at iteration `step`."""
+        t = step // max(1, self.rampup_every)
+        return (cotrain_ramp(t, self.ramp_epochs, self.lambda_cot, self.ramp_mult),
+                cotrain_ramp(t, self.ramp_epochs, self.lambda_dif, self.ramp_mult))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        cfg = self.cfg
+    def terms(self, batch: dict, step: int) -> dict[str, torch.Tensor | float]:
         lab, unl = split_batch(batch)
-        w_cot, w_dif = self.weights(self.global_step)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.global_step)
-        out = cotraining_loss(
-            list(self.models), lab["image"], lab["mask"], lab["stream"], unl["image"],
-            w_cot=w_cot, w_dif=w_dif, adversarial=cfg.adversarial, pairs=cfg.adv_pairs,
-            adv_source=cfg.adv_source, fgsm_eps=cfg.fgsm_eps, vat_xi=cfg.vat_xi, vat_eps=cfg.vat_eps,
-            vat_power_iterations=cfg.vat_power_iterations, clamp=cfg.adv_clamp,
-            attack_eval_mode=cfg.attack_eval_mode, loss_kind=cfg.loss, ignore_index=self.labels.ignore_index,
-            generator=gen,
-        )
-        self.log_terms({**out, "w_cot": w_cot, "w_dif": w_dif}, batch["image"].shape[0])
-        return out["loss"]
+        w_cot, w_dif = self.weights(step)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        out = cotraining_loss(list(self.models), lab["image"], lab["mask"], lab["stream"], unl["image"],
+                              w_cot=w_cot, w_dif=w_dif, **self.attack, loss_kind=self.loss,
+                              ignore_index=self.ignore_index, generator=gen)
+        return {**out, "w_cot": w_cot, "w_dif": w_dif}
 
-    def export(self, run) -> None:
-        save_ensemble(list(self.models), self.model_spec, self.labels, run / "models")
+    def export(self, folder: Path, spec: dict, labels: LabelSpec) -> None:
+        save_ensemble(list(self.models), spec, labels, Path(folder) / "models")
 
-    @classmethod
-    def load_predictor(cls, run) -> nn.Module:
-        return load_ensemble(run / "models")[0]
+    @staticmethod
+    def load_predictor(folder: Path) -> nn.Module:
+        return load_ensemble(Path(folder) / "models")[0]
 
     def checkpoint_extra(self) -> dict:
         return {"n_models": len(self.models)}
 
 
-# ---- export and the stage ------------------------------------------------------------------------------
+# ---- export ----------------------------------------------------------------------------------------------
 ENSEMBLE_FILE = "ensemble.json"
 
 
 def save_ensemble(models: Sequence[nn.Module], spec: dict, labels: LabelSpec, out_dir: Path) -> Path:
     """Each member as a standard export (members/<k>/) plus ensemble.json (combine = mean softmax)."""
-    import json
-
-    from frugalseg.data.io import write_text
-    from frugalseg.export import save_export
-
     out_dir = Path(out_dir)
     for k, m in enumerate(models):
         save_export(m, spec, labels, out_dir / "members" / str(k))
@@ -409,50 +345,10 @@ def save_ensemble(models: Sequence[nn.Module], spec: dict, labels: LabelSpec, ou
 
 
 def load_ensemble(path: str | Path) -> tuple[EnsembleSegmenter, dict, LabelSpec]:
-    """The ensemble written by `train_cotrain` (folder holding ensemble.json), eval mode, CPU."""
-    import json
-
-    from frugalseg.errors import DataError
-    from frugalseg.export import load_export
-
+    """The ensemble written by co-training (a folder holding ensemble.json), eval mode, CPU."""
     path = Path(path)
     if not (path / ENSEMBLE_FILE).exists():
         raise DataError(f"{path}: no {ENSEMBLE_FILE}; expected the models/ folder of a co-training run.")
     meta = json.loads((path / ENSEMBLE_FILE).read_text())
     members = [load_export(path / rel)[0] for rel in meta["members"]]
     return EnsembleSegmenter(members).eval(), meta["model"], LabelSpec.from_dict(meta["labels"])
-
-
-def train_cotrain(cfg: CoTrainConfig) -> dict:
-    """Co-train K networks in `cfg.out`, export the ensemble, evaluate it on the validation cases.
-
-    Returns {"run", "views", "train_seconds", "val": metrics, ...} (`semi.stage.train_semi`); the metrics
-    are `semi.stage.evaluate_semi`'s (per-class Dice, Jaccard, HD95, ASD, in voxels for ACDC's HDF5 files,
-    and the case means `case_mean_dice`, `case_mean_hd95`). views.json lists each model's labelled ids.
-    A finished run is not retrained (resume with `cfg.resume`). With `eval_members`, each member's
-    metrics are added under "members".
-    """
-    from frugalseg.runs import read_json, write_json
-    from frugalseg.semi.stage import evaluate_semi
-
-    result = train_semi(cfg, CoTrainModule)
-    run = Path(result["run"])
-    budget = read_json(run / "budget.json")
-    write_json(run / "views.json", {"labelled": budget["labelled"], "views": budget["streams"],
-                                    "unlabelled": len(budget["unlabelled"])})
-    result["views"] = result["streams"]
-    val = result.get("val")
-    if val is not None and cfg.eval_members:
-        from frugalseg.runs import RunDir
-        from frugalseg.semi.batches import open_semi_data
-
-        data = open_semi_data(cfg)
-        rcfg = data.cfg
-        val["members"] = [
-            {k: v for k, v in evaluate_semi(m, data.val, data.train.labels, dims=rcfg.dims, patch_size=rcfg.patch_size,
-                                            overlap=rcfg.val_overlap, largest_component=rcfg.largest_component,
-                                            progress=cfg.progress).items() if k != "per_case"}
-            for m in CoTrainModule.load_predictor(run).members
-        ]
-        RunDir(run).write_metrics(rcfg.val_split, val)
-    return result

@@ -10,7 +10,7 @@ code (train_la_dtc.py) computes it:
     L = L_seg(labelled) + β · MSE(sdf_pred, sdf_true)(labelled) + λ(t) · MSE(sigmoid(-k·sdf_pred), p_fg)(all)
 
 with β = 0.3 and λ(t) = 1.0 · exp(-5 (1 - (t // 150) / 40)^2) (`frugalseg.semi.ramps`; 2D runs
-default to SSL4MIS's 0.1 and 200, see `DTCConfig`). Differences from the reference, each deliberate:
+default to SSL4MIS's 0.1 and 200, see `frugalseg.stages.semi.DTCConfig`). Differences from the reference, each deliberate:
 
 - Multi-class: softmax over K classes; one level-set channel and one consistency term per foreground
   class (the maintainer's one-vs-rest answer, DTC#5/#16). Binary is K = 2 (softmax[1] = sigmoid(b-a),
@@ -23,7 +23,7 @@ default to SSL4MIS's 0.1 and 200, see `DTCConfig`). Differences from the referen
   detached: its gradient reaches both heads.
 
 Data, schedule, resume and evaluation are the ones every semi-supervised method shares
-(`frugalseg.semi.batches`, `frugalseg.semi.stage`): batches hold `labelled_batch_size` labelled then
+(`frugalseg.semi.batches`, `frugalseg.stages.semi`, `frugalseg.evaluation`): batches hold `labelled_batch_size` labelled then
 `unlabelled_batch_size` unlabelled samples (the reference's TwoStreamBatchSampler), with `labelled`
 (B,) bool — **the flag is authoritative**; when a caller passes no flag to `dtc_loss`, a sample counts
 as labelled if any of its pixels is not 255 — and `sdf` (B, K-1, *patch), the ground-truth maps of the
@@ -35,34 +35,23 @@ window. The labelled set is the first N patients of the list (the SSL4MIS/DTC pr
 a seeded random fraction of the patients. The model evaluated is the last one, as the DTC maintainer
 does (DTC#14); no model is picked on the validation split.
 
-Read top to bottom: loss, configuration, the step module, `train_dtc(cfg)`.
+Read top to bottom: the transform, the loss, the step module (`DTCStep`: a `LevelSetNet` trained
+with `dtc_loss`).
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
-from frugalseg.errors import ConfigError, DataError
-from frugalseg.losses import segmentation_loss, soft_dice_loss
-from frugalseg.semi.batches import SemiConfig
-from frugalseg.semi.ramps import (DTC_CONSISTENCY, DTC_RAMPUP, RAMPUP_EVERY, SSL4MIS_CONSISTENCY, SSL4MIS_RAMPUP,
-                                  consistency_weight)
+from frugalseg.data.labels import IGNORE_INDEX
+from frugalseg.semi.ramps import DTC_CONSISTENCY, DTC_RAMPUP, RAMPUP_EVERY, consistency_weight
 from frugalseg.semi.sdf import sdf_targets
-from frugalseg.semi.stage import SemiModule, evaluate_semi, keep_largest_component, predict_case, train_semi
+from frugalseg.semi.step import SemiStep, supervised_loss
 
-log = logging.getLogger(__name__)
-
-__all__ = [
-    "DTCConfig", "DTCModule", "K_TRANSFORM", "SDF_WEIGHT", "dtc_loss", "evaluate_dtc", "keep_largest_component",
-    "load_dtc_model", "predict_case", "sdf_to_mask", "train_dtc",
-]
+__all__ = ["DTCStep", "K_TRANSFORM", "SDF_WEIGHT", "dtc_loss", "infer_labelled", "sdf_to_mask"]
 
 K_TRANSFORM = 1500.0  # k of the transform sigmoid(-k·sdf), same in training and testing (train_la_dtc.py)
 SDF_WEIGHT = 0.3  # β, `--beta`
@@ -124,10 +113,8 @@ def dtc_loss(
         lab_logits, lab_labels = seg_logits[labelled], labels[labelled].long()
         if not (lab_labels != ignore_index).any():
             loss_seg = zero
-        elif seg_loss == "dice":
-            loss_seg = soft_dice_loss(lab_logits, lab_labels, ignore_index)
         else:
-            loss_seg = segmentation_loss(lab_logits, lab_labels, seg_loss, ignore_index)
+            loss_seg = supervised_loss(lab_logits, lab_labels, seg_loss, ignore_index)
         if sdf_target is None:
             target = sdf_targets(lab_labels, kc, ignore_index)
         else:
@@ -152,99 +139,26 @@ def dtc_loss(
     }
 
 
-# ---- configuration ---------------------------------------------------------------------------------
-@dataclass
-class DTCConfig(SemiConfig):
-    """DTC training: the shared semi-supervised fields (`SemiConfig`; `None` resolved from the data's
-    dimension) plus the loss's. Consistency weight and ramp-up: 1.0 over 40 / 0.1 over 200 ramp units of
-    `rampup_every` (150) iterations for 3D / 2D data (DTC's LA and SSL4MIS's ACDC constants; both ramps
-    span the whole protocol run)."""
-
-    SEMI: ClassVar[str] = "dtc"
-    semi: str = "dtc"
-    out: str = "runs/dtc"
-    k: float = K_TRANSFORM
-    beta: float = SDF_WEIGHT
-    consistency: float | None = None
-    consistency_rampup: float | None = None
-
-    @classmethod
-    def protocol(cls, dims: int) -> dict:
-        three = dims == 3
-        return {**super().protocol(dims),
-                "consistency": DTC_CONSISTENCY if three else SSL4MIS_CONSISTENCY,
-                "consistency_rampup": DTC_RAMPUP if three else SSL4MIS_RAMPUP}
-
-
 # ---- the step module -------------------------------------------------------------------------------------
-class DTCModule(SemiModule):
-    """Trains a `LevelSetNet` with `dtc_loss` on the shared batches (with SDF targets)."""
+class DTCStep(SemiStep):
+    """Trains a `LevelSetNet` (segmentation + level-set heads) with `dtc_loss` on the shared batches, which
+    carry the ground-truth signed distance maps (`needs_sdf`). Class 0 must be the background."""
 
     kind: ClassVar[str] = "dtc"
     needs_sdf: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module, labels: LabelSpec, cfg: DTCConfig, model_spec: dict):
-        if cfg.consistency is None or cfg.patch_size is None:  # a config used outside train_dtc
-            cfg = cfg.resolved(getattr(model, "spatial_dims", cfg.dims or 2))
-        self.check(cfg, labels)
-        super().__init__(labels, cfg, model_spec)
+    def __init__(self, model: nn.Module, *, k: float = K_TRANSFORM, beta: float = SDF_WEIGHT,
+                 consistency: float = DTC_CONSISTENCY, rampup: float = DTC_RAMPUP, rampup_every: int = RAMPUP_EVERY,
+                 seg_loss: str = "dice_ce", ignore_index: int = IGNORE_INDEX):
+        super().__init__()
         self.model = model
+        self.k, self.beta, self.seg_loss, self.ignore_index = k, beta, seg_loss, ignore_index
+        self.consistency, self.rampup, self.rampup_every = consistency, rampup, rampup_every
 
-    @classmethod
-    def levelset(cls, cfg) -> bool:
-        return True
-
-    @classmethod
-    def check(cls, cfg, labels: LabelSpec) -> None:
-        if labels.background != 0:
-            raise ConfigError("DTC needs class 0 to be the background (level sets are per foreground class).")
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        cfg = self.cfg
+    def terms(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         seg, sdf = self.model(batch["image"])
-        terms = dtc_loss(
-            seg, sdf, batch["mask"], batch.get("labelled"), self.global_step, sdf_target=batch.get("sdf"),
-            k=cfg.k, beta=cfg.beta, consistency=cfg.consistency, rampup=cfg.consistency_rampup,
-            rampup_every=cfg.rampup_every, seg_loss=cfg.loss, ignore_index=self.labels.ignore_index,
+        return dtc_loss(
+            seg, sdf, batch["mask"], batch.get("labelled"), step, sdf_target=batch.get("sdf"), k=self.k,
+            beta=self.beta, consistency=self.consistency, rampup=self.rampup, rampup_every=self.rampup_every,
+            seg_loss=self.seg_loss, ignore_index=self.ignore_index,
         )
-        self.log_terms(terms, batch["image"].shape[0])
-        return terms["loss"]
-
-
-def train_dtc(cfg: DTCConfig) -> dict:
-    """Train DTC in `cfg.out` (resumable), export the model, evaluate it on the validation split.
-
-    Writes config.yaml (resolved), budget.json, checkpoints/last.ckpt (each epoch), logs/metrics.csv,
-    model/ (safetensors + config.json; load with `load_dtc_model` or `export.load_export`) and
-    metrics/<split>.json. A finished run is not retrained unless `resume`. Returns {"run",
-    "train_seconds", "losses", "val"?, ...} (`semi.stage.train_semi`).
-    """
-    return train_semi(cfg, DTCModule)
-
-
-evaluate_dtc = evaluate_semi  # the evaluation every semi-supervised method shares
-
-
-def load_dtc_model(path: str | Path) -> tuple[torch.nn.Module, dict, LabelSpec]:
-    """(model in eval mode on the CPU, spec, label spec) from a DTC export folder or checkpoint."""
-    import json
-
-    from frugalseg.models.levelset import build_levelset
-
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").exists():
-        from safetensors.torch import load_file
-
-        meta = json.loads((path / "config.json").read_text())
-        model = build_levelset(meta["model"])
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        return model.eval(), meta["model"], LabelSpec.from_dict(meta["labels"])
-    if path.is_file() and path.suffix == ".ckpt":
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        meta = ckpt.get("frugalseg") or {}
-        if meta.get("kind") != "dtc":
-            raise DataError(f"{path}: not a frugalseg DTC checkpoint.")
-        model = build_levelset(meta["model"])
-        model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
-        return model.eval(), meta["model"], LabelSpec.from_dict(meta["labels"])
-    raise DataError(f"{path}: expected a DTC export folder (config.json + model.safetensors) or a .ckpt file.")

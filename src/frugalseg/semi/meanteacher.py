@@ -22,7 +22,8 @@ as in SSL4MIS `train_mean_teacher_2D.py`:
   12 labelled + 12 unlabelled slices per batch, 256×256 (the shared 2D protocol of `SemiConfig`; 3D
   data get the UA-MT/DTC LA protocol and UA-MT's consistency 0.1 over 40 ramp units).
 Data, schedule, resume and evaluation are the ones every semi-supervised method shares
-(`frugalseg.semi.batches`, `frugalseg.semi.stage`); this module is only the step.
+(`frugalseg.semi.batches`, `frugalseg.stages.semi`, `frugalseg.evaluation`); this module is only the
+loss and the step (`MeanTeacherStep`), its configuration `MeanTeacherConfig` is in `frugalseg.stages.semi`.
 The student is evaluated (SSL4MIS tests `model`, not `ema_model`); `evaluate="teacher"` picks the teacher.
 Both are exported: `model/` (the evaluated one) and `teacher/` or `student/` (the other).
 """
@@ -30,29 +31,22 @@ Both are exported: `model/` (the evaluated one) and `teacher/` or `student/` (th
 from __future__ import annotations
 
 import copy
-import logging
-from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
-from frugalseg.errors import ConfigError
-from frugalseg.semi.batches import SemiConfig, split_batch
-from frugalseg.semi.ramps import SSL4MIS_CONSISTENCY, SSL4MIS_RAMPUP, consistency_weight
-from frugalseg.semi.stage import SemiModule, supervised_loss, train_semi
+from frugalseg.export import save_export
+from frugalseg.models import first_output
+from frugalseg.semi.batches import split_batch
+from frugalseg.semi.ramps import RAMPUP_EVERY, SSL4MIS_CONSISTENCY, SSL4MIS_RAMPUP, consistency_weight
+from frugalseg.semi.step import SemiStep, supervised_loss
 
-log = logging.getLogger(__name__)
-
-__all__ = ["MeanTeacherConfig", "MeanTeacherModule", "ema_decay_at", "ema_update", "input_noise",
-           "mean_teacher_loss", "train_meanteacher"]
+__all__ = ["MeanTeacherStep", "UAMT_RAMPUP", "ema_decay_at", "ema_update", "input_noise", "mean_teacher_loss"]
 
 UAMT_RAMPUP = 40.0  # UA-MT (LA, 3D): consistency 0.1 ramped over 40 units of 150 iterations
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def ema_decay_at(step: int, decay: float = 0.99) -> float:
@@ -101,100 +95,63 @@ def mean_teacher_loss(
     """
     n_lab = x_lab.shape[0]
     x_student = torch.cat([x_lab, x_unl + input_noise(x_unl, student_noise, noise_clip, generator)])
-    logits = _first(student(x_student))
+    logits = first_output(student(x_student))
     sup = supervised_loss(logits[:n_lab], y_lab, loss_kind, ignore_index)
     with torch.no_grad():
-        t_logits = _first(teacher(x_unl + input_noise(x_unl, teacher_noise, noise_clip, generator)))
+        t_logits = first_output(teacher(x_unl + input_noise(x_unl, teacher_noise, noise_clip, generator)))
     s_prob = logits[n_lab:].float().softmax(1)
     consistency = ((s_prob - t_logits.float().softmax(1)) ** 2).mean()
     return {"loss": sup + weight * consistency, "sup": sup.detach(), "consistency": consistency.detach()}
 
 
-@dataclass
-class MeanTeacherConfig(SemiConfig):
-    """Mean teacher (defaults: SSL4MIS train_mean_teacher_2D.py on ACDC; UA-MT's constants on volumes)."""
+class MeanTeacherStep(SemiStep):
+    """Student (`model`, optimised) and EMA teacher (`teacher`, a copy, no gradient) on the shared batches.
 
-    SEMI: ClassVar[str] = "meanteacher"
-    semi: str = "meanteacher"
-    out: str = "runs/meanteacher"
-    ema_decay: float = 0.99
-    consistency: float | None = None  # 0.1
-    consistency_rampup: float | None = None  # 200 (2D) / 40 (3D) units of rampup_every (150) iterations
-    teacher_noise: float = 0.1
-    noise_clip: float = 0.2
-    student_noise: float = 0.0
-    evaluate: str = "student"  # student (SSL4MIS) | teacher
-
-    @classmethod
-    def protocol(cls, dims: int) -> dict:
-        return {**super().protocol(dims), "consistency": SSL4MIS_CONSISTENCY,
-                "consistency_rampup": UAMT_RAMPUP if dims == 3 else SSL4MIS_RAMPUP}
-
-    def validate(self) -> "MeanTeacherConfig":
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
-        if self.evaluate not in ("student", "teacher"):
-            raise ConfigError(f"evaluate must be student or teacher, got '{self.evaluate}'.")
-        super().validate()
-        return self
-
-
-class MeanTeacherModule(SemiModule):
-    """Student (`model`, optimised) and EMA teacher (`teacher`, no gradient) on the shared batches."""
+    `evaluate` names the network validated, evaluated and exported as `model/` ("student" as SSL4MIS, or
+    "teacher"); the other one is exported beside it (`teacher/` or `student/`). Checkpoints hold the
+    student as `model.*` either way, so `export.load_export(last.ckpt)` loads the student."""
 
     kind: ClassVar[str] = "meanteacher"
 
-    def __init__(self, model: nn.Module, labels: LabelSpec, cfg: MeanTeacherConfig, model_spec: dict):
-        super().__init__(labels, cfg, model_spec)
+    def __init__(self, model: nn.Module, *, ema_decay: float = 0.99, consistency: float = SSL4MIS_CONSISTENCY,
+                 rampup: float = SSL4MIS_RAMPUP, rampup_every: int = RAMPUP_EVERY, teacher_noise: float = 0.1,
+                 noise_clip: float = 0.2, student_noise: float = 0.0, loss: str = "dice_ce",
+                 evaluate: str = "student", seed: int = 0, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
         self.model = model
         self.teacher = copy.deepcopy(model)
         self.teacher.requires_grad_(False)
-
-    @property
-    def evaluated(self) -> nn.Module:
-        return self.teacher if self.cfg.evaluate == "teacher" else self.model
+        self.ema_decay, self.evaluate = ema_decay, evaluate
+        self.consistency, self.rampup, self.rampup_every = consistency, rampup, rampup_every
+        self.teacher_noise, self.noise_clip, self.student_noise = teacher_noise, noise_clip, student_noise
+        self.loss, self.seed, self.ignore_index = loss, seed, ignore_index
 
     @property
     def predictor(self) -> nn.Module:
-        return self.evaluated
+        return self.teacher if self.evaluate == "teacher" else self.model
 
     def consistency_weight(self, step: int) -> float:
-        return consistency_weight(step, self.cfg.consistency, self.cfg.consistency_rampup, self.cfg.rampup_every)
+        return consistency_weight(step, self.consistency, self.rampup, self.rampup_every)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def terms(self, batch: dict, step: int) -> dict[str, torch.Tensor | float]:
         lab, unl = split_batch(batch)
-        w = self.consistency_weight(self.global_step)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.global_step)
+        w = self.consistency_weight(step)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # the noise of step `step`, on resume too
         out = mean_teacher_loss(
             self.model, self.teacher, lab["image"], lab["mask"], unl["image"], weight=w,
-            teacher_noise=self.cfg.teacher_noise, noise_clip=self.cfg.noise_clip, student_noise=self.cfg.student_noise,
-            loss_kind=self.cfg.loss, ignore_index=self.labels.ignore_index, generator=gen,
+            teacher_noise=self.teacher_noise, noise_clip=self.noise_clip, student_noise=self.student_noise,
+            loss_kind=self.loss, ignore_index=self.ignore_index, generator=gen,
         )
-        self.log_terms({**out, "w_consistency": w}, batch["image"].shape[0])
-        return out["loss"]
+        return {**out, "w_consistency": w}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # global_step already counts the step just taken: the update after step s (0-based) uses s.
-        ema_update(self.teacher, self.model, ema_decay_at(self.global_step - 1, self.cfg.ema_decay))
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher, self.model, ema_decay_at(step, self.ema_decay))
 
-    def trainable_parameters(self):
+    def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
 
-    def export(self, run) -> None:
+    def export(self, folder: Path, spec: dict, labels: LabelSpec) -> None:
         # `model/` is the evaluated network; the other one is kept beside it (`teacher/` or `student/`).
-        # Checkpoint `model.*` keys are the student: `export.load_export(last.ckpt)` loads it like any checkpoint.
-        from frugalseg.export import save_export
-
-        other, net = ("student", self.model) if self.cfg.evaluate == "teacher" else ("teacher", self.teacher)
-        save_export(self.evaluated, self.model_spec, self.labels, run / "model")
-        save_export(net, self.model_spec, self.labels, run / other)
-
-
-def train_meanteacher(cfg: MeanTeacherConfig) -> dict:
-    """Train a mean teacher in `cfg.out`, export, evaluate on the validation cases (`semi.stage.train_semi`).
-
-    Returns {"run", "train_seconds", "val": metrics, ...} with the metrics of `semi.stage.evaluate_semi`
-    (Dice, Jaccard, HD95, ASD per class; `case_mean_dice`, `case_mean_hd95`). A finished run is not
-    retrained (resume with `cfg.resume`).
-    """
-    return train_semi(cfg, MeanTeacherModule)
+        other, net = ("student", self.model) if self.evaluate == "teacher" else ("teacher", self.teacher)
+        save_export(self.predictor, spec, labels, Path(folder) / "model")
+        save_export(net, spec, labels, Path(folder) / other)

@@ -45,6 +45,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
+from skimage.segmentation import find_boundaries
 
 from frugalseg.data.labels import IGNORE_INDEX
 
@@ -53,8 +54,6 @@ __all__ = ["compute_sdf", "sdf_targets", "signed_distance_map"]
 
 def signed_distance_map(mask: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
     """Normalised SDF (float32, same shape) of one 2D or 3D binary mask; zeros if empty or full."""
-    from skimage.segmentation import find_boundaries
-
     posmask = np.asarray(mask).astype(bool)
     if not posmask.any() or posmask.all():
         return np.zeros(posmask.shape, dtype=np.float32)

@@ -35,13 +35,15 @@ one class of one image at a time with an extra backward for Grad-CAM and weight 
 from __future__ import annotations
 
 import contextlib
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from frugalseg.weak.cam import DEFAULT_SCALES, ClassMaps, check_batch, finish_maps, merge_flips, scaled, with_flips
+from frugalseg.weak.cam import DEFAULT_SCALES, ClassMaps, check_batch, finish_maps, scaled, with_flips
 
 
 @dataclass
@@ -253,11 +255,7 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     its activation. Pairs are found by definition order of siblings (conv, then its BN), which is how timm
     and torchvision CNNs are written; a BN without a conv right before it is left as it is.
     """
-    import copy
-
-    from torch import nn
-
-    fused = copy.deepcopy(model).eval()
+    fused = deepcopy(model).eval()
     for parent in fused.modules():
         names = list(parent._modules)
         for prev, name in zip(names, names[1:]):
@@ -329,9 +327,7 @@ class DepthwiseInputGrad(torch.nn.Module):
 def with_depthwise_input_grad(model: torch.nn.Module, copy: bool = True) -> torch.nn.Module:
     """`model` (a copy unless copy=False) with its dilated depthwise convolutions wrapped in
     `DepthwiseInputGrad`; parameters are shared with the wrapped convolutions."""
-    import copy as copy_module
-
-    out = copy_module.deepcopy(model) if copy else model
+    out = deepcopy(model) if copy else model
     for parent in list(out.modules()):
         for name, child in list(parent._modules.items()):
             if child is not None and DepthwiseInputGrad.applies_to(child):

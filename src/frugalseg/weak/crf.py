@@ -32,7 +32,7 @@ An image *with* a background class but no tags is all background: its tags say t
 that is also what IRN's rule gives (a CRF over the background label alone). With tags derived from masks
 this only happens for images that hold no object class.
 
-Pseudo-masks are palette PNGs (255 = ignore) named `<safe_name(id)>.png`, written to a temporary name and
+Pseudo-masks are palette PNGs (255 = ignore) named `<safe id>.png` (`data.io.sample_file`), written to a temporary name and
 renamed, so a killed run leaves no half file and a rerun skips finished images. The CRF runs on the CPU, one
 process per image (`ProcessPoolExecutor`); processes are started with "spawn" because forking a parent that
 has used CUDA or OpenMP threads (the CAM stage, in the same Python session) can deadlock or crash.
@@ -53,17 +53,18 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from frugalseg.data.io import read_label_png, write_label_png
+from tqdm.auto import tqdm
+
+from frugalseg.data import open_dataset
+from frugalseg.data.io import read_label_png, sample_file, write_json, write_label_png
 from frugalseg.data.labels import IGNORE_INDEX
 from frugalseg.data.samples import Sample, SegDataset
 from frugalseg.errors import DataError, FrugalsegError, require
-from frugalseg.weak.maps_io import load_maps, maps_path, safe_name
+from frugalseg.weak.maps_io import load_maps, maps_path
 
 log = logging.getLogger(__name__)
 
-# IRN's cam_to_ir_label thresholds, and AdvCAM's change of them (the defaults here; reference notes 1.3).
-IRN_FG_THRESHOLD = 0.30
-IRN_BG_THRESHOLD = 0.05
+# AdvCAM's cam_to_ir_label thresholds (IRN used 0.30 / 0.05), the defaults here; reference notes 1.3.
 ADVCAM_FG_THRESHOLD = 0.35
 ADVCAM_BG_THRESHOLD = 0.15
 # Without a background class: CRF marginal below this -> ignore. Not from a paper (the reference pipelines
@@ -323,7 +324,7 @@ def _refine_one(dataset: SegDataset, sample: Sample, maps_dir: Path, out_dir: Pa
         mask = confident_pseudo_mask(image, maps.high_res, maps.keys, dataset.labels.background, **options)
     except ValueError as exc:
         raise DataError(f"{where} ({maps.path}): {exc}") from None
-    write_label_png(out_dir / f"{safe_name(sample.id)}.png", mask, dataset.labels.palette_bytes())
+    write_label_png(sample_file(out_dir, sample.id, ".png"), mask, dataset.labels.palette_bytes())
     return sample.id
 
 
@@ -345,8 +346,6 @@ def _refine_in_worker(sample: Sample) -> str:
 def _open(dataset: SegDataset | str | Path, split: str | None) -> SegDataset:
     if isinstance(dataset, SegDataset):
         return dataset
-    from frugalseg.data import open_dataset
-
     return open_dataset(dataset, split or "train")
 
 
@@ -371,17 +370,13 @@ def refine_dataset(
     """Write a CRF pseudo-mask PNG for every sample of `dataset` that has a maps file in `maps_dir`.
 
     `dataset` is a `SegDataset`, or a folder / task name opened at `split` (default "train"). Each mask
-    goes to `out_dir/<safe_name(id)>.png` (palette, 255 = ignore), written atomically; an existing PNG is
+    goes to `out_dir/<safe id>.png` (palette, 255 = ignore), written atomically; an existing PNG is
     skipped, so a killed run resumes. `workers` processes run the CRF (None: `default_workers()`; 0 or 1:
     in this process). The CRF sees the sample's RGB image, which must be the maps' high_res size.
 
     Returns {"written", "skipped" (PNG already there), "no_maps" (samples without a maps file),
     "seconds", "workers", "settings", ...}; the same is saved as `out_dir/pseudo_masks.json`.
     """
-    from tqdm.auto import tqdm
-
-    from frugalseg.runs import write_json
-
     maps_dir, out_dir = Path(maps_dir), Path(out_dir)
     ds = _open(dataset, split)
     if ds.ndim != 2:
@@ -401,7 +396,7 @@ def refine_dataset(
 
     with_maps = [s for s in ds.samples if maps_path(maps_dir, s.id).exists()]
     no_maps = [s.id for s in ds.samples if not maps_path(maps_dir, s.id).exists()]
-    todo = [s for s in with_maps if not (out_dir / f"{safe_name(s.id)}.png").exists()]
+    todo = [s for s in with_maps if not sample_file(out_dir, s.id, ".png").exists()]
     skipped = len(with_maps) - len(todo)
     if not with_maps:
         raise DataError(f"{maps_dir}: no maps file for any of the {len(ds)} samples of {ds.name}; "
@@ -483,10 +478,10 @@ def evaluate_pseudo_masks(
     PNG are skipped and counted, never scored as empty. With `save`, the result is also written to
     `out_dir/eval_<split>.json`.
     """
+    # torch and the metrics load here, not at import: the CRF's spawned workers import this module
     import torch
 
     from frugalseg.metrics import confusion_matrix, iou_per_class, nanmean, summarise
-    from frugalseg.runs import write_json
 
     out_dir = Path(out_dir)
     ds = _open(dataset, split)
@@ -499,7 +494,7 @@ def evaluate_pseudo_masks(
     for s in ds.samples:
         if s.mask is None:
             continue
-        png = out_dir / f"{safe_name(s.id)}.png"
+        png = sample_file(out_dir, s.id, ".png")
         if not png.exists():
             missing.append(s.id)
             continue

@@ -19,9 +19,7 @@ leaves a half-written map that a resumed run would mistake for a finished one.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from frugalseg.data.io import atomic_path
+from frugalseg.data.io import atomic_path, sample_file
 from frugalseg.errors import DataError
 
 FORMAT_VERSION = 1
@@ -70,23 +68,9 @@ class CamMaps:
         return self.high_res[int(where[0])]
 
 
-def safe_name(sample_id: str) -> str:
-    """A file name for a sample id: the id itself when it is already a plain name, else a cleaned id + hash.
-
-    Plain ids (letters, digits, `.`, `_`, `-`, not starting with a dot), which is what VOC and most folder
-    datasets use, stay readable (`2007_000032`); ids with slashes, spaces or other characters are cleaned
-    and given a short hash of the original so two different ids never share a file.
-    """
-    sample_id = str(sample_id)
-    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,119}", sample_id):
-        return sample_id
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id).strip("._")[:60] or "sample"
-    return f"{stem}-{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}"
-
-
 def maps_path(run_dir: Path | str, sample_id: str) -> Path:
     """Where the maps of `sample_id` live in a run directory: `run_dir/maps/<safe id>.npz`."""
-    return Path(run_dir) / "maps" / f"{safe_name(sample_id)}.npz"
+    return sample_file(Path(run_dir) / "maps", sample_id, ".npz")
 
 
 def _as_unit_maps(name: str, maps: Any, n: int) -> np.ndarray:

@@ -18,8 +18,10 @@ round (and that read well in a notebook):
    choosing only among that image's tags and background.
 5. Saliency-guided refinement (first round only in the paper): `frugalseg.weak.saliency.bayes_merge`.
 
-`mine_round` ties these together. The top-down half (a segmentation network trained on the mined regions,
-whose predictions restricted to the tags seed the next round) lives with the segmentation models.
+`mine_round` ties these together. The top-down half is a segmentation network trained on the mined regions
+(the `round` stage of `frugalseg.stages.pipeline`); here are the two rules that turn its output into the next
+round's seeds: `restrict_to_tags` (its predictions, restricted to each image's tags) and `agreement` (only
+where those agree with the round's mined regions).
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from skimage.segmentation import felzenszwalb, slic
 from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX
+from frugalseg.errors import DataError
+from frugalseg.models.backbones import Backbone, create_backbone
+from frugalseg.weak.saliency import _lab, _quantise, bayes_merge, manifold_ranking_saliency
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +77,6 @@ def superpixels(
     320x213). On MSRC-21 images (about 320x213) the defaults give roughly 90-320 regions, depending on how
     textured the image is. "slic": `n_segments` (a target, SLIC returns roughly that many) and `compactness`.
     """
-    from skimage.segmentation import felzenszwalb, slic
-
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be RGB (H, W, 3), got shape {image.shape}.")
@@ -124,8 +128,6 @@ def backbone_features(
     same size are batched together (`batch_size`); none is padded, so a map never sees padding. `device`:
     None = CUDA when available.
     """
-    from frugalseg.models.backbones import Backbone, create_backbone
-
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, pretrained=pretrained, output_stride=output_stride,
                                    out_indices=tuple(int(s) for s in stages))
@@ -207,8 +209,6 @@ def pooling_matrix(sp: np.ndarray, feature_size: tuple[int, int], mode: str = "b
 def colour_features(image: np.ndarray, sp: np.ndarray, bins: int = 8) -> np.ndarray:
     """Per region (R, 3 + 3*bins) float32: mean Lab (L/100, a/100, b/100), then one `bins`-bin histogram per
     Lab channel (L over 0..100, a and b over -100..100, each summing to 1)."""
-    from frugalseg.weak.saliency import _lab, _quantise
-
     sp = _check_superpixels(sp)
     image = np.asarray(image)
     if image.shape[:2] != sp.shape or image.ndim != 3:
@@ -572,8 +572,6 @@ def mine_round(
             seed_k = np.asarray(seeds[k])
             label_map = np.where(seed_k != ignore_index, seed_k, label_map).astype(np.uint8)
         if use_saliency:
-            from frugalseg.weak.saliency import bayes_merge, manifold_ranking_saliency
-
             image = np.asarray(images[k])
             sal = manifold_ranking_saliency(image) if saliency_maps is None else np.asarray(saliency_maps[k])
             merged = bayes_merge(sal, label_map, image, background_index=background_index,
@@ -599,3 +597,31 @@ def mine_round(
     log.info("mining round: %d images, %d labelled regions, classifier accuracy %.3f",
              n, st.regions, st.train_accuracy)
     return outputs, stats
+
+
+# ---- top-down -> next round's seeds ---------------------------------------------------------------
+def restrict_to_tags(probs: torch.Tensor, tags: Iterable[int], background_index: int | None,
+                     min_confidence: float = 0.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Labels (H, W) uint8 from a segmenter's class probabilities (K, H, W), with classes outside the image's
+    `tags` (and background) forbidden: MCOF's "predictions restricted to image labels". Pixels whose
+    probability, renormalised over the allowed classes, is below `min_confidence` become `ignore_index`."""
+    allowed = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
+    allowed[list(tags)] = True
+    if background_index is not None:
+        allowed[background_index] = True
+    probs = probs.masked_fill(~allowed[:, None, None], 0)
+    conf, label = (probs / probs.sum(0, keepdim=True).clamp_min(1e-8)).max(0)
+    label[conf < min_confidence] = ignore_index
+    return label.to(torch.uint8)
+
+
+def agreement(predictions: dict[str, np.ndarray], regions: dict[str, np.ndarray],
+              ignore_index: int = IGNORE_INDEX) -> dict[str, np.ndarray]:
+    """Top-down meets bottom-up: a pixel keeps its label where the segmenter's prediction and the mined region
+    say the same class, and is unknown (255) where they disagree, for the next region classifier to decide."""
+    out = {}
+    for sid, pred in predictions.items():
+        if sid not in regions:
+            raise DataError(f"no mined region mask for {sid} to compare its prediction with.")
+        out[sid] = np.where(pred == regions[sid], pred, ignore_index).astype(np.uint8)
+    return out

@@ -1,6 +1,6 @@
 """Peak Response Maps (Zhou, Zhu, Ye, Qiu, Jiao, CVPR 2018): instance masks from image-level tags.
 
-A classifier trained with peak stimulation (`weak/peaks.py`) makes one local maximum ("peak") of its class
+A classifier trained with peak stimulation (`models/peaks.py`) makes one local maximum ("peak") of its class
 maps per object instance. Backpropagating from one peak to the image with the excitation-backprop rule
 (`peak_backprop`) gives that instance's evidence, its *peak response map* (PRM). A proposal (here:
 superpixels and their hierarchical merges, since MCG is not available) is then chosen per peak by the
@@ -41,10 +41,13 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
+from skimage.segmentation import felzenszwalb, slic
 from torch import nn
 
 from frugalseg.errors import ConfigError, DataError
-from frugalseg.weak.peaks import peak_list, peak_stimulation
+from frugalseg.models.peaks import peak_list, peak_stimulation
+from frugalseg.weak.cam import ClassMaps, check_batch, finish_maps, output_sizes, resize_maps
 
 log = logging.getLogger(__name__)
 
@@ -572,8 +575,6 @@ def superpixel_proposals(
 
     image: (H, W, 3) or (H, W), uint8 or float in [0, 1].
     """
-    from skimage.segmentation import felzenszwalb, slic
-
     if proposal_count < 1:
         raise ConfigError(f"proposal_count must be >= 1, got {proposal_count}.")
     lo, hi = size_limit
@@ -843,6 +844,34 @@ def prm_class_maps(instances: Sequence[Instance], keys: Sequence[int], shape: tu
     return out
 
 
+def prm_maps(
+    model: nn.Module,
+    images: torch.Tensor,
+    tags: Sequence[Sequence[int]],
+    peak_threshold: float = 0.0,
+    proposal_count: int = 100,
+) -> list[ClassMaps]:
+    """PRM class maps of a batch (B, 3, H, W) in [0, 1] for each image's tagged classes, in the layout of
+    `cam_maps`: `prm_class_maps` of each image's instances at image size, resized to the stride-4 size.
+    Images run one at a time (peaks and proposals are per image); an image without tags gets empty maps.
+    """
+    num_classes = getattr(getattr(model, "classifier", None), "out_channels", None)  # a TagClassifier's head
+    if num_classes is not None:
+        check_batch(images, tags, num_classes, "prm_maps")
+    out = []
+    for img, t in zip(images, tags):
+        h, w = img.shape[-2:]
+        keys = torch.as_tensor(list(t), dtype=torch.long)
+        if not t:
+            out.append(finish_maps([], keys, (h, w)))
+            continue
+        inst = prm_instances(model, img, classes=list(t), peak_kwargs={"peak_threshold": peak_threshold},
+                             proposal_kwargs={"proposal_count": proposal_count})
+        high = torch.from_numpy(prm_class_maps(inst, list(t), (h, w)))
+        out.append(ClassMaps(keys=keys, cam=resize_maps(high, output_sizes(h, w)[0]).clamp(0, 1), high_res=high))
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------------
@@ -908,8 +937,6 @@ def instance_ap(
     masks except `background` and `void`); `label_of[k]` maps an instance's class k to its ground-truth id.
     AP is None for a class without ground-truth instances; mAP averages the classes that have some.
     """
-    from scipy import ndimage
-
     if len(pred_instances_per_image) != len(gt_masks):
         raise DataError(f"{len(pred_instances_per_image)} prediction lists but {len(gt_masks)} ground-truth masks.")
     if not 0 < iou <= 1:

@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 from scipy import ndimage, sparse
+from skimage.color import rgb2lab
+from skimage.segmentation import slic
 
 from frugalseg.data.labels import IGNORE_INDEX
 
@@ -50,8 +52,6 @@ def _check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
 
 def _lab(image: np.ndarray) -> np.ndarray:
     """CIE Lab (H, W, 3) float64 of an RGB image (uint8 0..255, or float 0..1)."""
-    from skimage.color import rgb2lab
-
     image = np.asarray(image)
     if image.dtype == np.uint8:
         image = image.astype(np.float64) / 255.0
@@ -95,8 +95,6 @@ def manifold_ranking_saliency(
     image = _check_image(image)
     h, w = image.shape[:2]
     if segments is None:
-        from skimage.segmentation import slic
-
         segments = slic(image, n_segments=n_segments, compactness=compactness, start_label=0)
     segments = np.asarray(segments)
     if segments.shape != (h, w):

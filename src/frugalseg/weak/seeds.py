@@ -21,7 +21,8 @@ to the first key. An image with no tags then has no class to give: its seed is a
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,10 +30,10 @@ import torch
 from frugalseg.data.labels import IGNORE_INDEX
 from frugalseg.errors import DataError
 from frugalseg.metrics import confusion_matrix, summarise
-from frugalseg.weak.maps_io import CamMaps
+from frugalseg.weak.maps_io import CamMaps, load_maps, maps_path
 
+#: IRN's background threshold of CAM seeds: the one place this 0.15 is defined
 IRN_THRESHOLD = 0.15
-ADVCAM_SWEEP = tuple(round(0.15 + 0.01 * i, 2) for i in range(20))  # 0.15..0.34, as in AdvCAM's eval_cam
 
 # Object-size bins: the fraction of an image's valid (non-void) pixels that a class covers in the truth.
 SIZE_BINS = ("small", "medium", "large")
@@ -104,6 +105,21 @@ def _size_bin(fraction: float) -> str:
 
 def _clean(x: float) -> float | None:
     return None if math.isnan(x) else round(float(x), 6)
+
+
+def iter_seed_items(maps_dir: Path | str, ds) -> Iterator[tuple[str, CamMaps | None, np.ndarray]]:
+    """(id, maps, truth mask) for every sample of `ds` (a `SegDataset`) with a mask, for `evaluate_seeds`.
+    A sample without a map file in `maps_dir` yields None maps (counted as skipped, never scored as empty);
+    load errors name the file."""
+    for s in ds.samples:
+        if s.mask is None:
+            continue
+        p = maps_path(maps_dir, s.id)
+        mask = ds.read_mask(s)
+        if not p.exists():
+            yield s.id, None, mask
+            continue
+        yield s.id, load_maps(p, image_size=mask.shape[:2], num_classes=ds.labels.num_classes), mask
 
 
 def evaluate_seeds(

@@ -3,27 +3,44 @@
 The algorithms stay plain modules and functions; this file only adapts them to Lightning's loop so
 users get progress bars, checkpoints, resume, AMP and multi-GPU DDP (`torchrun --nproc_per_node=N`
 or SLURM `srun`: Lightning reads the environment) without code of their own.
+
+- `SegmentationModule`: supervised training of a segmenter (`stages.train`);
+- `SemiModule`: semi-supervised training of any method's step module (`frugalseg.semi.step.SemiStep`:
+  DTC, co-training, mean teacher, the supervised-only baseline; `stages.semi`);
+- `ClassifierModule`: the multi-label tag classifier (`stages.classify`).
+
+The stages import this module only when they train: Lightning takes seconds to import, and the CLI
+reads the stage configs (for `--help`) without it.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+import math
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from frugalseg.config import TrainConfig
+from frugalseg.data.io import atomic_path
 from frugalseg.data.labels import LabelSpec
+from frugalseg.export import CHECKPOINT_FORMAT
+from frugalseg.inference import predict_case, predict_volume_slices
 from frugalseg.losses import segmentation_loss
 from frugalseg.metrics import ConfusionMatrix, summarise
+from frugalseg.models.tag_classifier import tag_loss
+from frugalseg.semi.step import SemiStep
+from frugalseg.stages.options import RunOptions
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = 1
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -71,7 +88,7 @@ def pass_epoch_to_dataset(module: L.LightningModule) -> None:
 class SegmentationModule(L.LightningModule):
     """Supervised training of any model returning logits, or (logits, aux) through `forward_train`."""
 
-    def __init__(self, model: torch.nn.Module, labels: LabelSpec, cfg: TrainConfig, model_spec: dict):
+    def __init__(self, model: torch.nn.Module, labels: LabelSpec, cfg: Any, model_spec: dict):
         super().__init__()
         self.model = model
         self.labels = labels
@@ -96,10 +113,8 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if "volume" in batch:  # a 3D case evaluated slice-wise by a 2D network
-            from frugalseg.inference import predict_volume_slices
-
-            probs = predict_volume_slices(self.model, batch["volume"], size=_resize_size(self.cfg))
+        if "input" in batch:  # a 3D case (`data.torchdata.EvalCases`) evaluated slice-wise by a 2D network
+            probs = predict_volume_slices(self.model, batch["input"], size=_resize_size(self.cfg), device=self.device)
             self.val_cm.update(probs.argmax(1).to(self.device), batch["mask"].to(self.device))
             return
         logits = self.model(batch["image"])
@@ -136,7 +151,7 @@ class SegmentationModule(L.LightningModule):
         }
 
 
-def _resize_size(cfg: TrainConfig) -> int | None:
+def _resize_size(cfg: Any) -> int | None:
     return cfg.crop_size if cfg.policy == "resize" else None
 
 
@@ -152,8 +167,6 @@ def _log_version(run_path: Path, resuming: bool) -> str:
 
 def merge_resumed_logs(run_path: Path) -> None:
     """Fold logs/resume_*/metrics.csv into logs/metrics.csv (union of columns) so curves span the whole run."""
-    import csv
-
     logs = Path(run_path) / "logs"
     parts = sorted(logs.glob("resume_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
     main = logs / "metrics.csv"
@@ -165,14 +178,10 @@ def merge_resumed_logs(run_path: Path) -> None:
             reader = csv.DictReader(f)
             columns += [c for c in reader.fieldnames or [] if c not in columns]
             rows += list(reader)
-    from frugalseg.data.io import atomic_path
-
     with atomic_path(main) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    import shutil
-
     for path in parts:
         shutil.rmtree(path.parent)  # its metrics.csv is merged; hparams.yaml repeats the first fit's
 
@@ -192,27 +201,149 @@ class LastCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path, weights_only=False)  # optimizer and loops too: resumable
 
 
-def make_trainer(cfg: TrainConfig, run_path: Path, *, max_epochs: int, val: bool = True, resuming: bool = False) -> L.Trainer:
+def make_trainer(options: RunOptions, run_path: Path, *, max_epochs: int, max_steps: int = -1, val_every: int = 1,
+                 val: bool = True, resuming: bool = False) -> L.Trainer:
+    """The one Lightning trainer of every training stage: devices, strategy, precision and progress from the
+    run options; checkpoints/last.ckpt at every epoch end (atomic); CSV logs in logs/ (resumes fold in)."""
     checkpoint = LastCheckpoint(Path(run_path) / "checkpoints" / "last.ckpt")
     return L.Trainer(
         max_epochs=max_epochs,
-        max_steps=cfg.max_steps,
+        max_steps=max_steps,
         accelerator="auto",
-        devices=cfg.devices,
-        strategy=cfg.strategy,
-        precision=resolve_precision(cfg.precision),
+        devices=options.devices,
+        strategy=options.strategy,
+        precision=resolve_precision(options.precision),
         callbacks=[checkpoint],
         enable_checkpointing=False,  # LastCheckpoint is the one checkpoint; no extra logs/checkpoints/epoch=*.ckpt
         logger=CSVLogger(save_dir=str(run_path), name="logs", version=_log_version(run_path, resuming)),
         plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=cfg.progress,
+        enable_progress_bar=options.progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        check_val_every_n_epoch=cfg.val_every if val else 10**9,
+        check_val_every_n_epoch=max(1, val_every) if val else 10**9,
         limit_val_batches=1.0 if val else 0,
         log_every_n_steps=10,
         default_root_dir=str(run_path),
     )
+
+
+def make_optimizer(params, cfg: Any) -> torch.optim.Optimizer:
+    """SGD (momentum) or Adam over `params`, from a semi-supervised config's optimiser fields."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class SemiModule(L.LightningModule):
+    """Semi-supervised training of a method's step module, the same for every method.
+
+    The step (`frugalseg.semi.step.SemiStep`) computes the loss terms of a batch and holds the networks;
+    here: the optimiser and learning-rate schedule (poly or step over `iterations`), loss-term logging,
+    `after_step` after each optimiser step, validation (slice by slice for 2D networks, sliding window for
+    3D ones), the epoch handed to the batches (also on resume) and the checkpoint metadata.
+
+    The step's networks are registered here under the step's own names (the step itself is not a
+    submodule), so checkpoint keys are `model.*` (`teacher.*`, `models.<k>.*`) as in an export, and
+    `export.load_export(last.ckpt)` reads a checkpoint's `model` like any other.
+    """
+
+    def __init__(self, method: SemiStep, labels: LabelSpec, cfg: Any, model_spec: dict):
+        super().__init__()
+        object.__setattr__(self, "method", method)  # not registered: its networks are, below
+        self.labels = labels
+        self.cfg = cfg
+        self.model_spec = model_spec
+        self.val_cm = ConfusionMatrix(labels.num_classes, labels.ignore_index)
+        for name, net in method.named_children():
+            self.add_module(name, net)
+        self.batches = None  # the `SemiBatches` (set by `stages.semi.fit_semi`): told the epoch on resume
+        self._last_terms: dict[str, torch.Tensor | float] = {}
+        self._step_starts: list[float] = []
+
+    def train(self, mode: bool = True) -> "SemiModule":
+        super().train(mode)
+        self.method.training = mode  # its networks are ours: they follow already
+        return self
+
+    def forward(self, x: torch.Tensor):
+        return self.method.predictor(x)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        terms = self.method.terms(batch, self.global_step)
+        self.log_terms(terms, batch["image"].shape[0])
+        return terms["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # global_step already counts the step just taken: the hook after step s (0-based) gets s.
+        self.method.after_step(self.global_step - 1)
+
+    def log_terms(self, terms: dict, batch_size: int) -> None:
+        """Log `loss` (step and epoch mean, progress bar) and every other term (per step); keep the last."""
+        for name, value in terms.items():
+            if name == "loss":
+                self.log("train/loss", value, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+            else:
+                self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=batch_size)
+        self._last_terms = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}
+
+    @property
+    def last_losses(self) -> dict[str, float]:
+        """The loss terms of the last training step, as floats (read at the end: no sync per step)."""
+        return {name: float(v) for name, v in self._last_terms.items()}
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_starts.append(time.perf_counter())
+
+    def on_train_epoch_end(self) -> None:
+        self._step_starts.append(float("nan"))  # validation and checkpoints are not iterations
+
+    @property
+    def seconds_per_iteration(self) -> float | None:
+        """Median time from one training batch to the next (data, forward, backward, step), this process."""
+        t = self._step_starts
+        gaps = [b - a for a, b in zip(t, t[1:]) if not (math.isnan(a) or math.isnan(b))]
+        return round(float(np.median(gaps)), 4) if gaps else None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        cfg = self.cfg
+        probs = predict_case(self.method.predictor, batch["input"], cfg.dims, cfg.patch_size, cfg.val_overlap,
+                             device=self.device)
+        mask = batch["mask"]
+        pred = probs.argmax(0)
+        if mask.ndim == 2:  # a 2D image: one slice
+            pred = pred[0]
+        self.val_cm.update(pred.to(self.device), mask.to(self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        log_validation(self, self.val_cm, self.labels)
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt = make_optimizer(self.method.trainable_parameters(), cfg)
+        if cfg.lr_schedule == "step":  # DTC: base_lr · 0.1^(iter // 2500)
+            every = max(1, cfg.lr_step)
+            schedule = lambda s: 0.1 ** (s // every)  # noqa: E731
+        else:  # SSL4MIS: base_lr · (1 - iter / max_iter)^0.9
+            schedule = poly_lambda(cfg.iterations)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_epoch_start(self) -> None:
+        # Workers are not persistent, so they see the epoch given here.
+        if self.batches is not None:
+            self.batches.set_epoch(self.current_epoch)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # On resume Lightning may create the first iterator before `on_train_epoch_start`: the batches
+        # are told here which epoch comes next (checkpoints are written at epoch ends).
+        if self.batches is not None:
+            self.batches.set_epoch(int(checkpoint["global_step"]) // self.batches.steps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": self.method.kind,
+                                   "labels": self.labels.to_dict(), "model": self.model_spec,
+                                   "epoch_steps": self.batches.steps if self.batches is not None else None,
+                                   **self.method.checkpoint_extra()}
 
 
 class ClassifierModule(L.LightningModule):
@@ -224,8 +355,6 @@ class ClassifierModule(L.LightningModule):
         self.cfg = cfg
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        from frugalseg.models.tag_classifier import tag_loss
-
         logits = self.model(batch["image"])
         loss = tag_loss(logits.float(), batch["target"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])

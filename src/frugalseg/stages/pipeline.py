@@ -31,18 +31,18 @@ best near 0.5, not 0.15). Those images still train everything through their tags
 then scored on the *other* training images, so no figure is reported on the images that chose it. The
 final model is scored on the validation split. Everything lands in `summary.json` and `report.html`.
 
-Each stage's done-marker records the settings it depends on (its own and everything upstream); a stage
-whose marker holds other settings is redone with its outputs removed, and so is everything after it, so
-changing e.g. a threshold and re-running the same `--out` never mixes stale stages with new ones.
+Each stage's done-marker records the settings it depends on (its own and everything upstream: `stage_key`,
+derived from the `stage=` every field of `PipelineConfig` declares); a stage whose marker holds other
+settings is redone with its outputs removed (`restart_stage`), and so is everything after it, so changing
+e.g. a threshold and re-running the same `--out` never mixes stale stages with new ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
-import shutil
-import json
+import functools
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,79 +51,138 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from frugalseg.data.io import read_label_png, write_label_png
-from frugalseg.data.labels import IGNORE_INDEX
+from frugalseg.data import open_split
+from frugalseg.data.budget import LabelBudget, apply_budget, budget_manifest
+from frugalseg.data.io import read_json, read_label_png, sample_file, write_json, write_label_png
+from frugalseg.data.samples import SegDataset
+from frugalseg.data.transforms import to_tensor_image
 from frugalseg.errors import ConfigError, DataError
-from frugalseg.runs import RunDir, write_json
+from frugalseg.export import load_export
+from frugalseg.inference import predict_images
+from frugalseg.report.pipeline import write_pipeline_report
+from frugalseg.runs import RunDir
+from frugalseg.stages.classify import ClassifyConfig, train_classifier
+from frugalseg.stages.group import GroupConfig, GroupMapsConfig, make_group_maps, train_group_classifier
+from frugalseg.stages.maps import MapsConfig, make_maps
+from frugalseg.stages.options import (
+    NO_OUTPUT,
+    RunOptions,
+    device_of,
+    option,
+    run_options_of,
+    stage_fields,
+    unclassified_fields,
+)
+from frugalseg.stages.train import TrainConfig, train
+from frugalseg.weak.crf import ADVCAM_BG_THRESHOLD, ADVCAM_FG_THRESHOLD, evaluate_pseudo_masks, refine_dataset
+from frugalseg.weak.maps_io import load_maps, maps_path
+from frugalseg.weak.methods import SEED_METHODS, SeedMethodName
+from frugalseg.weak.mining import agreement, backbone_features, mine_round, restrict_to_tags, superpixels
+from frugalseg.weak.saliency import manifold_ranking_saliency
+from frugalseg.weak.seeds import (
+    IRN_THRESHOLD,
+    choose_threshold,
+    evaluate_seeds,
+    iter_seed_items,
+    seed_from_maps,
+    sweep_table,
+)
 
 log = logging.getLogger(__name__)
 
-SEED_METHODS = ("cam", "advcam", "prm", "group")
-IRN_SEED_THRESHOLD = 0.15
-
 
 @dataclass
-class PipelineConfig:
-    data: str = ""
-    out: str = "runs/tags"
-    train_split: str = "train"  # tags of these images train everything; their masks are only scored
-    val_split: str | None = "val"  # the final model is scored here
-    background_classes: list[str] | None = None
-    ignore_classes: list[str] | None = None
-    limit: int | None = None  # only the first N training images (a fixed, stated subset for CPU runs)
-    mask_fraction: float | None = None  # masks + tags: this fraction of training images keeps its masks
-    calibration_fraction: float | None = None  # masks of this fraction of training images choose the threshold
-    budget_seed: int = 0
-    seeds: Literal["cam", "advcam", "prm", "group"] = "cam"
-    classifier: str | None = None  # an existing `frugalseg classify` run to use instead of training one
-    maps_from: str | None = None  # another run's maps folder (same classifier, method, images) instead of computing maps
-    refine: Literal["crf", "none"] = "crf"
-    rounds: int = 3  # MCOF iterations (bottom-up mining + top-down segmenter)
-    saliency_rounds: int = 1  # MCOF: the Bayesian saliency refinement in the first round only
+class PipelineConfig(RunOptions):
+    """`frugalseg run`. Each field's `stage` is the first stage whose output it changes (see `stage_key`)."""
+
+    out: str = option("runs/tags", "Run directory to write (config, every stage's outputs, summary.json, "
+                                   "report.html).", stage=NO_OUTPUT)
+    # tags of these images train everything; their masks are only scored
+    train_split: str = option("train", "Split whose tags train everything (its masks are only scored).",
+                              stage="data")
+    # the final model is scored here (and the classifier's tags): what is reported, not what is made
+    val_split: str | None = option("val", "Split the segmenters and the classifier are scored on.", stage=NO_OUTPUT)
+    # the classifier trains on the whole split; groups and maps on the first N images
+    limit: int | None = option(None, "Only the first N training images (a fixed, stated subset for CPU runs).",
+                               stage="group")
+    mask_fraction: float | None = option(None, "Masks + tags: this fraction of the training images keeps its "
+                                               "masks (drawn with --budget-seed).", stage="calibrate")
+    calibration_fraction: float | None = option(None, "Masks of this fraction of training images choose the "
+                                                      "background threshold (seeds, CRF); they are not scored.",
+                                                stage="calibrate")
+    # draws the calibration images and the label budget (with neither, nothing: see stage_key)
+    budget_seed: int = option(0, "Seed of the label-budget and calibration draws.", stage="calibrate")
+    seeds: SeedMethodName = option("cam", "Where seeds come from: cam, advcam, prm, or group (co-attention over "
+                                          "groups of images sharing a tag).", stage="maps")
+    classifier: str | None = option(None, "An existing `frugalseg classify` run to use instead of training one.",
+                                    stage="classify")
+    maps_from: str | None = option(None, "Reuse another run's maps folder (its cams/: same classifier, method and "
+                                         "images) instead of computing maps.", stage="maps")
+    refine: Literal["crf", "none"] = option("crf", "crf: dense-CRF pseudo-masks with confidence-based ignore "
+                                                   "regions; none: seeds go straight to mining.", stage="crf")
+    rounds: int = option(3, "MCOF iterations: mine regions from the seeds, train a segmenter on them, its "
+                            "predictions seed the next.", stage="round")
+    saliency_rounds: int = option(1, "Rounds that refine regions with saliency under a Bayesian rule (MCOF: the "
+                                     "first only).", stage="round")
     # classifier and maps
-    classifier_epochs: int = 8
-    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
-    steps: int = 27  # AdvCAM
-    restriction: float = 7.0  # AdvCAM lambda
-    group_size: int = 3
-    group_epochs: int = 6
+    classifier_epochs: int = option(8, "Epochs of the tag classifier.", stage="classify")
+    scales: tuple[float, ...] = option((1.0, 0.5, 1.5, 2.0), "Image scales for maps (repeat the option: --scales "
+                                                             "1.0 --scales 0.5).", stage="maps")
+    steps: int = option(27, "AdvCAM T: climbing steps per scale.", stage="maps")
+    restriction: float = option(7.0, "AdvCAM lambda: weight of the restriction penalty (fractional allowed).",
+                                stage="maps")
+    group_size: int = option(3, "Group seeds: images per group, anchor included.", stage="group")
+    group_epochs: int = option(6, "Group seeds: epochs of the group model.", stage="group")
     # CRF pseudo-masks
-    fg_threshold: float = 0.35
-    bg_threshold: float = 0.15
-    crf_workers: int | None = None
+    fg_threshold: float = option(ADVCAM_FG_THRESHOLD, "CRF pseudo-masks: foreground where the CRF of maps vs this "
+                                                      "background level says so (AdvCAM 0.35).", stage="calibrate")
+    bg_threshold: float = option(ADVCAM_BG_THRESHOLD, "CRF pseudo-masks: background where the CRF of maps vs this "
+                                                      "level says so; between = ignore (0.15).", stage="calibrate")
+    crf_workers: int | None = option(None, "CRF processes [default: min(4, CPUs)].", stage=NO_OUTPUT)
     # mining
-    superpixel_method: Literal["felzenszwalb", "slic"] = "felzenszwalb"
-    min_coverage: float = 0.5
-    mining: bool = True  # False: each round's segmenter trains on its seeds as they are (the no-mining ablation)
-    expand_only: bool = False  # True: mining only fills unknown pixels; False (MCOF): the region classifier relabels every superpixel
-    mining_confidence: float = 0.5  # region-classifier probability needed to fill an unknown region
+    superpixel_method: Literal["felzenszwalb", "slic"] = option("felzenszwalb", "Mining: superpixels of MCOF "
+                                                                                "(felzenszwalb) or SLIC.", stage="round")
+    min_coverage: float = option(0.5, "Mining: a superpixel takes a seed label covering at least this fraction "
+                                      "of it.", stage="round")
+    mining: bool = option(True, "Mine regions each round (off: each round's segmenter trains on its seeds as they "
+                                "are, the no-mining ablation).", stage="round")
+    expand_only: bool = option(False, "Mining only fills unknown pixels (off, MCOF: the region classifier "
+                                      "relabels every superpixel).", stage="round")
+    mining_confidence: float = option(0.5, "Mining: region-classifier probability needed to fill an unknown "
+                                           "region.", stage="round")
     # Inverse-frequency class weights in the region classifier. Off: weighting background down made the miner
     # grow objects into background in diagnostic runs on msrc-objects' training images (at two threshold
     # settings); on the tags_to_model benchmark's calibration images the two were level.
-    region_class_balanced: bool = False
-    prediction_confidence: float = 0.5  # segmenter pixels below this (within the tags) are unknown next round
+    region_class_balanced: bool = option(False, "Mining: weigh the region classifier's classes by inverse "
+                                                "frequency (off: background keeps its weight).", stage="round")
+    prediction_confidence: float = option(0.5, "Segmenter pixels below this probability (within the tags) are "
+                                                "unknown to the next round.", stage="predictions")
     # rounds >= 2 start from: the last segmenter's predictions (MCOF), or the pixels where those predictions
     # agree with the last round's mined regions, the disagreements left unknown for the region classifier
-    round_seeds: Literal["predictions", "agreement"] = "agreement"
+    round_seeds: Literal["predictions", "agreement"] = option("agreement", "Rounds >= 2 start from the last "
+                                                                           "predictions (MCOF) or where they agree "
+                                                                           "with the last mined regions "
+                                                                           "(agreement).", stage="round")
     # rounds >= 2: the segmenter continues from the previous round's model, or starts again from ImageNet
-    segmenter_init: Literal["previous", "imagenet"] = "previous"
+    segmenter_init: Literal["previous", "imagenet"] = option("previous", "Round >= 2 segmenters: continue from "
+                                                                         "the previous round's model (previous) "
+                                                                         "or start from ImageNet weights.",
+                                                             stage="round")
     # learning rate of a segmenter that continues from the previous round's, as a multiple of `lr`
-    continue_lr_mult: float = 1.0
+    continue_lr_mult: float = option(1.0, "Round >= 2 segmenters that continue from the previous round's model "
+                                          "train at lr times this.", stage="round")
     # segmenter
-    seg_arch: Literal["ocr", "fcn"] = "ocr"
-    seg_epochs: int = 30
-    crop_size: int = 256
-    batch_size: int = 8
-    lr: float = 0.01
-    # machinery
-    seed: int = 0
-    precision: str = "auto"
-    num_workers: int = 0
-    progress: bool = True
+    seg_arch: Literal["ocr", "fcn"] = option("ocr", "Segmenter of each round: OCR or FCN head.", stage="round")
+    seg_epochs: int = option(30, "Epochs of each round's segmenter.", stage="round")
+    crop_size: int = option(256, "Training crop of each round's segmenter.", stage="round")
+    batch_size: int = option(8, "Batch size of each round's segmenter.", stage="round")
+    lr: float = option(0.01, "Learning rate of each round's segmenter.", stage="round")
+    # every stage resumes by itself (finished stages are kept, training continues from its last checkpoint)
+    resume: bool = option(False, "Unused: a run always resumes from its finished stages and last checkpoints.",
+                          stage=NO_OUTPUT, cli=False)
 
     def validate(self) -> "PipelineConfig":
-        if not self.data:
-            raise ConfigError("No dataset given: pass --data FOLDER or a task name such as msrc-objects.")
+        self.check_data()
         if self.seeds not in SEED_METHODS:
             raise ConfigError(f"Unknown seeds '{self.seeds}'; choose one of {SEED_METHODS}.")
         if self.rounds < 0:
@@ -143,96 +202,99 @@ class PipelineConfig:
 
 
 # ---- what each stage depends on ---------------------------------------------------------------
-_CLASSIFY_FIELDS = ("data", "train_split", "background_classes", "ignore_classes", "classifier", "classifier_epochs",
-                    "seed", "precision")
-_MAPS_FIELDS = ("seeds", "maps_from", "limit", "scales", "steps", "restriction", "group_size", "group_epochs")
-_CALIBRATE_FIELDS = ("calibration_fraction", "budget_seed", "mask_fraction", "fg_threshold", "bg_threshold")
-_CRF_FIELDS = ("refine", "fg_threshold", "bg_threshold")
-_ROUND_FIELDS = ("mask_fraction", "superpixel_method", "min_coverage", "mining", "expand_only", "mining_confidence",
-                 "region_class_balanced", "seg_arch", "seg_epochs", "crop_size", "batch_size",
-                 "lr")  # and whether rounds 1..r used saliency (round_key), rather than saliency_rounds itself
-_STAGE_FIELDS = {"classify": _CLASSIFY_FIELDS}
-_STAGE_FIELDS["group"] = _STAGE_FIELDS["classify"] + ("limit", "group_size", "group_epochs")  # not the map scales
-_STAGE_FIELDS["maps"] = _STAGE_FIELDS["classify"] + _MAPS_FIELDS
-_STAGE_FIELDS["calibrate"] = _STAGE_FIELDS["maps"] + _CALIBRATE_FIELDS
-_STAGE_FIELDS["seeds"] = _STAGE_FIELDS["calibrate"]
-_STAGE_FIELDS["crf"] = _STAGE_FIELDS["calibrate"] + _CRF_FIELDS
-_STAGE_FIELDS["round"] = _STAGE_FIELDS["crf"] + _ROUND_FIELDS
-
-
-# Fields earlier versions put in the keys of stages that do not use them (the round-1 regions and segmenter and
-# `prediction_confidence`; every stage and `budget_seed` when nothing is drawn): a marker that still holds one
-# matches a key without it, so a finished run is not redone for them.
+#: The stages in order. A stage's cache key holds the fields of its own stage and of every stage before it, so
+#: a change upstream makes every later stage stale too. `group` runs only for group seeds, but its fields
+#: (limit, group size and epochs) come before `maps` either way.
+STAGES = ("data", "classify", "group", "maps", "calibrate", "seeds", "crf", "round", "predictions")
+#: Round fields that enter round r's key in a shape of their own (`round_key`), or not at all.
+PER_ROUND_FIELDS = {
+    "rounds": "round r does not depend on how many rounds follow it",
+    "saliency_rounds": "round_key lists which of rounds 1..r used saliency",
+    "round_seeds": "rounds >= 2 only, one entry per earlier round",
+    "segmenter_init": "rounds >= 2 only, one entry per earlier round",
+    "continue_lr_mult": "rounds >= 2 with segmenter_init=previous only, and only when it is not 1.0",
+}
+#: Fields earlier versions put in the keys of stages that do not use them (the round-1 regions and segmenter and
+#: `prediction_confidence`; every stage and `budget_seed` when nothing is drawn): a marker that still holds one
+#: matches a key without it, so a finished run is not redone for them.
 RETIRED_KEY_FIELDS = ("prediction_confidence", "budget_seed")
 
 
+@functools.cache
+def key_fields(cls: type, stage: str) -> tuple[str, ...]:
+    """The fields of config class `cls` whose values make up `stage`'s key (own and upstream, plain values)."""
+    missing = unclassified_fields(cls)
+    if missing:
+        raise ConfigError(f"{cls.__name__}: fields {missing} declare no stage; give each option(..., stage=...) "
+                          "(the first stage whose output it changes, or NO_OUTPUT).")
+    upto = STAGES[: STAGES.index(stage) + 1]
+    return tuple(f for f in stage_fields(cls, upto) if f not in PER_ROUND_FIELDS)
+
+
 def stage_key(cfg: PipelineConfig, stage: str, **extra: Any) -> dict[str, Any]:
-    """The settings a stage's output depends on: its own and every upstream stage's (so a change upstream
-    makes every later stage stale too). The PRM flag of the classifier is part of `seeds`."""
-    key = {f: getattr(cfg, f) for f in _STAGE_FIELDS[stage]}
+    """The settings a stage's output depends on: its own and every upstream stage's (`key_fields`), plus
+    `extra` (the PRM flag of the classifier, a round's history)."""
+    key = {f: getattr(cfg, f) for f in key_fields(type(cfg), stage)}
     if "budget_seed" in key and cfg.calibration_fraction is None and cfg.mask_fraction is None:
         del key["budget_seed"]  # it draws the calibration images and the label budget; with neither, nothing
     return {**key, **extra}
 
 
-def uses_saliency(cfg: PipelineConfig, r: int, ds) -> bool:
+def uses_saliency(cfg: PipelineConfig, r: int, ds: SegDataset) -> bool:
     return r <= cfg.saliency_rounds and ds.labels.background is not None
 
 
-def round_key(cfg: PipelineConfig, r: int, ds) -> dict[str, Any]:
+def round_key(cfg: PipelineConfig, r: int, ds: SegDataset) -> dict[str, Any]:
     """Round r depends on the rounds before it, so its key lists which of rounds 1..r refined with saliency
-    (raising `saliency_rounds` from 1 to 2 leaves round 1 current and redoes round 2 onwards)."""
-    # round 1 starts from the CRF and from ImageNet either way
-    extra = {"round_seeds": [cfg.round_seeds] * (r - 1), "segmenter_init": [cfg.segmenter_init] * (r - 1),
-             "prediction_confidence": cfg.prediction_confidence} if r > 1 else {}  # earlier rounds' predictions
-    if r > 1 and cfg.segmenter_init == "previous" and cfg.continue_lr_mult != 1.0:  # old keys stay valid at 1.0
-        extra["continue_lr_mult"] = [cfg.continue_lr_mult] * (r - 1)
+    (raising `saliency_rounds` from 1 to 2 leaves round 1 current and redoes round 2 onwards), and, from
+    round 2 on, how the earlier rounds seeded and started their segmenters and their predictions' threshold."""
+    extra: dict[str, Any] = {}
+    if r > 1:  # round 1 starts from the CRF and from ImageNet either way
+        extra = {"round_seeds": [cfg.round_seeds] * (r - 1), "segmenter_init": [cfg.segmenter_init] * (r - 1),
+                 "prediction_confidence": cfg.prediction_confidence}  # earlier rounds' predictions
+        if cfg.segmenter_init == "previous" and cfg.continue_lr_mult != 1.0:  # old keys stay valid at 1.0
+            extra["continue_lr_mult"] = [cfg.continue_lr_mult] * (r - 1)
     return stage_key(cfg, "round", round=r, saliency=[uses_saliency(cfg, i, ds) for i in range(1, r + 1)], **extra)
 
 
-def agreement(predictions: dict[str, np.ndarray], regions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Top-down meets bottom-up: a pixel keeps its label where the segmenter's prediction and the mined region
-    say the same class, and is unknown (255) where they disagree, for the next region classifier to decide."""
-    out = {}
-    for sid, pred in predictions.items():
-        if sid not in regions:
-            raise DataError(f"no mined region mask for {sid} to compare its prediction with.")
-        out[sid] = np.where(pred == regions[sid], pred, IGNORE_INDEX).astype(np.uint8)
-    return out
+def predictions_key(cfg: PipelineConfig, r: int, ds: SegDataset) -> dict[str, Any]:
+    """Round r's predictions: the round's key and their own threshold."""
+    own = {f: getattr(cfg, f) for f in stage_fields(type(cfg), ("predictions",))}
+    return {**round_key(cfg, r, ds), **own}
 
 
-def is_current(run: RunDir, stage: str, key: dict[str, Any], *outputs: Path) -> bool:
-    """True when `stage` finished with `key`. Otherwise the caller is about to run it: outputs made with other
-    settings (a finished stage's, or those a killed run left while working with other settings) are removed
-    with the marker, and `stages/<stage>.started` records `key`, so partial outputs are resumed from only
-    by a run with the same settings."""
-    if run.stage_done(stage, key, RETIRED_KEY_FIELDS):
-        return True
+def stage_is_current(run: RunDir, stage: str, key: dict[str, Any]) -> bool:
+    """True when `stage` finished with the settings `key`."""
+    return run.stage_done(stage, key, RETIRED_KEY_FIELDS)
+
+
+def restart_stage(run: RunDir, stage: str, key: dict[str, Any], *outputs: Path) -> None:
+    """About to (re)run `stage` with `key`: outputs made with other settings (a finished stage's, or those a
+    killed run left while working with other settings) are removed with the marker, and
+    `stages/<stage>.started` records `key`, so partial outputs are resumed from only by a run with the same
+    settings."""
     if run.stage_made_with_other_settings(stage, key, RETIRED_KEY_FIELDS):
         log.info("stage %s of %s was made with other settings; redoing it", stage, run.path)
         for out in outputs:
             shutil.rmtree(out, ignore_errors=True)
         run.clear_stage(stage)
     run.mark_started(stage, key)
-    return False
+
+
+def needs_run(run: RunDir, stage: str, key: dict[str, Any], *outputs: Path) -> bool:
+    """Whether `stage` must run: False when it is current; else True, after `restart_stage`."""
+    if stage_is_current(run, stage, key):
+        return False
+    restart_stage(run, stage, key, *outputs)
+    return True
 
 
 # ---- data -------------------------------------------------------------------------------------
-def open_training_images(cfg: PipelineConfig):
+def open_training_images(cfg: PipelineConfig) -> SegDataset:
     """The training split (optionally its first `limit` images), with a clear error when it has no tags."""
-    from frugalseg.config import TrainConfig
-    from frugalseg.supervised import open_with_classes
-
-    ds = open_with_classes(TrainConfig(data=cfg.data, background_classes=cfg.background_classes,
-                                       ignore_classes=cfg.ignore_classes), cfg.train_split)
-    if cfg.limit is not None:
-        ds = ds.with_samples(ds.samples[: cfg.limit])
-    tagged = []
-    for s in ds.samples:
-        if s.tags is None and s.mask is None:
-            continue
-        if ds.tags_of(s):
-            tagged.append(s)
+    ds = open_split(cfg.data, cfg.train_split, background_classes=cfg.background_classes,
+                    ignore_classes=cfg.ignore_classes, limit=cfg.limit)
+    tagged = [s for s in ds.samples if (s.tags is not None or s.mask is not None) and ds.tags_of(s)]
     if not tagged:
         raise DataError(
             f"{ds.name}: no image of split '{cfg.train_split}' has image-level tags (give a tags.csv, or masks "
@@ -241,7 +303,7 @@ def open_training_images(cfg: PipelineConfig):
     return ds.with_samples(tagged)
 
 
-def given_masks(cfg: PipelineConfig, run: RunDir, ds) -> dict[str, np.ndarray]:
+def given_masks(cfg: PipelineConfig, run: RunDir, ds: SegDataset) -> dict[str, np.ndarray]:
     """Masks + tags (the semi-supervised setting of AdvCAM): the label budget's masked training images keep
     their masks, which then replace the pseudo-masks of those images in every round (mining learns from
     them too). The budget is drawn over the images this run uses (`ds`: the training split, or its first
@@ -249,74 +311,63 @@ def given_masks(cfg: PipelineConfig, run: RunDir, ds) -> dict[str, np.ndarray]:
     masked ids, so a masks-only baseline can train on exactly the same images (`--labelled-ids`)."""
     if cfg.mask_fraction is None:
         return {}
-    from frugalseg.data.budget import LabelBudget, apply_budget, budget_manifest
-
     budget = LabelBudget(mask_fraction=cfg.mask_fraction, rest="tags", seed=cfg.budget_seed)
     budgeted = apply_budget(ds, budget)
     write_json(run / "budget.json", budget_manifest(budgeted, budget))
     return {s.id: ds.read_mask(s) for s in budgeted.samples if s.supervision == "mask"}
 
 
-def has_ground_truth(ds) -> bool:
+def has_ground_truth(ds: SegDataset) -> bool:
     return all(s.mask is not None for s in ds.samples)
 
 
 def mask_file(folder: Path, sample_id: str) -> Path:
-    from frugalseg.weak.maps_io import safe_name
+    """A stage's mask of one image: `folder/<safe id>.png` (palette PNG, 255 = unknown)."""
+    return sample_file(folder, sample_id, ".png")
 
-    return folder / f"{safe_name(sample_id)}.png"
 
-
-def write_masks(folder: Path, ds, masks: dict[str, np.ndarray]) -> None:
+def write_masks(folder: Path, ds: SegDataset, masks: dict[str, np.ndarray]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for sid, m in masks.items():
         write_label_png(mask_file(folder, sid), m.astype(np.uint8), ds.labels.palette_bytes())
 
 
-def read_masks(folder: Path, ds) -> dict[str, np.ndarray]:
+def read_masks(folder: Path, ds: SegDataset) -> dict[str, np.ndarray]:
     return {s.id: read_label_png(mask_file(folder, s.id)) for s in ds.samples if mask_file(folder, s.id).exists()}
 
 
-def score_masks(folder: Path, ds, truth: dict[str, np.ndarray] | None = None) -> dict[str, Any] | None:
+def score_masks(folder: Path, ds: SegDataset, truth: dict[str, np.ndarray] | None = None) -> dict[str, Any] | None:
     """Pseudo-mask quality against the training images' own masks (report only), IRN's convention."""
     if not has_ground_truth(ds):
         return None
-    from frugalseg.weak.crf import evaluate_pseudo_masks
-
     return evaluate_pseudo_masks(folder, ds, save=True, truth=truth)
 
 
 # ---- stages -----------------------------------------------------------------------------------
 def stage_classify(cfg: PipelineConfig, run: RunDir) -> Path:
-    from frugalseg.weak.classify import ClassifyConfig, train_classifier
-
     if cfg.classifier:
         if not (Path(cfg.classifier) / "model").is_dir():
             raise ConfigError(f"--classifier {cfg.classifier}: not a classify run directory (no model/ folder).")
         return Path(cfg.classifier)
     out = run / "classifier"
     key = stage_key(cfg, "classify", prm=cfg.seeds == "prm")  # PRM classifiers train with peak stimulation
-    if not is_current(run, "classify", key, out):
-        ccfg = ClassifyConfig(data=cfg.data, out=str(out), train_split=cfg.train_split, eval_split=cfg.val_split,
-                              background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes,
-                              epochs=cfg.classifier_epochs, peak_stimulation=cfg.seeds == "prm", seed=cfg.seed,
-                              precision=cfg.precision, num_workers=cfg.num_workers, progress=cfg.progress,
-                              resume=(out / "checkpoints" / "last.ckpt").exists())
+    if needs_run(run, "classify", key, out):
+        ccfg = ClassifyConfig(**run_options_of(cfg, out=str(out), resume=(out / "checkpoints" / "last.ckpt").exists()),
+                              train_split=cfg.train_split, eval_split=cfg.val_split, epochs=cfg.classifier_epochs,
+                              peak_stimulation=cfg.seeds == "prm")
         res = train_classifier(ccfg)
         run.mark_done("classify", {"eval": res.get("eval")}, key=key)
     return out
 
 
-def reused_maps(cfg: PipelineConfig, classifier: Path, ds) -> Path:
+def reused_maps(cfg: PipelineConfig, classifier: Path, ds: SegDataset) -> Path:
     """`maps_from`: maps another run already made, checked to come from the same classifier and method and to
     cover every training image (runs that differ only after the maps, e.g. tags-only vs masks + tags)."""
-    from frugalseg.weak.maps_io import maps_path
-
     folder = Path(cfg.maps_from)
     meta_file = folder / "maps.json"
     if not meta_file.exists():
         raise ConfigError(f"--maps-from {folder}: no maps.json there (give the cams/ folder of a finished run).")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file)
     if meta.get("method") != cfg.seeds:
         raise ConfigError(f"--maps-from {folder}: its maps are '{meta.get('method')}', this run asks for '{cfg.seeds}'.")
     if Path(meta.get("classifier", "")).resolve() != Path(classifier).resolve():
@@ -328,36 +379,29 @@ def reused_maps(cfg: PipelineConfig, classifier: Path, ds) -> Path:
     return folder
 
 
-def stage_maps(cfg: PipelineConfig, run: RunDir, classifier: Path, ds) -> Path:
+def stage_maps(cfg: PipelineConfig, run: RunDir, classifier: Path, ds: SegDataset) -> Path:
     if cfg.maps_from:
         return reused_maps(cfg, classifier, ds)
     maps_dir = run / "cams"  # maps.json, maps/<id>.npz, gallery.html
     key = stage_key(cfg, "maps")
-    if is_current(run, "maps", key, maps_dir):
+    if not needs_run(run, "maps", key, maps_dir):
         return maps_dir
-    limit = cfg.limit
     if cfg.seeds == "group":
-        from frugalseg.weak.group import GroupConfig, GroupMapsConfig, make_group_maps, train_group_classifier
-
         gout = run / "group"
         group_key = stage_key(cfg, "group")
-        if not is_current(run, "group", group_key, gout):
+        if needs_run(run, "group", group_key, gout):
+            lr_steps = tuple(e for e in (cfg.group_epochs // 3, 2 * cfg.group_epochs // 3) if e > 0)
             train_group_classifier(GroupConfig(
-                data=cfg.data, out=str(gout), train_split=cfg.train_split, limit=limit,
-                background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes,
-                init_classifier=str(classifier), group_size=cfg.group_size, epochs=cfg.group_epochs,
-                lr_steps=tuple(e for e in (cfg.group_epochs // 3, 2 * cfg.group_epochs // 3) if e > 0),
-                seed=cfg.seed, precision=cfg.precision, num_workers=cfg.num_workers, progress=cfg.progress,
-                resume=(gout / "checkpoints" / "last.ckpt").exists()))
+                **run_options_of(cfg, out=str(gout), resume=(gout / "checkpoints" / "last.ckpt").exists()),
+                train_split=cfg.train_split, limit=cfg.limit, init_classifier=str(classifier),
+                group_size=cfg.group_size, epochs=cfg.group_epochs, lr_steps=lr_steps))
             run.mark_done("group", key=group_key)
-        make_group_maps(GroupMapsConfig(classifier=str(gout), out=str(maps_dir), data=cfg.data, split=cfg.train_split,
-                                        scales=tuple(cfg.scales), limit=limit, seed=cfg.seed, progress=cfg.progress))
+        make_group_maps(GroupMapsConfig(**run_options_of(cfg, out=str(maps_dir)), classifier=str(gout),
+                                        split=cfg.train_split, scales=tuple(cfg.scales), limit=cfg.limit))
     else:
-        from frugalseg.weak.maps_stage import MapsConfig, make_maps
-
-        make_maps(MapsConfig(classifier=str(classifier), out=str(maps_dir), method=cfg.seeds, data=cfg.data,
-                             split=cfg.train_split, scales=tuple(cfg.scales), limit=limit, steps=cfg.steps,
-                             restriction=cfg.restriction, progress=cfg.progress))
+        make_maps(MapsConfig(**run_options_of(cfg, out=str(maps_dir)), classifier=str(classifier), method=cfg.seeds,
+                             split=cfg.train_split, scales=tuple(cfg.scales), limit=cfg.limit, steps=cfg.steps,
+                             restriction=cfg.restriction))
     run.mark_done("maps", key=key)
     return maps_dir
 
@@ -375,7 +419,7 @@ class Thresholds:
     calibration_ids: tuple[str, ...] = ()  # training images whose masks chose them (excluded from scoring)
 
 
-def stage_calibrate(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds,
+def stage_calibrate(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds: SegDataset,
                     given: dict[str, np.ndarray] | None = None) -> Thresholds:
     """The seed/CRF thresholds: the configured ones, or (with `calibration_fraction`) the seed threshold with
     the best seed mIoU on the masks of a seeded random draw of that fraction of the training images, the CRF
@@ -383,17 +427,15 @@ def stage_calibrate(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds,
     0.2). The sweep is kept in calibration.json, next to the ids that chose it. With a label budget
     (`mask_fraction`, `given`) the draw is among the budget's masked images, so calibration spends no mask
     beyond the budget."""
-    from frugalseg.weak.maps_stage import iter_seed_items
-    from frugalseg.weak.seeds import choose_threshold, evaluate_seeds, sweep_table
-
-    default = Thresholds(IRN_SEED_THRESHOLD, cfg.fg_threshold, cfg.bg_threshold)
+    default = Thresholds(IRN_THRESHOLD, cfg.fg_threshold, cfg.bg_threshold)
     if cfg.calibration_fraction is None:
         return default
     path = run / "calibration.json"
     key = stage_key(cfg, "calibrate")
-    if is_current(run, "calibrate", key) and path.exists():
-        c = json.loads(path.read_text())
+    if stage_is_current(run, "calibrate", key) and path.exists():
+        c = read_json(path)
         return Thresholds(c["seed_threshold"], c["fg_threshold"], c["bg_threshold"], tuple(c["ids"]))
+    restart_stage(run, "calibrate", key)  # calibration.json is rewritten below
     if ds.labels.background is None:
         raise ConfigError(f"{ds.name} has no background class, so there is no background threshold to calibrate; "
                           "drop --calibration-fraction.")
@@ -418,14 +460,11 @@ def stage_calibrate(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds,
     return out
 
 
-def stage_seeds(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds, th: Thresholds) -> Path:
+def stage_seeds(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds: SegDataset, th: Thresholds) -> Path:
     """Seeds at the background threshold, written as PNGs (the report shows them; round 1 uses them if no CRF)."""
-    from frugalseg.weak.maps_io import load_maps, maps_path
-    from frugalseg.weak.seeds import seed_from_maps
-
     out = run / "seeds"
     key = stage_key(cfg, "seeds")
-    if not is_current(run, "seeds", key, out):
+    if needs_run(run, "seeds", key, out):
         masks = {}
         for s in ds.samples:
             m = load_maps(maps_path(maps_dir, s.id))
@@ -435,12 +474,10 @@ def stage_seeds(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds, th: Thresh
     return out
 
 
-def stage_crf(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds, th: Thresholds) -> Path:
-    from frugalseg.weak.crf import refine_dataset
-
+def stage_crf(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds: SegDataset, th: Thresholds) -> Path:
     out = run / "crf"
     key = stage_key(cfg, "crf")
-    if not is_current(run, "crf", key, out):
+    if needs_run(run, "crf", key, out):
         refine_dataset(maps_dir, ds, out, workers=cfg.crf_workers, fg_threshold=th.fg,
                        bg_threshold=th.bg, progress=cfg.progress)
         run.mark_done("crf", {"fg_threshold": th.fg, "bg_threshold": th.bg}, key=key)
@@ -450,107 +487,88 @@ def stage_crf(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds, th: Threshol
 class MiningInputs:
     """Images, frozen ImageNet features, superpixels and saliency of the training images, computed once."""
 
-    def __init__(self, cfg: PipelineConfig, ds):
-        from frugalseg.weak.mining import backbone_features, superpixels
-        from frugalseg.weak.saliency import manifold_ranking_saliency
-
+    def __init__(self, cfg: PipelineConfig, ds: SegDataset):
         t0 = time.time()
         self.ids = [s.id for s in ds.samples]
         self.images = [ds.read_image(s) for s in ds.samples]
         self.tags = [sorted(ds.tags_of(s)) for s in ds.samples]
-        self.features = backbone_features(self.images)
+        self.features = backbone_features(self.images, device=device_of(cfg.devices))
         self.superpixels = [superpixels(im, method=cfg.superpixel_method) for im in self.images]
         self.saliency = [manifold_ranking_saliency(im) for im in self.images]
         log.info("mining inputs for %d images in %.0f s", len(self.images), time.time() - t0)
 
 
-def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds, inputs: "MiningInputs | None",
-                given: dict[str, np.ndarray] | None = None,
-                agree_with: Path | None = None) -> tuple[Path, Path, "MiningInputs | None"]:
+def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds: SegDataset,
+                inputs: MiningInputs | None, given: dict[str, np.ndarray] | None = None,
+                agree_with: Path | None = None) -> tuple[Path, Path, MiningInputs | None]:
     """One MCOF round: regions mined from `seeds_dir` (with `agree_with`, from the pixels where its masks and
     those of `seeds_dir` agree, written to round<r>/seeds), a segmenter trained on them, its tag-restricted
     predictions on the training images (the next round's seeds)."""
-    from frugalseg.supervised import train
-
     rdir = run / f"round{r}"
     regions_dir, preds_dir = rdir / "regions", rdir / "predictions"
     key = round_key(cfg, r, ds)
-    # stale regions make the round's segmenter (and its resumable checkpoint) stale too: redo the round (the
-    # predictions' key holds the round's, so their marker is stale as well)
-    is_current(run, f"round{r}_regions", key, rdir)
-    if not run.stage_done(f"round{r}_regions") and not cfg.mining:
-        write_masks(regions_dir, ds, {**read_masks(seeds_dir, ds), **(given or {})})
-        run.mark_done(f"round{r}_regions", {"mining": False}, key=key)
-    if not run.stage_done(f"round{r}_regions"):
-        from frugalseg.weak.mining import mine_round
-
-        inputs = inputs or MiningInputs(cfg, ds)
-        seeds = read_masks(seeds_dir, ds)
-        if agree_with is not None:
-            seeds = agreement(seeds, read_masks(agree_with, ds))
-            write_masks(rdir / "seeds", ds, seeds)
-        seeds = {**seeds, **(given or {})}
-        missing = [i for i in inputs.ids if i not in seeds]
-        if missing:
-            raise DataError(f"{seeds_dir}: no seed mask for {missing[:5]} ({len(missing)} images).")
-        regions, stats = mine_round(
-            inputs.images, [seeds[i] for i in inputs.ids], inputs.tags, inputs.features,
-            num_classes=ds.labels.num_classes, background_index=ds.labels.background,
-            use_saliency=uses_saliency(cfg, r, ds),
-            superpixel_maps=inputs.superpixels, saliency_maps=inputs.saliency,
-            min_coverage=cfg.min_coverage, min_confidence=cfg.mining_confidence, keep_seeds=cfg.expand_only,
-            classifier_options={"class_balanced": cfg.region_class_balanced}, seed=cfg.seed + r)
-        write_masks(regions_dir, ds, {**dict(zip(inputs.ids, regions)), **(given or {})})
-        write_json(rdir / "mining_stats.json", stats)
-        run.mark_done(f"round{r}_regions", key=key)
+    # stale regions make the round's segmenter (and its resumable checkpoint) stale too: the whole round folder
+    # goes (the predictions' key holds the round's, so their marker is stale as well)
+    if needs_run(run, f"round{r}_regions", key, rdir):
+        if cfg.mining:
+            inputs = inputs or MiningInputs(cfg, ds)
+            seeds = read_masks(seeds_dir, ds)
+            if agree_with is not None:
+                seeds = agreement(seeds, read_masks(agree_with, ds))
+                write_masks(rdir / "seeds", ds, seeds)
+            seeds = {**seeds, **(given or {})}
+            missing = [i for i in inputs.ids if i not in seeds]
+            if missing:
+                raise DataError(f"{seeds_dir}: no seed mask for {missing[:5]} ({len(missing)} images).")
+            regions, stats = mine_round(
+                inputs.images, [seeds[i] for i in inputs.ids], inputs.tags, inputs.features,
+                num_classes=ds.labels.num_classes, background_index=ds.labels.background,
+                use_saliency=uses_saliency(cfg, r, ds),
+                superpixel_maps=inputs.superpixels, saliency_maps=inputs.saliency,
+                min_coverage=cfg.min_coverage, min_confidence=cfg.mining_confidence, keep_seeds=cfg.expand_only,
+                classifier_options={"class_balanced": cfg.region_class_balanced}, seed=cfg.seed + r)
+            write_masks(regions_dir, ds, {**dict(zip(inputs.ids, regions)), **(given or {})})
+            write_json(rdir / "mining_stats.json", stats)
+            run.mark_done(f"round{r}_regions", key=key)
+        else:
+            write_masks(regions_dir, ds, {**read_masks(seeds_dir, ds), **(given or {})})
+            run.mark_done(f"round{r}_regions", {"mining": False}, key=key)
     init = run / f"round{r - 1}" / "segmenter" / "model" if r > 1 and cfg.segmenter_init == "previous" else None
     lr = cfg.lr * cfg.continue_lr_mult if init else cfg.lr
     train(segmenter_config(cfg, rdir / "segmenter", mask_dir=str(regions_dir), init_from=init and str(init), lr=lr))
-    preds_key = {**key, "prediction_confidence": cfg.prediction_confidence}  # this round's own threshold
-    if not is_current(run, f"round{r}_predictions", preds_key, preds_dir):
-        predict_within_tags(rdir / "segmenter" / "model", ds, preds_dir, cfg.prediction_confidence)
+    preds_key = predictions_key(cfg, r, ds)  # the round's key and this round's own threshold
+    if needs_run(run, f"round{r}_predictions", preds_key, preds_dir):
+        predict_within_tags(rdir / "segmenter" / "model", ds, preds_dir, cfg.prediction_confidence,
+                            device_of(cfg.devices))
         run.mark_done(f"round{r}_predictions", key=preds_key)
     return regions_dir, preds_dir, inputs
 
 
-def segmenter_config(cfg: PipelineConfig, out: Path, **overrides):
+def segmenter_config(cfg: PipelineConfig, out: Path, **overrides: Any) -> TrainConfig:
     """The segmentation network of a round (OCR head by default), trained on `mask_dir`'s masks; resumes
     from its last checkpoint. Benchmarks build their masks-only baseline from it (same schedule)."""
-    from frugalseg.config import TrainConfig
-
-    fields = dict(data=cfg.data, out=str(out), train_split=cfg.train_split, val_split=cfg.val_split,
-                  background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes,
-                  arch=cfg.seg_arch, epochs=cfg.seg_epochs, crop_size=cfg.crop_size, batch_size=cfg.batch_size,
-                  lr=cfg.lr, seed=cfg.seed, precision=cfg.precision, num_workers=cfg.num_workers,
-                  progress=cfg.progress, val_every=10_000,
-                  # an interrupted segmenter resumes; a finished one is left as it is (not reloaded and re-exported)
-                  resume=(out / "checkpoints" / "last.ckpt").exists() and not (out / "stages" / "train.done").exists())
+    # an interrupted segmenter resumes; a finished one is left as it is (not reloaded and re-exported)
+    resume = (out / "checkpoints" / "last.ckpt").exists() and not (out / "stages" / "train.done").exists()
+    fields = dict(**run_options_of(cfg, out=str(out), resume=resume), train_split=cfg.train_split,
+                  val_split=cfg.val_split, arch=cfg.seg_arch, epochs=cfg.seg_epochs, crop_size=cfg.crop_size,
+                  batch_size=cfg.batch_size, lr=cfg.lr, val_every=10_000)
     return TrainConfig(**{**fields, **overrides})
 
 
 @torch.no_grad()
-def predict_within_tags(model_dir: Path, ds, out: Path, min_confidence: float = 0.0) -> None:
+def predict_within_tags(model_dir: Path, ds: SegDataset, out: Path, min_confidence: float = 0.0,
+                        device: torch.device | str = "cpu") -> None:
     """The segmenter's labels on the training images, with classes outside each image's tags forbidden
-    (MCOF: 'predictions restricted to image labels' seed the next round). Pixels whose probability,
-    renormalised over the allowed classes, is below `min_confidence` become unknown (255) for the miner."""
-    from frugalseg.export import load_export
-    from frugalseg.supervised import _device, predict_images
-
+    (`restrict_to_tags`: MCOF's 'predictions restricted to image labels' seed the next round). Pixels whose
+    probability, renormalised over the allowed classes, is below `min_confidence` become unknown (255)."""
     model, spec, labels = load_export(model_dir)
-    device = _device()
     model = model.to(device).eval()
     masks = {}
     for s in ds.samples:
-        image = torch.from_numpy(np.array(ds.read_image(s))).permute(2, 0, 1).float().div(255)
-        probs = predict_images(model, image[None].to(device), spec.get("input_size"))[0]
-        allowed = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
-        allowed[list(ds.tags_of(s))] = True
-        if labels.background is not None:
-            allowed[labels.background] = True
-        probs = probs.masked_fill(~allowed[:, None, None], 0)
-        conf, label = (probs / probs.sum(0, keepdim=True).clamp_min(1e-8)).max(0)
-        label[conf < min_confidence] = labels.ignore_index
-        masks[s.id] = label.to(torch.uint8).cpu().numpy()
+        image = to_tensor_image(ds.read_image(s))
+        probs = predict_images(model, image[None], spec.get("input_size"), device=device)[0]
+        label = restrict_to_tags(probs, ds.tags_of(s), labels.background, min_confidence, labels.ignore_index)
+        masks[s.id] = label.cpu().numpy()
     write_masks(out, ds, masks)
 
 
@@ -566,7 +584,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     # Seconds per stage as of the invocation that last *ran* it (a resumed run does not report a skipped
     # stage as taking 0 s): a stage ran when it wrote a done-marker during this call.
     timings_file = run / "stage_seconds.json"
-    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    timings: dict[str, float | None] = read_json(timings_file) if timings_file.exists() else {}
 
     def timed(name: str, fn, *args):
         t = time.time()
@@ -598,7 +616,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         stages += [(f"round{r}_regions", regions), (f"round{r}_predictions", preds)]
         metrics = run / f"round{r}" / "segmenter" / "metrics" / f"{cfg.val_split}.json"
         if cfg.val_split and metrics.exists():
-            val_by_round[r] = json.loads(metrics.read_text())
+            val_by_round[r] = read_json(metrics)
         current, previous_regions = preds, regions
     summary = summarise(cfg, ds, stages, val_by_round, timings, time.time() - t0, th)
     summary["masked_images"] = len(given)
@@ -607,7 +625,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
-def summarise(cfg: PipelineConfig, ds, stages, val_by_round: dict, timings: dict, seconds: float,
+def summarise(cfg: PipelineConfig, ds: SegDataset, stages, val_by_round: dict, timings: dict, seconds: float,
               th: Thresholds | None = None) -> dict[str, Any]:
     calibration = set(th.calibration_ids) if th else set()
     scored = ds.with_samples([s for s in ds.samples if s.id not in calibration])  # never score what chose a threshold
@@ -624,8 +642,6 @@ def summarise(cfg: PipelineConfig, ds, stages, val_by_round: dict, timings: dict
                      "miou_labelled": None if score is None else score["miou_labelled"],
                      "labelled_fraction": None if score is None else score["labelled_fraction"]})
         if held is not None:
-            from frugalseg.weak.crf import evaluate_pseudo_masks
-
             rows[-1]["miou_calibration_images"] = evaluate_pseudo_masks(folder, held, save=False,
                                                                         truth=held_truth)["miou"]
     # String keys, as summary.json has them once written: a caller reads the returned summary and the file alike.
@@ -637,59 +653,3 @@ def summarise(cfg: PipelineConfig, ds, stages, val_by_round: dict, timings: dict
     return {"config": dataclasses.asdict(cfg), "train_images": len(ds), "scored_images": len(scored),
             "thresholds": thresholds, "stages": rows, "val_by_round": val, "final_val_miou": final,
             "val_split": cfg.val_split, "stage_seconds": timings, "seconds": round(seconds, 1)}
-
-
-def write_pipeline_report(run_dir: Path, ds, stages, summary: dict, max_images: int = 16) -> Path:
-    """Seeds, pseudo-masks and predictions side by side per image, and the per-stage mIoU table."""
-    from frugalseg.data.io import atomic_path, write_rgb
-    from frugalseg.report.overlays import colourise, panel
-
-    assets = run_dir / "report_assets"
-    assets.mkdir(exist_ok=True)
-    rows_html = []
-    for s in ds.samples[:max_images]:
-        image = ds.read_image(s)
-        tiles, titles = [image], ["image"]
-        if s.mask is not None:
-            tiles.append(colourise(ds.read_mask(s), ds.labels))
-            titles.append("truth")
-        for name, folder in stages:
-            f = mask_file(Path(folder), s.id)
-            if f.exists():
-                tiles.append(colourise(read_label_png(f), ds.labels))
-                titles.append(name.replace("_", " "))
-        path = assets / f"{mask_file(Path(''), s.id).stem}.jpg"
-        write_rgb(path, panel(tiles, titles))
-        rows_html.append(f'<div class="row"><p>{html.escape(s.id)}</p><img src="report_assets/{path.name}"></div>')
-    table = "".join(
-        f"<tr><td>{html.escape(r['stage'])}</td><td>{r['split']}</td><td>{_fmt(r['miou'])}</td>"
-        f"<td>{_fmt(r['miou_labelled'])}</td><td>{_fmt(r['labelled_fraction'])}</td></tr>" for r in summary["stages"])
-    val_rows = "".join(f"<tr><td>round {r}</td><td>{summary['val_split']}</td><td>{_fmt(v['miou'])}</td></tr>"
-                       for r, v in summary["val_by_round"].items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>frugalseg run: tags to model</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
-.row img{{max-width:100%}}.row p{{margin:.8em 0 .2em;font-weight:bold}}</style></head><body>
-<h1>From tags to a segmentation model</h1>
-<p>{summary['train_images']} training images ({html.escape(str(summary['config']['train_split']))}), seeds from
-<b>{summary['config']['seeds']}</b>, refinement {summary['config']['refine']}, {summary['config']['rounds']} mining rounds;
-{summary['seconds']:.0f} s. Training-image masks are used only to score the stages below{_calibration_note(summary)}.</p>
-<h2>Pseudo-mask mIoU per stage (training images)</h2>
-<table><tr><th>stage</th><th>split</th><th>mIoU (ignore = background)</th><th>mIoU of labelled pixels</th><th>labelled fraction</th></tr>{table}</table>
-<h2>Segmenter per round</h2><table><tr><th>round</th><th>split</th><th>mIoU</th></tr>{val_rows}</table>
-<h2>Per image</h2>{''.join(rows_html)}</body></html>"""
-    out = run_dir / "report.html"
-    with atomic_path(out) as tmp:
-        tmp.write_text(page)
-    return out
-
-
-def _calibration_note(summary: dict) -> str:
-    th = summary.get("thresholds") or {}
-    if not th.get("calibration_images"):
-        return ", never to choose anything"
-    return (f" ({summary['scored_images']} images), except {th['calibration_images']} calibration images whose masks "
-            f"chose the background threshold {th['seed']} (CRF planes {th['fg']} / {th['bg']}) and which are not scored")
-
-
-def _fmt(v: Any) -> str:
-    return "–" if v is None else f"{v:.4f}"

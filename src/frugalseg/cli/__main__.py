@@ -1,0 +1,5 @@
+"""`python -m frugalseg.cli ...` is the `frugalseg` command."""
+
+from frugalseg.cli import main
+
+main()

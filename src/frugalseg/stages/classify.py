@@ -1,0 +1,123 @@
+"""Stage `classify`: train the multi-label tag classifier on image tags only, then score its tags (AP / F1).
+
+Training follows IRN where it is right: multi-label soft-margin loss, BN statistics frozen, early stages
+frozen, SGD with poly decay, the new 1x1 head at 10x the backbone's learning rate, random rescale +
+crop + flip. Not copied: IRN's optimizer passes weight decay where SGD expects momentum (momentum 1e-4 in
+effect); here momentum is a real option (default 0.9).
+
+Writes into `cfg.out`: config.yaml, checkpoints/last.ckpt (every epoch; `--resume`), logs/, model/
+(safetensors + config.json, read by `frugalseg.weak.classify.load_classifier`), stages/classify.done and
+metrics/classify_<eval split>.json. The network, its data and its evaluation are `frugalseg.weak.classify`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from frugalseg.data import open_splits
+from frugalseg.data.transforms import CropTransform
+from frugalseg.errors import DataError
+from frugalseg.runs import RunDir
+from frugalseg.stages.engine import ClassifierModule, make_trainer, merge_resumed_logs
+from frugalseg.stages.options import RunOptions, check_common, device_of, option
+from frugalseg.weak.classify import (
+    TaggedImages,
+    build_classifier,
+    classifier_spec,
+    evaluate_classifier,
+    load_classifier,
+    save_classifier,
+)
+
+log = logging.getLogger(__name__)
+
+PRETRAINED_HELP = "true (ImageNet weights), false (random init), or a path to a weight file."
+BACKBONE_HELP = "Any timm model name; tf_efficientnet_lite0/1/2 have offline ImageNet weights."
+OUTPUT_STRIDE_HELP = "Backbone output stride (8, 16 or 32): the last stages are dilated instead of strided."
+FROZEN_STAGES_HELP = "Backbone feature stages kept frozen (IRN: up to stride 8)."
+FREEZE_BN_HELP = "Keep the backbone's BatchNorm statistics frozen (IRN)."
+
+
+@dataclass
+class ClassifyConfig(RunOptions):
+    out: str = option("runs/classify", "Run directory for the classifier (config, checkpoints, model/, metrics/).")
+    # "train+val" joins splits (tags only: WSSS maps the images it trains on)
+    train_split: str = option("train", "Split(s) whose tags train the classifier; '+' joins splits (train+val).")
+    eval_split: str | None = option("val", "Split for per-class AP / F1 (empty to skip).")
+    backbone: str = option("tf_efficientnet_lite0", BACKBONE_HELP)
+    pretrained: bool | str = option(True, PRETRAINED_HELP)
+    output_stride: int = option(16, OUTPUT_STRIDE_HELP)
+    frozen_stages: int = option(3, FROZEN_STAGES_HELP)
+    freeze_bn: bool = option(True, FREEZE_BN_HELP)
+    peak_stimulation: bool = option(False, "PRM: train with peak stimulation (class score = mean response at "
+                                           "local maxima).")
+    epochs: int = option(8, "Training epochs.")
+    max_steps: int = option(-1, "Stop after this many optimiser steps (-1: the epochs decide).")
+    batch_size: int = option(16, "Images per batch.")
+    lr: float = option(0.01, "Learning rate of the backbone (SGD, poly decay).")
+    head_lr_mult: float = option(10.0, "Learning rate of the new 1x1 head, as a multiple of --lr (IRN: 10).")
+    weight_decay: float = option(1e-4, "SGD weight decay.")
+    momentum: float = option(0.9, "SGD momentum (IRN's code passes its weight decay here; 0.9 is the usual value).")
+    crop_size: int = option(256, "Training crop after the random rescale.")
+    base_size: int = option(320, "Longer image side before the random scale factor.")
+    scale: tuple[float, float] = option((0.5, 1.0), "Random rescale range, as factors of --base-size.")
+
+    def validate(self) -> "ClassifyConfig":
+        check_common(self)
+        return self
+
+
+def open_classify_split(cfg: Any, splits: str):
+    """The '+'-joined `splits` of the config's dataset, with its class remapping."""
+    return open_splits(cfg.data, splits, background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes)
+
+
+def train_classifier(cfg: ClassifyConfig) -> dict:
+    """Train (or resume, or skip when finished) the tag classifier in cfg.out; evaluate AP/F1."""
+    cfg.validate()
+    run = RunDir(cfg.out)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    train_ds = open_classify_split(cfg, cfg.train_split)
+    labels = train_ds.labels
+    spec = classifier_spec(labels, backbone=cfg.backbone, output_stride=cfg.output_stride,
+                           peak_stimulation=cfg.peak_stimulation, frozen_stages=cfg.frozen_stages,
+                           freeze_bn=cfg.freeze_bn)
+    run.save_config(cfg)
+    t0 = time.time()
+    if run.stage_done("classify") and not cfg.resume:
+        log.info("%s: classifier already trained; skipping (delete stages/classify.done to retrain).", run.path)
+    else:
+        model = build_classifier(spec, pretrained=cfg.pretrained)
+        transform = CropTransform(cfg.crop_size, tuple(cfg.scale), True, cfg.base_size)
+        data = TaggedImages(train_ds, spec["class_ids"], transform, cfg.seed)
+        if data.targets.sum() == 0:
+            raise DataError(f"{train_ds.name}: no image carries a foreground tag; nothing to classify.")
+        loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True,
+                            drop_last=len(data) > cfg.batch_size, num_workers=cfg.num_workers,
+                            persistent_workers=cfg.num_workers > 0)
+        module = ClassifierModule(model, cfg)
+        ckpt = run.last_checkpoint if cfg.resume and run.last_checkpoint.exists() else None
+        trainer = make_trainer(cfg, run.path, max_epochs=cfg.epochs, max_steps=cfg.max_steps, val=False,
+                               resuming=ckpt is not None)
+        trainer.fit(module, loader, ckpt_path=ckpt)
+        merge_resumed_logs(run.path)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        save_classifier(module.model, spec, labels, run / "model")
+        run.mark_done("classify", {"seconds": round(time.time() - t0, 1), "images": len(data), "epochs": cfg.epochs})
+    result = {"run": str(run.path), "train_seconds": round(time.time() - t0, 1)}
+    if cfg.eval_split:
+        model, spec, labels = load_classifier(run.path)
+        device = device_of(cfg.devices)
+        metrics = evaluate_classifier(model.to(device), open_classify_split(cfg, cfg.eval_split), spec["class_ids"],
+                                      labels, device)
+        metrics["split"] = cfg.eval_split
+        run.write_metrics(f"classify_{cfg.eval_split}", metrics)
+        result["eval"] = metrics
+    return result

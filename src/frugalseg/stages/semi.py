@@ -1,0 +1,641 @@
+"""Stage: semi-supervised training (`frugalseg train --semi dtc|cotrain|meanteacher|none`).
+
+Every method runs the same stage; they differ only in their step module (`frugalseg.semi`: DTC,
+deep co-training, mean teacher, the supervised-only baseline) and its hyper-parameters:
+
+- configuration: `SemiConfig` (the fields every method shares, on top of the run options; `None` =
+  the protocol's value for the data's dimension, resolved and saved in config.yaml) and one config per
+  method (`DTCConfig`, `CoTrainConfig`, `MeanTeacherConfig`, `SupervisedOnlyConfig`), which builds its
+  step (`build_step`), its labelled streams (`streams`: one per co-trained model) and checks the data;
+- `SEMI_METHODS`: {name: (config class, train function)}, the names of `frugalseg train --semi`;
+- `open_semi_data(cfg)`: the training split with the labelled set chosen (first N patients, a fraction
+  of the patients, or listed ids), the unlabelled indices, the validation cases;
+- `train_semi(cfg)`: data, network spec, batches (`semi.batches.SemiBatches`), Lightning fit with a
+  checkpoint every epoch and exact resume (`fit_semi`, `stages.engine.SemiModule`), export, evaluation
+  (`frugalseg.evaluation.evaluate`: Dice, Jaccard, HD95, ASD) in the run directory `cfg.out`:
+  config.yaml (resolved), budget.json, checkpoints/last.ckpt, logs/metrics.csv, the exported model(s),
+  metrics/<split>.json, stages/train.done. A finished run is not retrained unless `resume`.
+
+Lightning is imported only when a run trains (`stages.engine`): the configs load without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from frugalseg.data import open_split
+from frugalseg.data.hdf5 import patient_of
+from frugalseg.data.labels import LabelSpec
+from frugalseg.data.samples import SegDataset
+from frugalseg.data.torchdata import EvalCases, first_item, input_channels
+from frugalseg.errors import ConfigError, DataError
+from frugalseg.evaluation import evaluate
+from frugalseg.models import build_model
+from frugalseg.runs import RunDir, read_json, write_json
+from frugalseg.semi.batches import AUGMENTATIONS, SemiBatches, choice, patch_shape, select_labelled
+from frugalseg.semi.cotrain import CoTrainStep, adversarial_pairs, assign_views
+from frugalseg.semi.dtc import K_TRANSFORM, SDF_WEIGHT, DTCStep
+from frugalseg.semi.meanteacher import UAMT_RAMPUP, MeanTeacherStep
+from frugalseg.semi.ramps import DTC_CONSISTENCY, DTC_RAMPUP, RAMPUP_EVERY, SSL4MIS_CONSISTENCY, SSL4MIS_RAMPUP
+from frugalseg.semi.step import SemiStep
+from frugalseg.semi.supervised_only import SupervisedOnlyStep
+from frugalseg.stages.options import RunOptions, device_of, option, option_like
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CoTrainConfig", "DTCConfig", "MeanTeacherConfig", "SEMI_METHODS", "SemiConfig", "SemiData",
+    "SupervisedOnlyConfig", "evaluate_semi", "fit_semi", "network_spec", "open_semi_data", "saved_export",
+    "train_cotrain", "train_semi",
+]
+
+
+# ---- configuration shared by the semi-supervised methods ------------------------------------------
+@dataclass
+class SemiConfig(RunOptions):
+    """Fields every semi-supervised method shares. `None` fields are resolved from the training data
+    (`resolved`, saved resolved in config.yaml): 2D data (ACDC slices) follow the SSL4MIS ACDC protocol,
+    3D data (LA volumes) the UA-MT/DTC LA protocol:
+
+    arch U-Net / V-Net; patch 256×256 / 112×112×80; batches 12+12 / 2+2; iterations 30000 / 6000;
+    lr poly (power 0.9) / step (×0.1 every 2500); dropout 0 (U-Net) / 0.5 (V-Net, DTC's has_dropout).
+    Methods override some of these (`protocol`): co-training's official 4+4 batches in 2D, DTC's and the
+    mean teacher's consistency constants. val_split 'auto' is 'val' if the dataset has one, else 'test'
+    (LA, like the reference, has no validation split; the last model is reported, none is selected).
+
+    A method's config also says how to train it: `STEP` (its step class), `build_step`, `streams`,
+    `levelset` (DTC's dual-head network) and `check` (data the method cannot train on).
+    """
+
+    semi: str = option("", "The method (`frugalseg train --semi`); each method's config sets it.", cli=False)
+    out: str = option_like(RunOptions, "out", "runs/semi")
+    seed: int = option_like(RunOptions, "seed", 1337)
+    train_split: str = option("train", "Split holding the labelled and unlabelled training samples.")
+    val_split: str | None = option("auto", "Split to validate and evaluate on: auto = val if the dataset has one, "
+                                           "else test; empty for none.")
+    val_limit: int | None = option(None, "Evaluate on the first N validation cases only.")
+    # labelled set: exactly one of these (first N patients is the SSL4MIS protocol: 3 → 68 slices, 7 → 136)
+    labelled_patients: int | None = option(None, "Labelled set: every slice of the first N patients of the list "
+                                                 "(SSL4MIS/DTC protocol: 3 or 7 on ACDC).")
+    labelled_fraction: float | None = option(None, "Labelled set: this fraction of the patients (cases), drawn with "
+                                                   "--budget-seed; the rest is unlabelled.")
+    labelled_ids: list[str] | None = option(None, "Labelled set: exactly these sample ids (repeat the option, or "
+                                                  "@file with one id a line).")
+    budget_seed: int = option(0, "Seed of the label-budget draw.")
+    unlabelled_limit: int | None = option(None, "Use only the first N unlabelled samples.")
+    # network
+    dims: int | None = option(None, "2 (slices) or 3 (volumes) [default: the training split's].")
+    arch: Literal["unet", "vnet"] | None = option(None, "unet (2D/3D) or vnet (3D) [default: U-Net in 2D, "
+                                                        "V-Net in 3D].")
+    channels: list[int] = option(help="U-Net channels per level, e.g. 16,32,64,128,256.",
+                                 factory=lambda: [16, 32, 64, 128, 256])
+    dropout: float | None = option(None, "Dropout [default: 0 for the U-Net, 0.5 for the V-Net].")
+    # batches and schedule
+    patch_size: list[int] | None = option(None, "Training patch: one size (square/cube) or one per axis, e.g. 256 "
+                                                "or 112,112,80 [default: by dims].")
+    labelled_batch_size: int | None = option(None, "Labelled samples per batch (per model for co-training) "
+                                                   "[default: by dims and method].")
+    unlabelled_batch_size: int | None = option(None, "Unlabelled samples per batch [default: by dims and method; "
+                                                     "0 for --semi none].")
+    augment: Literal["ssl4mis", "rotflip", "none"] = option(
+        "ssl4mis", "ssl4mis (rot90/flip or ±20° rotation in 2D, RandomRotFlip in 3D), rotflip, or none.")
+    iterations: int | None = option(None, "Training iterations [default: 30000 in 2D (SSL4MIS), 6000 in 3D (DTC)].")
+    epoch_steps: int = option(150, "Iterations per epoch: checkpoint and validation interval.")
+    rampup_every: int = option(RAMPUP_EVERY, "Iterations per unit of the consistency ramps (SSL4MIS/DTC: 150).")
+    # optimisation
+    optimizer: Literal["sgd", "adam"] = option("sgd", "sgd (momentum) or adam.")
+    lr: float = option(0.01, "Base learning rate.")
+    momentum: float = option(0.9, "SGD momentum.")
+    weight_decay: float = option(1e-4, "Weight decay.")
+    lr_schedule: Literal["poly", "step"] | None = option(None, "poly (power 0.9) or step (x0.1 every --lr-step) "
+                                                               "[default: poly in 2D, step in 3D].")
+    lr_step: int = option(2500, "Step schedule: lr x 0.1 every this many iterations (DTC).")
+    loss: Literal["dice_ce", "ce", "dice"] = option("dice_ce", "Supervised loss: dice_ce (0.5 CE + 0.5 soft Dice, "
+                                                               "SSL4MIS), ce, or dice.")
+    # evaluation
+    val_overlap: float = option(0.5, "Sliding-window overlap of 3D inference.")
+    largest_component: bool = option(False, "Keep each class's largest connected component in evaluation "
+                                            "(DTC's nms).")
+    val_every: int = option(10, "Validate every N epochs during training (0: only at the end).")
+
+    SEMI: ClassVar[str] = ""  # the value of `semi` for this config class
+    STEP: ClassVar[type[SemiStep]] = SemiStep  # the method's step module
+
+    # -- how the method trains (each method's config) ------------------------------------------------------
+    @property
+    def levelset(self) -> bool:
+        """Whether the method trains DTC's dual-head (segmentation + level-set) network."""
+        return False
+
+    def check(self, labels: LabelSpec) -> None:
+        """Refuse data the method cannot train on (a clear error before anything is written)."""
+
+    def streams(self, labelled: Sequence[str]) -> list[tuple[str, ...]]:
+        """The labelled streams of a batch (ids of each): one, the labelled set."""
+        return [tuple(labelled)]
+
+    def build_step(self, spec: dict, labels: LabelSpec) -> SemiStep:
+        """The method's step module with new networks of `spec` (the config is resolved)."""
+        raise NotImplementedError(f"{type(self).__name__} names no method; use one of {sorted(SEMI_METHODS)}.")
+
+    # -- protocol defaults and checks ----------------------------------------------------------------------
+    @classmethod
+    def protocol(cls, dims: int) -> dict:
+        """Values of the `None` fields for `dims`-D data (subclasses add their own)."""
+        if dims == 3:
+            return dict(arch="vnet", patch_size=[112, 112, 80], labelled_batch_size=2, unlabelled_batch_size=2,
+                        iterations=6000, lr_schedule="step")
+        return dict(arch="unet", patch_size=[256, 256], labelled_batch_size=12, unlabelled_batch_size=12,
+                    iterations=30000, lr_schedule="poly")
+
+    def validate(self) -> "SemiConfig":
+        if not self.data:
+            raise ConfigError("No dataset given: pass data=FOLDER or a task name such as acdc or la2018.")
+        if self.SEMI and self.semi != self.SEMI:
+            raise ConfigError(f"{type(self).__name__} is the '{self.SEMI}' method; semi='{self.semi}' belongs "
+                              "to another method's config.")
+        given = [n for n in ("labelled_patients", "labelled_fraction", "labelled_ids") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                f"Choose the labelled set with exactly one of labelled_patients, labelled_fraction, labelled_ids "
+                f"(got {', '.join(given) or 'none'}), e.g. labelled_patients=7 on ACDC, 2 on the LA subset."
+            )
+        if self.labelled_fraction is not None and not 0 < self.labelled_fraction <= 1:
+            raise ConfigError(f"labelled_fraction must be in (0, 1], got {self.labelled_fraction}.")
+        if self.labelled_patients is not None and self.labelled_patients < 1:
+            raise ConfigError(f"labelled_patients must be >= 1, got {self.labelled_patients}.")
+        if self.labelled_ids is not None and not self.labelled_ids:
+            raise ConfigError("labelled_ids is empty: it selects no image to train on.")
+        for name in ("labelled_batch_size", "iterations", "epoch_steps", "rampup_every", "lr_step"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}.")
+        if self.unlabelled_batch_size is not None and self.unlabelled_batch_size < 0:
+            raise ConfigError(f"unlabelled_batch_size must be >= 0, got {self.unlabelled_batch_size}.")
+        if self.dims not in (None, 2, 3):
+            raise ConfigError(f"dims must be 2 or 3, got {self.dims}.")
+        if self.patch_size is not None:
+            given_sizes = len(self.patch_size) if isinstance(self.patch_size, (list, tuple)) else 1
+            sizes = patch_shape(self.patch_size, self.dims or given_sizes)
+            if any(s < 1 for s in sizes):
+                raise ConfigError(f"patch_size must be positive, got {self.patch_size}.")
+        choice("arch", self.arch, ("unet", "vnet", None))
+        choice("optimizer", self.optimizer, ("sgd", "adam"))
+        choice("loss", self.loss, ("ce", "dice_ce", "dice"))
+        choice("augment", self.augment, AUGMENTATIONS)
+        choice("lr_schedule", self.lr_schedule, ("poly", "step", None))
+        if not 0 <= self.val_overlap < 1:
+            raise ConfigError(f"val_overlap must be in [0, 1), got {self.val_overlap}.")
+        if len(self.channels) < 2:
+            raise ConfigError(f"channels needs at least two U-Net levels, got {self.channels}.")
+        return self
+
+    def resolved(self, dims: int) -> "SemiConfig":
+        """A copy with every `None` default filled for `dims`-D data (patch_size as a list of `dims` sizes)."""
+        if self.dims is not None and self.dims != dims:
+            raise ConfigError(f"dims={self.dims} but the training split holds {dims}D samples.")
+        filled = {k: v for k, v in self.protocol(dims).items() if getattr(self, k, None) is None}
+        cfg = dataclasses.replace(self, dims=dims, **filled)
+        cfg.patch_size = patch_shape(cfg.patch_size, dims)
+        if cfg.dropout is None:
+            cfg.dropout = 0.5 if cfg.arch == "vnet" else 0.0
+        if cfg.arch == "vnet" and dims != 3:
+            raise ConfigError("The V-Net is 3D; use arch='unet' for 2D data.")
+        return cfg
+
+    @property
+    def epoch_length(self) -> int:
+        """Iterations per epoch: the largest divisor of `iterations` not above `epoch_steps`, so the run ends
+        on an epoch boundary, where last.ckpt is written and a resume is exact."""
+        total = int(self.iterations or self.epoch_steps)
+        n = max(1, min(self.epoch_steps, total))
+        while total % n:
+            n -= 1
+        return n
+
+
+# ---- the methods' configurations ------------------------------------------------------------------------
+@dataclass
+class DTCConfig(SemiConfig):
+    """DTC training (`semi.dtc`): the shared fields plus the loss's. Consistency weight and ramp-up: 1.0 over
+    40 / 0.1 over 200 ramp units of `rampup_every` (150) iterations for 3D / 2D data (DTC's LA and SSL4MIS's
+    ACDC constants; both ramps span the whole protocol run)."""
+
+    SEMI: ClassVar[str] = "dtc"
+    STEP: ClassVar[type[SemiStep]] = DTCStep
+    semi: str = option("dtc", "The method.", cli=False)
+    out: str = option_like(RunOptions, "out", "runs/dtc")
+    k: float = option(K_TRANSFORM, "DTC: k of the transform sigmoid(-k * sdf).")
+    beta: float = option(SDF_WEIGHT, "DTC: weight of the level-set (SDF) regression.")
+    consistency: float | None = option(None, "Maximum consistency weight [default: by dims: 0.1 in 2D; DTC 1.0 in 3D].")
+    consistency_rampup: float | None = option(None, "Consistency ramp-up length in units of --rampup-every "
+                                                    "iterations [default: by dims].")
+
+    @classmethod
+    def protocol(cls, dims: int) -> dict:
+        three = dims == 3
+        return {**super().protocol(dims),
+                "consistency": DTC_CONSISTENCY if three else SSL4MIS_CONSISTENCY,
+                "consistency_rampup": DTC_RAMPUP if three else SSL4MIS_RAMPUP}
+
+    @property
+    def levelset(self) -> bool:
+        return True
+
+    def check(self, labels: LabelSpec) -> None:
+        if labels.background != 0:
+            raise ConfigError("DTC needs class 0 to be the background (level sets are per foreground class).")
+
+    def build_step(self, spec: dict, labels: LabelSpec) -> DTCStep:
+        return DTCStep(build_model(spec), k=self.k, beta=self.beta, consistency=self.consistency,
+                       rampup=self.consistency_rampup, rampup_every=self.rampup_every, seg_loss=self.loss,
+                       ignore_index=labels.ignore_index)
+
+
+@dataclass
+class MeanTeacherConfig(SemiConfig):
+    """Mean teacher (`semi.meanteacher`; defaults: SSL4MIS train_mean_teacher_2D.py on ACDC, UA-MT's
+    constants on volumes)."""
+
+    SEMI: ClassVar[str] = "meanteacher"
+    STEP: ClassVar[type[SemiStep]] = MeanTeacherStep
+    semi: str = option("meanteacher", "The method.", cli=False)
+    out: str = option_like(RunOptions, "out", "runs/meanteacher")
+    ema_decay: float = option(0.99, "Mean teacher: EMA decay of the teacher.")
+    consistency: float | None = option(None, "Maximum consistency weight [default: 0.1].")
+    consistency_rampup: float | None = option(None, "Consistency ramp-up length in units of --rampup-every "
+                                                    "iterations [default: 200 in 2D, 40 in 3D].")
+    teacher_noise: float = option(0.1, "Mean teacher: std of the Gaussian noise on the teacher's input.")
+    noise_clip: float = option(0.2, "Mean teacher: input noise clipped to +-this.")
+    student_noise: float = option(0.0, "Mean teacher: std of the noise on the student's unlabelled input (0: none).")
+    evaluate: str = option("student", "Mean teacher: the network evaluated and exported as model/ (student or "
+                                      "teacher).")
+
+    @classmethod
+    def protocol(cls, dims: int) -> dict:
+        return {**super().protocol(dims), "consistency": SSL4MIS_CONSISTENCY,
+                "consistency_rampup": UAMT_RAMPUP if dims == 3 else SSL4MIS_RAMPUP}
+
+    def validate(self) -> "MeanTeacherConfig":
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if self.evaluate not in ("student", "teacher"):
+            raise ConfigError(f"evaluate must be student or teacher, got '{self.evaluate}'.")
+        super().validate()
+        return self
+
+    def build_step(self, spec: dict, labels: LabelSpec) -> MeanTeacherStep:
+        return MeanTeacherStep(
+            build_model(spec), ema_decay=self.ema_decay, consistency=self.consistency, rampup=self.consistency_rampup,
+            rampup_every=self.rampup_every, teacher_noise=self.teacher_noise, noise_clip=self.noise_clip,
+            student_noise=self.student_noise, loss=self.loss, evaluate=self.evaluate, seed=self.seed,
+            ignore_index=labels.ignore_index)
+
+
+@dataclass
+class CoTrainConfig(SemiConfig):
+    """Deep co-training (`semi.cotrain`; defaults: the official ACDC config where it has one; K = `n_models`)."""
+
+    SEMI: ClassVar[str] = "cotrain"
+    STEP: ClassVar[type[SemiStep]] = CoTrainStep
+    semi: str = option("cotrain", "The method.", cli=False)
+    out: str = option_like(RunOptions, "out", "runs/cotrain")
+    n_models: int = option(2, "Number K >= 2 of co-trained models.")
+    views: str = option("split", "Co-training views of the labelled set: split (disjoint by patient) or bootstrap.")
+    view_overlap: float = option(0.0, "Co-training: fraction of labelled patients every model sees.")
+    view_unit: str = option("patient", "Co-training views split patients or images (patient | image).")
+    adversarial: bool = option(True, "Co-training's adversarial view-difference (diversity) term.")
+    adv_pairs: str = option("all", "Adversarial pairs: all (model i's examples to every j != i) or ring (i to i+1).")
+    adv_source: str = option("coin", "Adversarial source per model and step: coin (FGSM on labelled or VAT on "
+                                     "unlabelled, p = 0.5, official) or both.")
+    fgsm_eps: float = option(0.05, "FGSM step (L-infinity, per pixel).")
+    vat_xi: float = option(1e-3, "VAT probe (L2 per sample; the official 1e-6 underflows in float32).")
+    vat_eps: float = option(0.05, "VAT perturbation (L2 per sample).")
+    vat_power_iterations: int = option(1, "VAT power iterations.")
+    adv_clamp: list[float] | None = option(help="Adversarial inputs clipped to this range (ACDC intensities are in "
+                                                "[0, 1]).", factory=lambda: [0.0, 1.0])
+    attack_eval_mode: bool = option(True, "Attacks run the models in eval mode (as the reference), else in "
+                                          "training mode with frozen BatchNorm statistics.")
+    lambda_cot: float = option(1.0, "Maximum weight of the agreement (Jensen-Shannon) term.")
+    lambda_dif: float = option(0.005, "Maximum weight of the diversity (adversarial) term.")
+    ramp_epochs: float = option(100.0, "Ramp-up length of both weights in units of --rampup-every iterations.")
+    ramp_mult: float = option(-5.0, "Ramp shape: weight = max * exp(mult * (1 - t/T)^2).")
+    eval_members: bool = option(False, "Also evaluate each co-trained model alone (metrics under 'members').")
+    # official: Adam lr 1e-3, weight decay 1e-4, 4 labelled (per model) + 4 unlabelled (2D)
+    optimizer: Literal["sgd", "adam"] = option("adam", "sgd (momentum) or adam.")
+    lr: float = option(1e-3, "Base learning rate.")
+
+    @classmethod
+    def protocol(cls, dims: int) -> dict:
+        base = super().protocol(dims)
+        if dims == 2:
+            base.update(labelled_batch_size=4, unlabelled_batch_size=4)
+        return base
+
+    def validate(self) -> "CoTrainConfig":
+        if self.n_models < 2:
+            raise ConfigError(f"co-training needs n_models >= 2, got {self.n_models}.")
+        if self.views not in ("split", "bootstrap"):
+            raise ConfigError(f"views must be split or bootstrap, got '{self.views}'.")
+        if self.view_unit not in ("patient", "image"):
+            raise ConfigError(f"view_unit must be patient or image, got '{self.view_unit}'.")
+        adversarial_pairs(self.n_models, self.adv_pairs)
+        if self.adv_source not in ("coin", "both"):
+            raise ConfigError(f"adv_source must be coin or both, got '{self.adv_source}'.")
+        super().validate()
+        return self
+
+    def streams(self, labelled: Sequence[str]) -> list[tuple[str, ...]]:
+        return assign_views(labelled, self.n_models, mode=self.views, overlap=self.view_overlap, seed=self.budget_seed,
+                            group=patient_of if self.view_unit == "patient" else None)
+
+    def build_step(self, spec: dict, labels: LabelSpec) -> CoTrainStep:
+        return CoTrainStep(
+            [build_model(spec) for _ in range(self.n_models)], lambda_cot=self.lambda_cot, lambda_dif=self.lambda_dif,
+            ramp_epochs=self.ramp_epochs, ramp_mult=self.ramp_mult, rampup_every=self.rampup_every,
+            adversarial=self.adversarial, pairs=self.adv_pairs, adv_source=self.adv_source, fgsm_eps=self.fgsm_eps,
+            vat_xi=self.vat_xi, vat_eps=self.vat_eps, vat_power_iterations=self.vat_power_iterations,
+            clamp=self.adv_clamp, attack_eval_mode=self.attack_eval_mode, loss=self.loss, seed=self.seed,
+            ignore_index=labels.ignore_index)
+
+
+@dataclass
+class SupervisedOnlyConfig(SemiConfig):
+    """Labelled batches only (`frugalseg train --semi none`, `semi.supervised_only`). It accepts the other
+    methods' options, so the same command line with only `--semi` changed gives the baseline;
+    `unlabelled_batch_size` is set to 0 (and saved so in config.yaml)."""
+
+    SEMI: ClassVar[str] = "none"
+    STEP: ClassVar[type[SemiStep]] = SupervisedOnlyStep
+    semi: str = option("none", "The method.", cli=False)
+    out: str = option_like(RunOptions, "out", "runs/supervised_only")
+    network: Literal["plain", "levelset"] = option("plain", "Supervised-only baseline: plain (U-Net/V-Net) or "
+                                                            "levelset (DTC's network, level-set head unused).")
+
+    @property
+    def levelset(self) -> bool:
+        return self.network == "levelset"
+
+    def resolved(self, dims: int) -> "SupervisedOnlyConfig":
+        cfg = super().resolved(dims)
+        if cfg.unlabelled_batch_size:
+            log.info("supervised-only baseline: labelled batches only (unlabelled_batch_size %d → 0).",
+                     cfg.unlabelled_batch_size)
+        cfg.unlabelled_batch_size = 0
+        return cfg
+
+    def validate(self) -> "SupervisedOnlyConfig":
+        if self.network not in ("plain", "levelset"):
+            raise ConfigError(f"network must be plain or levelset, got '{self.network}'.")
+        super().validate()
+        return self
+
+    def build_step(self, spec: dict, labels: LabelSpec) -> SupervisedOnlyStep:
+        return SupervisedOnlyStep(build_model(spec), loss=self.loss, ignore_index=labels.ignore_index)
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+@dataclass
+class SemiData:
+    """What `open_semi_data` prepares: the config resolved for the data, the training split with each
+    sample's supervision set ("mask" for labelled, "none" otherwise), the labelled ids, the unlabelled
+    indices, and the validation cases (or None)."""
+
+    cfg: SemiConfig
+    train: SegDataset
+    labelled: tuple[str, ...]
+    unlabelled: list[int]
+    val: SegDataset | None
+
+
+def _open(cfg: SemiConfig, split: str) -> SegDataset:
+    return open_split(cfg.data, split, background_classes=cfg.background_classes, ignore_classes=cfg.ignore_classes)
+
+
+def _open_val(cfg: SemiConfig, names: tuple[str, ...]) -> tuple[str | None, SegDataset | None]:
+    if cfg.val_split is None or cfg.val_split == "":
+        return None, None
+    candidates = ("val", "test") if cfg.val_split == "auto" else (cfg.val_split,)
+    for split in candidates:
+        try:
+            val = _open(cfg, split)
+        except DataError:
+            if cfg.val_split == "auto":
+                continue
+            raise
+        if val.labels.names != names:
+            raise DataError(f"{cfg.data}: {split} classes {val.labels.names} differ from training classes {names}.")
+        if cfg.val_limit is not None:
+            val = val.with_samples(val.samples[: max(1, cfg.val_limit)])
+        return split, val
+    log.info("%s: no val or test split; training without evaluation.", cfg.data)
+    return None, None
+
+
+def open_semi_data(cfg: SemiConfig, require_unlabelled: bool = True) -> SemiData:
+    """Open the training split, resolve the config for its dimension, choose the labelled set, open the
+    validation cases. Raises a clear error when nothing is labelled or (with `require_unlabelled`)
+    nothing is left unlabelled."""
+    train = _open(cfg, cfg.train_split)
+    if train.ndim not in (2, 3):
+        raise DataError(f"{train.name}: semi-supervised training needs 2D slices or 3D volumes.")
+    if cfg.dims is not None and cfg.dims != train.ndim:
+        raise ConfigError(f"{train.name} holds {train.ndim}D samples but dims={cfg.dims}.")
+    cfg = cfg.resolved(train.ndim)
+    labelled = select_labelled(train, patients=cfg.labelled_patients, fraction=cfg.labelled_fraction,
+                               ids=cfg.labelled_ids, seed=cfg.budget_seed)
+    chosen = set(labelled)
+    train = train.with_samples([replace(s, supervision="mask" if s.id in chosen else "none") for s in train.samples])
+    unlabelled = [i for i, s in enumerate(train.samples) if s.id not in chosen]
+    if cfg.unlabelled_limit is not None:
+        unlabelled = unlabelled[: max(0, cfg.unlabelled_limit)]
+    if require_unlabelled and not unlabelled:
+        raise DataError(f"{train.name}: the labelled set covers every sample; nothing is left unlabelled "
+                        "(label fewer patients, or use --semi none for the supervised-only baseline).")
+    split, val = _open_val(cfg, train.labels.names)
+    cfg = dataclasses.replace(cfg, val_split=split)
+    return SemiData(cfg=cfg, train=train, labelled=labelled, unlabelled=unlabelled, val=val)
+
+
+def network_spec(cfg: SemiConfig, labels: LabelSpec, in_chans: int) -> dict:
+    """The spec `frugalseg.models.build_model` rebuilds the network from (saved in checkpoints and exports).
+
+    Plain: unet2d / unet3d / vnet3d; DTC's dual-head versions when `cfg.levelset`. 2D specs carry
+    `input_size` (slices are resized to the patch at inference, as in training)."""
+    dims, patch = cfg.dims, list(cfg.patch_size)
+    arch = "vnet3d" if cfg.arch == "vnet" else f"unet{dims}d"
+    spec = {"arch": f"levelset_{arch}" if cfg.levelset else arch, "num_classes": labels.num_classes,
+            "in_chans": in_chans, "dropout": cfg.dropout, "dims": dims, "patch_size": patch, "method": cfg.semi}
+    if cfg.arch == "unet":
+        spec["channels"] = list(cfg.channels)
+    if dims == 2:
+        spec["input_size"] = patch[0] if patch[0] == patch[1] else patch
+    return spec
+
+
+# ---- fit and stage -----------------------------------------------------------------------------------------
+def fit_semi(module, cfg: SemiConfig, run: RunDir, batches: SemiBatches, val: SegDataset | None):
+    """Lightning fit of a `stages.engine.SemiModule` with resume, as `stages.train.train` does it.
+
+    `iterations` end the run; epochs of `batches.steps` iterations (a divisor of `iterations`,
+    `SemiConfig.epoch_length`) are the checkpoint/validation unit, so a run stopped at its end resumes
+    exactly, with the batches the uninterrupted run would have drawn. Training stops on max_epochs, not
+    max_steps: a run stopped by max_steps ends inside its last epoch as Lightning counts it, and a resume
+    from that checkpoint would replay part of an epoch."""
+    from frugalseg.stages.engine import make_trainer, merge_resumed_logs  # Lightning: only when training
+
+    if cfg.iterations % batches.steps:
+        raise ConfigError(f"{batches.steps} steps per epoch do not divide {cfg.iterations} iterations.")
+    module.batches = batches
+    loader = DataLoader(batches, batch_size=None, num_workers=cfg.num_workers)
+    ckpt = run.last_checkpoint if cfg.resume and run.last_checkpoint.exists() else None
+    if cfg.resume and ckpt is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch.", run.checkpoints)
+    validate = val is not None and cfg.val_every > 0
+    trainer = make_trainer(cfg, run.path, max_epochs=cfg.iterations // batches.steps, max_steps=-1,
+                           val_every=max(1, cfg.val_every), val=validate, resuming=ckpt is not None)
+    val_loader = DataLoader(EvalCases(val, cfg.dims), batch_size=1, collate_fn=first_item,
+                            num_workers=cfg.num_workers) if validate else None
+    trainer.fit(module, loader, val_loader, ckpt_path=ckpt)
+    merge_resumed_logs(run.path)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    return trainer
+
+
+def _epoch_steps(cfg: SemiConfig, run: RunDir) -> int:
+    """Iterations per epoch: `cfg.epoch_length` for a new run; a resumed run keeps its checkpoint's, so
+    its epochs (and so its batches) continue where they stopped even when `iterations` changed."""
+    steps = cfg.epoch_length
+    if cfg.resume and run.last_checkpoint.exists():
+        meta = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False, mmap=True).get("frugalseg", {})
+        saved = int(meta.get("epoch_steps") or steps)
+        if saved != steps:
+            if cfg.iterations % saved:
+                raise ConfigError(f"--resume: the run's epochs have {saved} iterations, which does not divide "
+                                  f"iterations={cfg.iterations}; choose a multiple of {saved}.")
+            steps = saved
+    elif steps != cfg.epoch_steps:
+        log.info("%d iterations: epochs of %d iterations (epoch_steps %d does not divide them).",
+                 cfg.iterations, steps, cfg.epoch_steps)
+    return steps
+
+
+def evaluate_semi(model: nn.Module, ds: SegDataset, labels: LabelSpec, cfg: SemiConfig, **kwargs: Any) -> dict:
+    """`frugalseg.evaluation.evaluate` as a semi-supervised run predicts its cases (resolved `cfg`: the
+    network's dims, the patch as input size or sliding window, its overlap, largest component), on the
+    device of `cfg.devices`."""
+    return evaluate(model, ds, labels, device=device_of(cfg.devices), dims=cfg.dims, size=cfg.patch_size,
+                    overlap=cfg.val_overlap, largest_component=cfg.largest_component, progress=cfg.progress,
+                    **kwargs)
+
+
+def train_semi(cfg: SemiConfig) -> dict:
+    """Train `cfg`'s method in `cfg.out` (resumable), export, evaluate on the validation split.
+
+    Returns {"run", "method", "train_seconds", "iterations", "seconds_per_iteration", "losses", "labelled",
+    "unlabelled", "streams" (labelled samples per stream), "val"?: `frugalseg.evaluation.evaluate` metrics}.
+    """
+    import lightning as L  # only when training (seconds to import)
+
+    from frugalseg.stages.engine import SemiModule
+
+    cfg.validate()
+    run = RunDir(cfg.out)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    step_class = cfg.STEP
+    data = open_semi_data(cfg, require_unlabelled=step_class.uses_unlabelled)
+    cfg, train, labels = data.cfg, data.train, data.train.labels
+    cfg.check(labels)
+    streams = cfg.streams(data.labelled)
+    unlabelled = data.unlabelled if step_class.uses_unlabelled else []
+    write_json(run / "budget.json", {
+        "method": cfg.semi, "labelled": list(data.labelled), "streams": [list(s) for s in streams],
+        "unlabelled": [train[i].id for i in unlabelled],
+    })
+    spec = network_spec(cfg, labels, input_channels(train))
+    run.save_config(cfg)
+    t0 = time.time()
+    if run.stage_done("train") and not cfg.resume:
+        log.info("%s: training already finished; skipping (delete stages/train.done to retrain).", run.path)
+        info = read_json(run / "stages" / "train.done")
+        predictor = step_class.load_predictor(run.path)
+    else:
+        method = cfg.build_step(spec, labels)
+        module = SemiModule(method, labels, cfg, spec)
+        index = {s.id: i for i, s in enumerate(train.samples)}
+        batches = SemiBatches(
+            train, [[index[i] for i in s] for s in streams], unlabelled,
+            labelled_batch_size=cfg.labelled_batch_size,
+            unlabelled_batch_size=cfg.unlabelled_batch_size if step_class.uses_unlabelled else 0,
+            steps=_epoch_steps(cfg, run), patch_size=cfg.patch_size, augment=cfg.augment,
+            sdf_classes=labels.num_classes if step_class.needs_sdf else None, seed=cfg.seed,
+        )
+        trainer = fit_semi(module, cfg, run, batches, data.val)
+        method.export(run.path, spec, labels)
+        info = {"seconds": round(time.time() - t0, 1), "iterations": int(trainer.global_step),
+                "seconds_per_iteration": module.seconds_per_iteration, "losses": module.last_losses}
+        run.mark_done("train", info)
+        predictor = method.predictor
+    result: dict = {"run": str(run.path), "method": cfg.semi, "train_seconds": round(time.time() - t0, 1),
+                    "iterations": info.get("iterations"), "seconds_per_iteration": info.get("seconds_per_iteration"),
+                    "losses": info.get("losses", {}),
+                    "labelled": len(data.labelled), "unlabelled": len(unlabelled),
+                    "streams": [len(s) for s in streams]}
+    if data.val is not None:
+        metrics = evaluate_semi(predictor, data.val, labels, cfg)
+        metrics.update(split=cfg.val_split, model=spec, method=cfg.semi)
+        run.write_metrics(cfg.val_split, metrics)
+        result["val"] = metrics
+    return result
+
+
+def train_cotrain(cfg: CoTrainConfig) -> dict:
+    """Co-train K networks in `cfg.out`, export the ensemble, evaluate it on the validation cases.
+
+    `train_semi`'s result plus "views" (labelled samples per model); views.json lists each model's labelled
+    ids. With `eval_members`, each member's metrics are added under "members" (without their per-case lists).
+    """
+    result = train_semi(cfg)
+    run = Path(result["run"])
+    budget = read_json(run / "budget.json")
+    write_json(run / "views.json", {"labelled": budget["labelled"], "views": budget["streams"],
+                                    "unlabelled": len(budget["unlabelled"])})
+    result["views"] = result["streams"]
+    val = result.get("val")
+    if val is not None and cfg.eval_members:
+        data = open_semi_data(cfg)
+        rcfg, labels = data.cfg, data.train.labels
+        ensemble = CoTrainStep.load_predictor(run)
+        val["members"] = [{k: v for k, v in evaluate_semi(m, data.val, labels, rcfg).items() if k != "per_case"}
+                          for m in ensemble.members]
+        RunDir(run).write_metrics(rcfg.val_split, val)
+    return result
+
+
+def saved_export(run: RunDir) -> dict:
+    """The export metadata of a finished semi-supervised run ({"model": spec, "labels": ...}): model/config.json,
+    or co-training's models/ensemble.json."""
+    for rel in ("model/config.json", "models/ensemble.json"):
+        if (run / rel).exists():
+            return json.loads((run / rel).read_text())
+    raise DataError(f"{run.path}: no exported model (model/ or models/); has training finished?")
+
+
+#: `frugalseg train --semi NAME` → (config class, train function).
+SEMI_METHODS: dict[str, tuple[type[SemiConfig], Any]] = {
+    "dtc": (DTCConfig, train_semi),
+    "cotrain": (CoTrainConfig, train_cotrain),
+    "meanteacher": (MeanTeacherConfig, train_semi),
+    "none": (SupervisedOnlyConfig, train_semi),
+}
