@@ -18,7 +18,7 @@ from pathlib import Path
 from common import print_table, save_results
 
 TIMING_WORDS = ("second", "per_s", "speedup", "wall", "page_fault", "rss", "_s_", "time", "throughput", "allocator",
-                "torch_threads", "machine", "seconds_per")
+                "torch_threads", "machine", "seconds_per", "s_per_")
 
 
 def leaves(x, path=""):
