@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from frugalseg.cpu_allocator import allocator_description, tune_cpu_allocator  # noqa: E402
-from frugalseg.runs import git_commit, machine_info, read_json, write_json  # noqa: E402
+from frugalseg.data.io import read_json, write_json  # noqa: E402
+from frugalseg.runs import git_commit, machine_info  # noqa: E402
 
 tune_cpu_allocator()  # as the frugalseg command does: the figures time what users run
 

@@ -42,7 +42,7 @@ from common import ROOT, default_data_root, print_table, save_results
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
-from frugalseg.runs import write_json  # noqa: E402
+from frugalseg.data.io import write_json  # noqa: E402
 from frugalseg.stages.semi import SemiConfig  # noqa: E402
 
 ACDC_LABELLED = (3, 7)  # patients (SSL4MIS: 68 / 136 slices of its 70 patients; 50 patients here)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from frugalseg.data.io import atomic_path, jsonable, read_json, write_json, write_text
+from frugalseg.data.io import atomic_path, jsonable, write_json
 
 
 def _settings(key: dict) -> Any:

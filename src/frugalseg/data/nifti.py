@@ -30,7 +30,7 @@ from frugalseg.data.io import atomic_path, suffix_of
 from frugalseg.data.labels import LabelSpec
 from frugalseg.data.samples import Sample, SegDataset
 from frugalseg.data.volume_io import _load, _nib, _spacing, _spatial_shape, read_nifti_image, read_nifti_mask, read_nifti_spacing  # noqa: F401
-from frugalseg.errors import DataError, require
+from frugalseg.errors import DataError
 
 __all__ = ["load_msd", "read_nifti_image", "read_nifti_mask", "read_nifti_spacing", "write_nifti"]
 

@@ -24,7 +24,7 @@ from frugalseg.data import open_splits
 from frugalseg.data.transforms import CropTransform
 from frugalseg.errors import DataError
 from frugalseg.runs import RunDir
-from frugalseg.stages.engine import ClassifierModule, make_trainer, merge_resumed_logs
+from frugalseg.stages.engine import ClassifierModule, fit_resumable
 from frugalseg.stages.options import RunOptions, check_common, device_of, option
 from frugalseg.weak.classify import (
     TaggedImages,
@@ -102,13 +102,7 @@ def train_classifier(cfg: ClassifyConfig) -> dict:
                             drop_last=len(data) > cfg.batch_size, num_workers=cfg.num_workers,
                             persistent_workers=cfg.num_workers > 0)
         module = ClassifierModule(model, cfg)
-        ckpt = run.last_checkpoint if cfg.resume and run.last_checkpoint.exists() else None
-        trainer = make_trainer(cfg, run.path, max_epochs=cfg.epochs, max_steps=cfg.max_steps, val=False,
-                               resuming=ckpt is not None)
-        trainer.fit(module, loader, ckpt_path=ckpt)
-        merge_resumed_logs(run.path)
-        if trainer.interrupted:
-            raise KeyboardInterrupt
+        fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs, max_steps=cfg.max_steps)
         save_classifier(module.model, spec, labels, run / "model")
         run.mark_done("classify", {"seconds": round(time.time() - t0, 1), "images": len(data), "epochs": cfg.epochs})
     result = {"run": str(run.path), "train_seconds": round(time.time() - t0, 1)}

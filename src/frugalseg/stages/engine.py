@@ -36,9 +36,12 @@ from frugalseg.export import CHECKPOINT_FORMAT
 from frugalseg.inference import predict_case, predict_volume_slices
 from frugalseg.losses import segmentation_loss
 from frugalseg.metrics import ConfusionMatrix, summarise
+from frugalseg.models.group_net import group_loss
 from frugalseg.models.tag_classifier import tag_loss
+from frugalseg.runs import RunDir
 from frugalseg.semi.step import SemiStep
 from frugalseg.stages.options import RunOptions
+from frugalseg.weak.group import SPEC_KIND as GROUP_SPEC_KIND
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +230,24 @@ def make_trainer(options: RunOptions, run_path: Path, *, max_epochs: int, max_st
     )
 
 
+def fit_resumable(module: L.LightningModule, options: RunOptions, run: RunDir, train_loader, *, max_epochs: int,
+                  max_steps: int = -1, val_loader=None, val_every: int = 1) -> L.Trainer:
+    """Fit `module` in run directory `run`, the way every training stage does it: from checkpoints/last.ckpt
+    when `options.resume` and one exists (a warning when none does), the resumed attempt's logs folded into
+    logs/metrics.csv, and KeyboardInterrupt raised when the fit was interrupted (last.ckpt is then the
+    place to resume from)."""
+    ckpt = run.last_checkpoint if options.resume and run.last_checkpoint.exists() else None
+    if options.resume and ckpt is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch.", run.checkpoints)
+    trainer = make_trainer(options, run.path, max_epochs=max_epochs, max_steps=max_steps, val_every=val_every,
+                           val=val_loader is not None, resuming=ckpt is not None)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
+    merge_resumed_logs(run.path)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    return trainer
+
+
 def make_optimizer(params, cfg: Any) -> torch.optim.Optimizer:
     """SGD (momentum) or Adam over `params`, from a semi-supervised config's optimiser fields."""
     if cfg.optimizer == "sgd":
@@ -372,3 +393,32 @@ class ClassifierModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": "tag_classifier"}
+
+
+class GroupModule(L.LightningModule):
+    """Group-wise training: both losses, the reference's four learning rates, step decay per epoch."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Any):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch["images"])
+        loss = group_loss(out, batch["targets"], self.cfg.pre_weight)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["images"].shape[0])
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        pass_epoch_to_dataset(self)
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt = torch.optim.SGD(self.model.param_groups(cfg.lr, cfg.new_lr_mult, cfg.bias_lr_mult), lr=cfg.lr,
+                              momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=cfg.nesterov and cfg.momentum > 0)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": GROUP_SPEC_KIND}

@@ -25,8 +25,6 @@ from frugalseg.data import open_splits
 from frugalseg.data.io import write_json
 from frugalseg.data.transforms import to_tensor_image
 from frugalseg.errors import ConfigError, DataError
-from frugalseg.export import CHECKPOINT_FORMAT
-from frugalseg.models.group_net import GroupNet, group_loss
 from frugalseg.report.gallery import write_maps_gallery
 from frugalseg.runs import RunDir
 from frugalseg.stages.classify import (
@@ -37,13 +35,12 @@ from frugalseg.stages.classify import (
     PRETRAINED_HELP,
     ClassifyConfig,
 )
-from frugalseg.stages.engine import make_trainer, merge_resumed_logs, pass_epoch_to_dataset
+from frugalseg.stages.engine import GroupModule, fit_resumable
 from frugalseg.stages.maps import GALLERY_IMAGES_HELP, GALLERY_THRESHOLD_HELP, open_maps_dataset, saved_data_options
 from frugalseg.stages.options import RunOptions, check_common, device_of, option
 from frugalseg.weak.cam import finish_maps
 from frugalseg.weak.classify import load_classifier, save_classifier
 from frugalseg.weak.group import (
-    SPEC_KIND,
     GroupImages,
     build_group_net,
     group_maps,
@@ -111,35 +108,6 @@ class GroupConfig(RunOptions):
         return self
 
 
-class GroupModule(L.LightningModule):
-    """Group-wise training: both losses, the reference's four learning rates, step decay per epoch."""
-
-    def __init__(self, model: GroupNet, cfg: GroupConfig):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["images"])
-        loss = group_loss(out, batch["targets"], self.cfg.pre_weight)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["images"].shape[0])
-        return loss
-
-    def on_train_epoch_start(self) -> None:
-        pass_epoch_to_dataset(self)
-
-    def configure_optimizers(self):
-        cfg = self.cfg
-        opt = torch.optim.SGD(self.model.param_groups(cfg.lr, cfg.new_lr_mult, cfg.bias_lr_mult), lr=cfg.lr,
-                              momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                              nesterov=cfg.nesterov and cfg.momentum > 0)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": SPEC_KIND}
-
-
 def train_group_classifier(cfg: GroupConfig) -> dict:
     """Train (or resume, or skip when finished) the group model in cfg.out; saved to <out>/model/."""
     cfg.validate()
@@ -175,13 +143,7 @@ def train_group_classifier(cfg: GroupConfig) -> dict:
     loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True,
                         drop_last=len(data) > cfg.batch_size, num_workers=cfg.num_workers)
     module = GroupModule(model, cfg)
-    ckpt = run.last_checkpoint if cfg.resume and run.last_checkpoint.exists() else None
-    trainer = make_trainer(cfg, run.path, max_epochs=cfg.epochs, max_steps=cfg.max_steps, val=False,
-                           resuming=ckpt is not None)
-    trainer.fit(module, loader, ckpt_path=ckpt)
-    merge_resumed_logs(run.path)
-    if trainer.interrupted:
-        raise KeyboardInterrupt
+    fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs, max_steps=cfg.max_steps)
     save_classifier(module.model, spec, labels, run / "model")
     seconds = round(time.time() - t0, 1)
     run.mark_done("group", {"seconds": seconds, "images": len(data), "epochs": cfg.epochs,

@@ -38,10 +38,11 @@ from frugalseg.data.hdf5 import patient_of
 from frugalseg.data.labels import LabelSpec
 from frugalseg.data.samples import SegDataset
 from frugalseg.data.torchdata import EvalCases, first_item, input_channels
+from frugalseg.data.io import read_json, write_json
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.evaluation import evaluate
 from frugalseg.models import build_model
-from frugalseg.runs import RunDir, read_json, write_json
+from frugalseg.runs import RunDir
 from frugalseg.semi.batches import AUGMENTATIONS, SemiBatches, choice, patch_shape, select_labelled
 from frugalseg.semi.cotrain import CoTrainStep, adversarial_pairs, assign_views
 from frugalseg.semi.dtc import K_TRANSFORM, SDF_WEIGHT, DTCStep
@@ -492,25 +493,17 @@ def fit_semi(module, cfg: SemiConfig, run: RunDir, batches: SemiBatches, val: Se
     exactly, with the batches the uninterrupted run would have drawn. Training stops on max_epochs, not
     max_steps: a run stopped by max_steps ends inside its last epoch as Lightning counts it, and a resume
     from that checkpoint would replay part of an epoch."""
-    from frugalseg.stages.engine import make_trainer, merge_resumed_logs  # Lightning: only when training
+    from frugalseg.stages.engine import fit_resumable  # Lightning: only when training
 
     if cfg.iterations % batches.steps:
         raise ConfigError(f"{batches.steps} steps per epoch do not divide {cfg.iterations} iterations.")
     module.batches = batches
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.num_workers)
-    ckpt = run.last_checkpoint if cfg.resume and run.last_checkpoint.exists() else None
-    if cfg.resume and ckpt is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch.", run.checkpoints)
     validate = val is not None and cfg.val_every > 0
-    trainer = make_trainer(cfg, run.path, max_epochs=cfg.iterations // batches.steps, max_steps=-1,
-                           val_every=max(1, cfg.val_every), val=validate, resuming=ckpt is not None)
     val_loader = DataLoader(EvalCases(val, cfg.dims), batch_size=1, collate_fn=first_item,
                             num_workers=cfg.num_workers) if validate else None
-    trainer.fit(module, loader, val_loader, ckpt_path=ckpt)
-    merge_resumed_logs(run.path)
-    if trainer.interrupted:
-        raise KeyboardInterrupt
-    return trainer
+    return fit_resumable(module, cfg, run, loader, max_epochs=cfg.iterations // batches.steps,
+                         val_loader=val_loader, val_every=max(1, cfg.val_every))
 
 
 def _epoch_steps(cfg: SemiConfig, run: RunDir) -> int:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from frugalseg.data import LabelBudget, apply_budget, open_split
 from frugalseg.data.budget import budget_manifest
-from frugalseg.data.io import RASTER_SUFFIXES, read_rgb, sample_file, suffix_of, write_label_png, write_rgb
+from frugalseg.data.io import RASTER_SUFFIXES, read_rgb, sample_file, suffix_of, write_json, write_label_png, write_rgb
 from frugalseg.data.labels import LabelSpec
 from frugalseg.data.nifti import write_nifti
 from frugalseg.data.samples import SegDataset, with_mask_folder
@@ -41,7 +41,7 @@ from frugalseg.inference import predict_images, predict_volume_sliding, predict_
 from frugalseg.models import build_model
 from frugalseg.report import write_report
 from frugalseg.report.overlays import overlay
-from frugalseg.runs import RunDir, write_json
+from frugalseg.runs import RunDir
 from frugalseg.semi.cotrain import ENSEMBLE_FILE, load_ensemble
 from frugalseg.stages import semi as semi_stage
 from frugalseg.stages.options import RunOptions, check_common, device_of, load_config, option, option_like
@@ -171,7 +171,7 @@ def train(cfg: TrainConfig) -> dict:
     """Train, export, evaluate and report in `cfg.out`. A finished run is not retrained."""
     import lightning as L  # only when training (seconds to import)
 
-    from frugalseg.stages.engine import SegmentationModule, make_trainer, merge_resumed_logs
+    from frugalseg.stages.engine import SegmentationModule, fit_resumable
 
     cfg.validate()
     run = RunDir(cfg.out)
@@ -196,15 +196,8 @@ def train(cfg: TrainConfig) -> dict:
         loader = DataLoader(train_data, batch_size=min(cfg.batch_size, len(train_data)), shuffle=True,
                             drop_last=len(train_data) > cfg.batch_size, num_workers=cfg.num_workers,
                             persistent_workers=cfg.num_workers > 0)
-        ckpt = run.last_checkpoint if cfg.resume and run.last_checkpoint.exists() else None
-        trainer = make_trainer(cfg, run.path, max_epochs=cfg.epochs, max_steps=cfg.max_steps, val_every=cfg.val_every,
-                               val=val_ds is not None, resuming=ckpt is not None)
-        if cfg.resume and ckpt is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch.", run.checkpoints)
-        trainer.fit(module, loader, val_loader(cfg, val_ds) if val_ds is not None else None, ckpt_path=ckpt)
-        merge_resumed_logs(run.path)
-        if trainer.interrupted:
-            raise KeyboardInterrupt
+        fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs, max_steps=cfg.max_steps,
+                      val_loader=val_loader(cfg, val_ds) if val_ds is not None else None, val_every=cfg.val_every)
         save_export(module.model, spec, train_ds.labels, run / "model")
         run.mark_done("train", {"seconds": round(time.time() - t0, 1), "samples": len(train_data),
                                 "epochs": cfg.epochs})
