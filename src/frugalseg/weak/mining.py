@@ -38,6 +38,7 @@ from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX
 from frugalseg.errors import DataError
+from frugalseg.inference import model_device
 from frugalseg.models.backbones import Backbone, create_backbone
 from frugalseg.weak.saliency import _lab, _quantise, bayes_merge, manifold_ranking_saliency
 
@@ -126,16 +127,14 @@ def backbone_features(
     feature stages of a named backbone (lite0: 3 = 112 channels, 4 = 320 channels, both at stride 16 with
     the default `output_stride`); several stages are resized to the finest and concatenated. Images of the
     same size are batched together (`batch_size`); none is padded, so a map never sees padding. `device`:
-    None = CUDA when available.
+    where the backbone runs (None: where its weights already are, the CPU for a new one).
     """
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, pretrained=pretrained, output_stride=output_stride,
                                    out_indices=tuple(int(s) for s in stages))
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone must be a timm model name or a Backbone, got {type(backbone).__name__}.")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch.device(device) if device is not None else model_device(backbone.model)
     model = backbone.model.to(dev).eval()
     mean = torch.tensor(backbone.mean, device=dev).view(1, -1, 1, 1)
     std = torch.tensor(backbone.std, device=dev).view(1, -1, 1, 1)
