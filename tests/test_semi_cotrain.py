@@ -205,7 +205,7 @@ def test_labelled_selection_and_clear_errors_when_nothing_is_selected():
         select_labelled(ds, ids=["patient099_x"])
     with pytest.raises(ConfigError, match="exactly one of"):
         CoTrainConfig(data="fake", labelled_patients=2, labelled_fraction=0.5).validate()
-    with pytest.raises(ConfigError, match="n_models >= 2"):
+    with pytest.raises(ConfigError, match="n_models must be >= 2"):
         CoTrainConfig(data="fake", n_models=1).validate()
 
 

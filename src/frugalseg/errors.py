@@ -18,6 +18,13 @@ class ConfigError(FrugalsegError):
     """An option or configuration value is invalid."""
 
 
+class OutputError(FrugalsegError):
+    """An output file or folder cannot be written: disk full, quota, read-only file system, permission.
+
+    The message names the file or folder the user asked for (never a temporary name) and the cause in words;
+    `data.io.output_error` builds it from the operating system's error."""
+
+
 class MissingDependencyError(FrugalsegError):
     """An optional dependency is needed for this feature."""
 

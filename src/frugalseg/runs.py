@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from frugalseg.data.io import atomic_path, jsonable, write_json
+from frugalseg.data.io import (STALE_AFTER_S, atomic_path, jsonable, make_folder, remove_stale_temporaries,
+                               write_json)
 
 
 def _settings(key: dict) -> Any:
@@ -74,8 +75,16 @@ class RunDir:
     """A run's folder and its conventional sub-paths."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Open (create) the run folder: an `OutputError` naming it when it cannot be created, and the temporary
+        files a killed process left in it removed (`data.io.remove_stale_temporaries`)."""
+        self.path = make_folder(path)
+        remove_stale_temporaries(self.path)
+        legacy = self.checkpoints / ".last.ckpt.tmp"  # the checkpoint temporary of versions before atomic_path's names
+        try:
+            if legacy.exists() and time.time() - legacy.stat().st_mtime > STALE_AFTER_S:
+                legacy.unlink()
+        except OSError:  # best effort, as remove_stale_temporaries (a read-only run is still readable)
+            pass
 
     def __truediv__(self, other: str) -> Path:
         return self.path / other

@@ -109,11 +109,9 @@ def _train_target(semi: str | None, config_file: str | None):
     from frugalseg.stages.semi import SEMI_METHODS
     from frugalseg.stages.train import TrainConfig, train
 
-    saved = None
-    if config_file and Path(config_file).exists():
-        import yaml
+    from frugalseg.stages.options import read_config_file
 
-        saved = (yaml.safe_load(Path(config_file).read_text()) or {}).get("semi") or None
+    saved = read_config_file(config_file).get("semi") or None if config_file else None
     if semi is not None and saved is not None and semi != saved:
         raise ConfigError(f"{config_file} is a --semi {saved} run; it cannot be re-run with --semi {semi}.")
     semi = semi or saved
@@ -203,8 +201,13 @@ def _predict_command() -> click.Command:
         p = Path(model_path)
         if p.is_dir() and (p / "model" / "config.json").exists():
             p = p / "model"
-        written = predict_files(p, inputs, out, overlays=overlays)
-        click.echo(f"wrote {len(written)} masks to {out}")
+        result = predict_files(p, inputs, out, overlays=overlays)
+        click.echo(f"wrote {len(result.written)} masks to {out}")
+        if result.failed:
+            click.echo(f"{len(result.failed)} input(s) skipped:", err=True)
+            for path, reason in result.failed.items():
+                click.echo(f"  {reason if path in reason else f'{path}: {reason}'}", err=True)
+            sys.exit(1)
 
     return predict
 
@@ -362,10 +365,9 @@ def _data_command() -> click.Command:
     @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
     def data_validate(source: str, split: str, as_json: bool) -> None:
         """Read every image and mask once and list every problem found (exit 1 if any)."""
-        from frugalseg.data import open_dataset
-        from frugalseg.data.validate import validate_dataset
+        from frugalseg.data.validate import validate_source
 
-        report = validate_dataset(open_dataset(source, split))
+        report = validate_source(source, split)
         if as_json:
             _echo_json(report)
         else:
@@ -453,12 +455,26 @@ def main() -> None:
     except FrugalsegError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C into Abort
+        click.echo(_interrupted_message() if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted: the run can continue with --resume", err=True)
+        click.echo(_interrupted_message(), err=True)
         sys.exit(130)
+
+
+#: What an interrupted command leaves, and how to continue it.
+INTERRUPTED = {
+    "train": "interrupted: the run can continue with --resume (from its last epoch's checkpoint)",
+    "classify": "interrupted: the run can continue with --resume (from its last epoch's checkpoint)",
+    "run": "interrupted: run the same command again; finished stages are kept and training resumes",
+    "cams": "interrupted: run the same command again; the maps already written are kept",
+}
+
+
+def _interrupted_message() -> str:
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    return INTERRUPTED.get(command, "interrupted: nothing half-written was left; run the command again")

@@ -185,13 +185,23 @@ def given(options: dict) -> dict:
 
 
 def build_config(cls: type, options: dict, config_file: str | None, load_config) -> Any:
-    """The config of `cls` from the given options, on top of `config_file` (a saved config.yaml) if any."""
+    """The config of `cls` from the given options, on top of `config_file` (a saved config.yaml) if any.
+
+    Every value is checked as the config is made (types, declared ranges): a wrong option is one line naming
+    it (`--crop-size 0: must be >= 1 (...)`), a wrong value of the file names the file and the key."""
+    from frugalseg.stages.options import OptionValueError
+
     values = given(options)
     if "labelled_ids" in values:
         values["labelled_ids"] = expand_ids(values["labelled_ids"])
-    if config_file:
-        return load_config(config_file, cls, **values)
-    return cls(**values)
+    try:
+        if config_file:
+            return load_config(config_file, cls, **values)
+        return cls(**values)
+    except OptionValueError as exc:
+        if exc.source is None and exc.name in values:  # a value given on the command line
+            raise exc.located("cli") from None
+        raise
 
 
 def expand_ids(values) -> list[str]:
@@ -199,6 +209,10 @@ def expand_ids(values) -> list[str]:
     out: list[str] = []
     for v in values:
         if v.startswith("@"):
+            if not Path(v[1:]).is_file():
+                from frugalseg.errors import ConfigError
+
+                raise ConfigError(f"--labelled-ids {v}: no file {v[1:]} (@FILE lists one sample id a line).")
             out += [line.strip() for line in Path(v[1:]).read_text().splitlines() if line.strip()]
         else:
             out.append(v)

@@ -27,19 +27,19 @@ def data_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "frugalseg" / "datasets"
 
 
-def _open_msrc_objects(split: str) -> SegDataset:
+def _open_msrc_objects(split: str, problems: list[str] | None = None) -> SegDataset:
     from frugalseg.data.voc import load_voc, objects_map, remap
 
     root = data_root() / "msrc21"
-    ds = load_voc(root, split)
+    ds = load_voc(root, split, problems=problems)
     return remap(ds, objects_map(root, ds.labels))
 
 
-def _named(name: str, split: str) -> SegDataset | None:
+def _named(name: str, split: str, problems: list[str] | None = None) -> SegDataset | None:
     """Task names with their class conventions; None if `name` is not one."""
     root = data_root()
     if name == "msrc-objects":
-        return _open_msrc_objects(split)
+        return _open_msrc_objects(split, problems)
     if name in ("acdc", "la2018"):
         from frugalseg.data.hdf5 import load_hdf5
 
@@ -59,20 +59,25 @@ HOLDOUT_FRACTION = 0.2
 HOLDOUT_PARTS = ("fit", "holdout")
 
 
-def open_dataset(source: str | Path, split: str = "train") -> SegDataset:
+def open_dataset(source: str | Path, split: str = "train", problems: list[str] | None = None) -> SegDataset:
     """Open a dataset by folder path or task name, detecting its layout.
 
     `split` may name a part of a split carved by `holdout` (20 %, seed 0): "train:fit" and "train:holdout"
     are disjoint and together make "train". This is how hyperparameters are chosen without touching the
     split that is reported (msrc-objects, for one, ships no test split: its val split is the one reported).
+
+    `problems`: a list to collect structural problems in (orphan masks, tags for missing images, unknown tag
+    names, missing split entries, ...) instead of raising the first; what they make unusable is left out.
+    Only `frugalseg data validate` uses it (folders and VOC layouts collect; the others raise): every other
+    caller must fail fast. Problems that leave nothing to open (no such folder or split) always raise.
     """
     base, sep, part = split.partition(":")
     if sep:
         if part not in HOLDOUT_PARTS:
             raise ConfigError(f"Unknown split part '{part}' in '{split}'; use '{base}:fit' or '{base}:holdout'.")
-        fit, held = holdout(_open_dataset(source, base), fraction=HOLDOUT_FRACTION, seed=0)
+        fit, held = holdout(_open_dataset(source, base, problems), fraction=HOLDOUT_FRACTION, seed=0)
         return fit if part == "fit" else held
-    return _open_dataset(source, split)
+    return _open_dataset(source, split, problems)
 
 
 def open_split(
@@ -121,8 +126,8 @@ def open_splits(
     return parts[0].with_samples(samples, name=f"{parts[0].name.split(':')[0]}:{splits}")
 
 
-def _open_dataset(source: str | Path, split: str) -> SegDataset:
-    named = _named(str(source), split) if not Path(source).exists() else None
+def _open_dataset(source: str | Path, split: str, problems: list[str] | None = None) -> SegDataset:
+    named = _named(str(source), split, problems) if not Path(source).exists() else None
     if named is not None:
         return named
     root = Path(source)
@@ -139,7 +144,7 @@ def _open_dataset(source: str | Path, split: str) -> SegDataset:
     from frugalseg.data.voc import is_voc, load_voc
 
     if is_voc(root):
-        return load_voc(root, split)
+        return load_voc(root, split, problems=problems)
     if (root / "train_slices.list").exists() or (root / "train.list").exists():
         from frugalseg.data.hdf5 import load_hdf5
 
@@ -149,7 +154,7 @@ def _open_dataset(source: str | Path, split: str) -> SegDataset:
 
         return load_msd(root, split)
     if is_folders(root):
-        return load_folders(root, split if (root / "splits").is_dir() else None)
+        return load_folders(root, split, problems)
     found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else []
     raise DataError(
         f"{root}: unrecognised layout (found {found}). Expected one of: PASCAL VOC (JPEGImages/, "

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from frugalseg.data.io import make_folder
 from frugalseg.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ def fetch_file(source: FileSource, cache: Path, *, progress: bool = True) -> tup
     be the only copy the user could get (a host that is offline), so it is never deleted here.
     """
     cache = Path(cache)
-    cache.mkdir(parents=True, exist_ok=True)
+    make_folder(cache)
     target = cache / source.filename
     if target.exists():
         log.info("%s: found in %s; verifying.", source.filename, cache)
@@ -473,7 +474,7 @@ def download_dataset(
             "Move it away, or pass --force to replace it."
         )
 
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root)
     cache = root / CACHE_DIR
     records: dict[str, dict[str, str]] = {}
     paths: list[tuple[FileSource, Path]] = []

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from frugalseg.data.labels import LabelSpec
+from frugalseg.data.labels import LabelSpec, background_index
 from frugalseg.data.samples import Sample, SegDataset
 from frugalseg.data.voc import read_class_names
 from frugalseg.data.volume_io import read_h5_image, read_h5_mask, to_class_ids
@@ -121,7 +121,7 @@ def load_hdf5(root: Path | str, split: str = "train", class_names: Sequence[str]
             f"(looked for {tried})."
         )
     names = _class_names(root, paths[0], class_names)
-    spec = LabelSpec(names=names, background=0 if names[0].lower() in ("background", "bg") else None)
+    spec = LabelSpec(names=names, background=background_index(names))
     samples = [Sample(id=i, image=p, mask=p, spacing=None) for i, p in zip(ids, paths)]
     return SegDataset(name=f"{root.name}:{split}", samples=samples, labels=spec, ndim=ndim)
 

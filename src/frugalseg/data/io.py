@@ -7,12 +7,16 @@ VOC palette labels into colours. Every unreadable or inconsistent file raises `D
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
+import secrets
+import shutil
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from frugalseg.errors import DataError
+from frugalseg.errors import DataError, FrugalsegError, OutputError
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -91,23 +95,201 @@ def read_label_png(path: Path, palette: list[tuple[int, int, int]] | None = None
     raise DataError(f"{path}: unsupported mask mode {img.mode}.")
 
 
+# ---- atomic writes ------------------------------------------------------------------------------------
+# The one writer of every artefact (exports, checkpoints, masks, maps, reports, JSON): a temporary file in the
+# target's folder, renamed onto the target when the block succeeds, removed on any failure. Its name,
+# `.<name>.<pid>-<host>-<random>.frugalseg.tmp`, says which process wrote it, so a later run can delete what a
+# killed process left (`remove_stale_temporaries`) without touching a file in flight or a user's own file.
+TEMP_SUFFIX = ".frugalseg.tmp"
+STALE_AFTER_S = 3600.0  # a temporary from another machine untouched this long belongs to no live writer
+LOW_SPACE_BYTES = 16 * 2**20  # free space under this after a failed write: the disk was full
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+# an optional inner extension: writers that pick their format from the name (nibabel) write `<temp>.nii.gz`
+_TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-[0-9a-f]{8}\.frugalseg\.tmp(\.[A-Za-z0-9]+){0,2}$")
+_WRITE_FAILED = re.compile(r"file write failed|unexpected pos|failed writing|write failed|error while serializ", re.I)
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]|os error (\d+)")
+_SPACE = "(free some space, or choose another --out)"
+_CAUSES = {
+    errno.ENOSPC: "no space left on the device holding {folder} " + _SPACE,
+    getattr(errno, "EDQUOT", -1): "disk quota exceeded on the device holding {folder} " + _SPACE,
+    errno.EROFS: "the folder {folder} is read-only (choose another --out)",
+    errno.EACCES: "permission denied: {folder} is not writable by this user (choose another --out, or change its permissions)",
+    errno.EPERM: "permission denied: {folder} is not writable by this user (choose another --out, or change its permissions)",
+}
+
+
+def _known_errno(exc: BaseException) -> int | None:
+    """The file-system cause of `exc` (or of an exception it chains), from its errno or from its text
+    (safetensors reports `... (os error 28)`)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _CAUSES:
+            return e.errno
+        m = _ERRNO_IN_TEXT.search(str(e))
+        if m and int(m.group(1) or m.group(2)) in _CAUSES:
+            return int(m.group(1) or m.group(2))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _concerns(exc: OSError, folder: Path) -> bool:
+    """Whether an OSError is about `folder` or a file in it (not about some other file read in the block)."""
+    if not isinstance(exc.filename, (str, bytes, os.PathLike)):
+        return True
+    failed = Path(os.fsdecode(exc.filename))
+    return failed == folder or failed.parent == folder
+
+
+def output_error(exc: BaseException, target: Path | str) -> OutputError | None:
+    """The `OutputError` for a failure to write `target`, or None when `exc` is not a file-system failure
+    (a bug, an interrupt): then the caller re-raises `exc` itself.
+
+    Disk full, quota, read-only and permission errors are recognised from the errno (also in a chained exception
+    or in the text, as safetensors reports it); torch.save reports a full disk only as "file write failed" /
+    "unexpected pos", so for exceptions without an errno the free space of the folder decides. Call it before
+    deleting the temporary file, whose size would otherwise count as free."""
+    if not isinstance(exc, Exception) or isinstance(exc, FrugalsegError):  # interrupts; errors already explained
+        return None
+    target = Path(target)
+    folder = target.parent
+    if isinstance(exc, OSError) and not _concerns(exc, folder):
+        return None
+    code = _known_errno(exc)
+    if code is None and not isinstance(exc, OSError):
+        try:
+            if shutil.disk_usage(folder).free < LOW_SPACE_BYTES:
+                code = errno.ENOSPC
+        except OSError:
+            pass
+    if code is not None:
+        return OutputError(f"cannot write {target}: {_CAUSES[code].format(folder=folder)}.")
+    if isinstance(exc, OSError) or _WRITE_FAILED.search(str(exc)):
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        return OutputError(f"cannot write {target}: the write failed ({reason}); check the device holding {folder}.")
+    return None
+
+
+def make_folder(path: Path | str) -> Path:
+    """`mkdir -p path`, failing with one clear `OutputError` naming the folder (permission denied, read-only,
+    disk full, a file in the way)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        failed = Path(os.fsdecode(exc.filename)) if exc.filename is not None else path
+        code = _known_errno(exc)
+        if code is not None:
+            cause = _CAUSES[code].format(folder=failed.parent)
+        elif isinstance(exc, (FileExistsError, NotADirectoryError)):
+            blocker = next((p for p in (failed, *failed.parents) if p.exists() and not p.is_dir()), failed)
+            cause = f"{blocker} is a file, not a folder (remove it, or choose another --out)"
+        else:
+            cause = exc.strerror or _first_line(exc)
+        raise OutputError(f"cannot create the folder {path}: {cause}.") from exc
+    return path
+
+
+def _temp_for(path: Path) -> Path:
+    """A new empty temporary file next to `path` (created exclusively, with the umask's permissions)."""
+    for _ in range(8):
+        tmp = path.with_name(f".{path.name[:120]}.{os.getpid()}-{_HOST}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            error = output_error(exc, path)
+            if error is None:
+                raise
+            raise error from exc
+    raise FileExistsError(f"{path.parent}: cannot find a free temporary name")  # pragma: no cover
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename onto `path` only if the block succeeds.
 
-    A killed or failing run therefore never leaves a half-written artefact under the final name.
+    A killed or failing run therefore never leaves a half-written artefact under the final name, and on any
+    failure (an exception, Ctrl-C) the temporary file is removed. File-system failures (disk full, quota,
+    read-only, permission) become one `OutputError` naming `path`, never the temporary name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    make_folder(path.parent)
+    tmp = _temp_for(path)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        error = output_error(exc, path)  # before removing tmp: its size would count as free space
+        _remove(tmp)
+        if error is not None:
+            raise error from exc
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def is_temporary(path: Path | str) -> bool:
+    """Whether `path` is named like an `atomic_path` temporary (of this or any process)."""
+    return _TEMP_NAME.match(Path(path).name) is not None
+
+
+def is_stale_temporary(path: Path | str, now: float | None = None) -> bool:
+    """Whether `path` is an `atomic_path` temporary no live writer will rename: its process (on this machine)
+    has ended, or, written on another machine, it has been untouched for `STALE_AFTER_S`."""
+    path = Path(path)
+    m = _TEMP_NAME.match(path.name)
+    if m is None:
+        return False
+    pid = int(m.group("pid"))
+    if m.group("host") == _HOST and pid > 0 and os.name != "nt":  # os.kill(pid, 0) would end a process on Windows
+        return not _pid_alive(pid)
+    try:
+        age = (time.time() if now is None else now) - path.stat().st_mtime
+    except OSError:
+        return False
+    return age > STALE_AFTER_S
+
+
+def remove_stale_temporaries(folder: Path | str) -> int:
+    """Delete the temporary files that killed processes left under `folder` (recursively, symlinks not
+    followed); return how many. Only names of `atomic_path`'s pattern whose writer is gone are touched, so a
+    user's file or a write in flight is never deleted. Best effort: an unreadable or read-only folder is skipped."""
+    removed = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if name.endswith(TEMP_SUFFIX) or TEMP_SUFFIX + "." in name:
+                path = Path(root) / name
+                if is_stale_temporary(path):
+                    try:
+                        path.unlink()
+                        removed += 1
+                    except OSError:
+                        pass
+    return removed
 
 
 def write_label_png(path: Path, mask: np.ndarray, palette_bytes: list[int]) -> None:
@@ -174,4 +356,13 @@ def write_json(path: Path | str, data: Any) -> None:
 
 
 def read_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON artefact; a `DataError` naming the file when it is missing or does not parse (a file damaged
+    outside frugalseg: our own writes are atomic)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); the file is damaged: restore it, or delete it (and the "
+                        "stage marker that lists it) so the stage that writes it runs again.") from None

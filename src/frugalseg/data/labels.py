@@ -18,6 +18,18 @@ from frugalseg.errors import DataError
 IGNORE_INDEX = 255
 
 
+BACKGROUND_NAMES = ("background", "bg", "_background_")
+
+
+def background_index(names: Sequence[str]) -> int | None:
+    """0 when the first class is called background (any of `BACKGROUND_NAMES`, any case), else None.
+
+    One rule for every format: labelme and others write "_background_", and a loader that did not know
+    that would silently treat class 0 as a foreground class (tags, metrics and maps would all count it).
+    """
+    return 0 if names and names[0].strip().lower() in BACKGROUND_NAMES else None
+
+
 def voc_palette(n: int = 256) -> list[tuple[int, int, int]]:
     """The PASCAL VOC colour map (bit-interleaved), used for palette PNGs everywhere."""
     palette = []

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from frugalseg.data.io import atomic_path, suffix_of
-from frugalseg.data.labels import LabelSpec
+from frugalseg.data.labels import LabelSpec, background_index
 from frugalseg.data.samples import Sample, SegDataset
 from frugalseg.data.volume_io import _load, _nib, _spacing, _spatial_shape, read_nifti_image, read_nifti_mask, read_nifti_spacing  # noqa: F401
 from frugalseg.errors import DataError
@@ -150,6 +150,5 @@ def load_msd(root: Path | str, split: str = "train") -> SegDataset:
         ))
     if len(ndims) > 1:
         raise DataError(f"{meta_path}: split '{split}' mixes 2D and 3D images.")
-    background = 0 if names[0].lower() in ("background", "bg") else None
-    spec = LabelSpec(names=names, background=background)
+    spec = LabelSpec(names=names, background=background_index(names))
     return SegDataset(name=f"{root.name}:{split}", samples=samples, labels=spec, ndim=ndims.pop())

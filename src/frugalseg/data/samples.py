@@ -22,6 +22,19 @@ from frugalseg.errors import DataError
 Supervision = Literal["mask", "tags", "none"]
 
 
+def report_problem(problems: list[str] | None, message: str) -> None:
+    """A structural problem found while opening a dataset: raise it, or record it and go on.
+
+    Loaders fail fast by default (`problems` None: training must stop at the first bad input, before any
+    work). `frugalseg data validate` passes a list instead: each problem is recorded, the loader leaves out
+    what the problem makes unusable (an orphan mask, a tag row for a missing image, an unknown tag name) and
+    goes on, so one run lists every problem rather than the first one.
+    """
+    if problems is None:
+        raise DataError(message)
+    problems.append(message)
+
+
 @dataclass(frozen=True)
 class Sample:
     """One image (2D or 3D) with what is known about it.
@@ -74,8 +87,12 @@ class SegDataset:
             return read_rgb(sample.image)
         return volume_reader(sample.image)[0](sample.image)
 
-    def read_mask(self, sample: Sample) -> np.ndarray:
-        """Ground-truth ids in this dataset's label spec (class map applied, 255 = void)."""
+    def read_raw_mask(self, sample: Sample) -> np.ndarray:
+        """The ids stored in the mask file, checked against the source classes but not remapped.
+
+        Checks on what the user wrote (0/255 binary masks) need these: after a class map, 255 may also be
+        a class the run chose to ignore.
+        """
         if sample.mask is None:
             raise DataError(f"{self.name}/{sample.id}: no ground-truth mask exists for this sample.")
         if suffix_of(sample.mask) in RASTER_SUFFIXES:
@@ -83,17 +100,25 @@ class SegDataset:
         else:
             raw = volume_reader(sample.mask)[1](sample.mask)
         self.class_map.source.check_mask(raw, f"{sample.mask}")
-        return self.class_map(raw)
+        return raw
 
-    def read_pair(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        image = self.read_image(sample)
-        mask = self.read_mask(sample)
+    def read_mask(self, sample: Sample) -> np.ndarray:
+        """Ground-truth ids in this dataset's label spec (class map applied, 255 = void)."""
+        return self.class_map(self.read_raw_mask(sample))
+
+    def check_sizes(self, sample: Sample, image: np.ndarray, mask: np.ndarray) -> None:
+        """Raise if an image and its mask differ in size (a mask of another image, or a resized one)."""
         spatial = image.shape[:2] if image.ndim == 3 and image.shape[-1] == 3 and self.ndim == 2 else image.shape
         if tuple(spatial) != tuple(mask.shape):
             raise DataError(
                 f"{self.name}/{sample.id}: image size {tuple(spatial)} does not match mask size "
                 f"{tuple(mask.shape)} ({sample.image} vs {sample.mask})."
             )
+
+    def read_pair(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        image = self.read_image(sample)
+        mask = self.read_mask(sample)
+        self.check_sizes(sample, image, mask)
         return image, mask
 
     def tags_of(self, sample: Sample) -> frozenset[int]:

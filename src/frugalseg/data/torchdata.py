@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from frugalseg.data.labels import IGNORE_INDEX
 from frugalseg.data.samples import SegDataset
@@ -27,6 +27,42 @@ from frugalseg.errors import DataError
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The augmentation generator of one sample in one epoch: reproducible whatever the worker count."""
     return torch.Generator().manual_seed(hash((seed, epoch, index)) & 0x7FFFFFFF)
+
+
+class SeededShuffle(Sampler[int]):
+    """A shuffled order of `n` items drawn from (seed, epoch) alone.
+
+    DataLoader's `shuffle=True` draws each epoch's order from the global RNG, whose state a resumed run
+    does not share with the run it continues: the resumed run would see other batches and end elsewhere.
+    Here the order of epoch e is a function of (seed, e); Lightning calls `set_epoch` before each epoch
+    (also the first one after a resume), so an interrupted and resumed run sees the batches of an
+    uninterrupted one.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n = int(n)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        # ints only: a str in the hashed tuple would make the order change with PYTHONHASHSEED
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, -7)) & 0x7FFFFFFF)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def shuffled_loader(data: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+                    persistent_workers: bool = False) -> DataLoader:
+    """The training loader of the epoch-based stages: `SeededShuffle` order, full batches only (unless the
+    data is smaller than one batch)."""
+    n = len(data)
+    return DataLoader(data, batch_size=min(batch_size, n), sampler=SeededShuffle(n, seed), drop_last=n > batch_size,
+                      num_workers=num_workers, persistent_workers=persistent_workers and num_workers > 0)
 
 
 class SharedEpoch:

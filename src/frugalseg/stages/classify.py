@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
 
 from frugalseg.data import open_splits
+from frugalseg.data.torchdata import shuffled_loader
 from frugalseg.data.transforms import CropTransform
 from frugalseg.errors import DataError
 from frugalseg.runs import RunDir
 from frugalseg.stages.engine import ClassifierModule, fit_resumable
-from frugalseg.stages.options import RunOptions, check_common, device_of, option
+from frugalseg.stages.options import RunOptions, ascending, check_common, device_of, minus_one_or_positive, option
+from frugalseg.stages.run_guard import claim_run_dir
 from frugalseg.weak.classify import (
     TaggedImages,
     build_classifier,
@@ -52,21 +53,24 @@ class ClassifyConfig(RunOptions):
     eval_split: str | None = option("val", "Split for per-class AP / F1 (empty to skip).")
     backbone: str = option("tf_efficientnet_lite0", BACKBONE_HELP)
     pretrained: bool | str = option(True, PRETRAINED_HELP)
-    output_stride: int = option(16, OUTPUT_STRIDE_HELP)
-    frozen_stages: int = option(3, FROZEN_STAGES_HELP)
+    output_stride: int = option(16, OUTPUT_STRIDE_HELP, choices=(8, 16, 32))
+    frozen_stages: int = option(3, FROZEN_STAGES_HELP, ge=0)
     freeze_bn: bool = option(True, FREEZE_BN_HELP)
     peak_stimulation: bool = option(False, "PRM: train with peak stimulation (class score = mean response at "
                                            "local maxima).")
-    epochs: int = option(8, "Training epochs.")
-    max_steps: int = option(-1, "Stop after this many optimiser steps (-1: the epochs decide).")
-    batch_size: int = option(16, "Images per batch.")
-    lr: float = option(0.01, "Learning rate of the backbone (SGD, poly decay).")
-    head_lr_mult: float = option(10.0, "Learning rate of the new 1x1 head, as a multiple of --lr (IRN: 10).")
-    weight_decay: float = option(1e-4, "SGD weight decay.")
-    momentum: float = option(0.9, "SGD momentum (IRN's code passes its weight decay here; 0.9 is the usual value).")
-    crop_size: int = option(256, "Training crop after the random rescale.")
-    base_size: int = option(320, "Longer image side before the random scale factor.")
-    scale: tuple[float, float] = option((0.5, 1.0), "Random rescale range, as factors of --base-size.")
+    epochs: int = option(8, "Training epochs (-1: no epoch limit, with --max-steps).", check=minus_one_or_positive)
+    max_steps: int = option(-1, "Stop after this many optimiser steps (-1: the epochs decide).",
+                            check=minus_one_or_positive)
+    batch_size: int = option(16, "Images per batch.", ge=1)
+    lr: float = option(0.01, "Learning rate of the backbone (SGD, poly decay).", gt=0)
+    head_lr_mult: float = option(10.0, "Learning rate of the new 1x1 head, as a multiple of --lr (IRN: 10).", gt=0)
+    weight_decay: float = option(1e-4, "SGD weight decay.", ge=0)
+    momentum: float = option(0.9, "SGD momentum (IRN's code passes its weight decay here; 0.9 is the usual value).",
+                             ge=0, lt=1)
+    crop_size: int = option(256, "Training crop after the random rescale.", ge=1)
+    base_size: int = option(320, "Longer image side before the random scale factor.", ge=1)
+    scale: tuple[float, float] = option((0.5, 1.0), "Random rescale range, as factors of --base-size.", gt=0,
+                                        check=ascending)
 
     def validate(self) -> "ClassifyConfig":
         check_common(self)
@@ -88,9 +92,10 @@ def train_classifier(cfg: ClassifyConfig) -> dict:
     spec = classifier_spec(labels, backbone=cfg.backbone, output_stride=cfg.output_stride,
                            peak_stimulation=cfg.peak_stimulation, frozen_stages=cfg.frozen_stages,
                            freeze_bn=cfg.freeze_bn)
-    run.save_config(cfg)
+    finished = run.stage_done("classify")
+    claim_run_dir(run, cfg, labels, finished=finished)
     t0 = time.time()
-    if run.stage_done("classify") and not cfg.resume:
+    if finished and not cfg.resume:
         log.info("%s: classifier already trained; skipping (delete stages/classify.done to retrain).", run.path)
     else:
         model = build_classifier(spec, pretrained=cfg.pretrained)
@@ -98,9 +103,7 @@ def train_classifier(cfg: ClassifyConfig) -> dict:
         data = TaggedImages(train_ds, spec["class_ids"], transform, cfg.seed)
         if data.targets.sum() == 0:
             raise DataError(f"{train_ds.name}: no image carries a foreground tag; nothing to classify.")
-        loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True,
-                            drop_last=len(data) > cfg.batch_size, num_workers=cfg.num_workers,
-                            persistent_workers=cfg.num_workers > 0)
+        loader = shuffled_loader(data, cfg.batch_size, cfg.seed, cfg.num_workers, persistent_workers=True)
         module = ClassifierModule(model, cfg)
         fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs, max_steps=cfg.max_steps)
         save_classifier(module.model, spec, labels, run / "model")

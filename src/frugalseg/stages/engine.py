@@ -18,8 +18,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from frugalseg.data.io import atomic_path
+from frugalseg.data.io import atomic_path, output_error
 from frugalseg.data.labels import LabelSpec
-from frugalseg.export import CHECKPOINT_FORMAT
+from frugalseg.export import CHECKPOINT_FORMAT, RESUME_ADVICE, read_checkpoint
 from frugalseg.inference import predict_case, predict_volume_slices
 from frugalseg.losses import segmentation_loss
 from frugalseg.metrics import ConfusionMatrix, summarise
@@ -47,14 +47,13 @@ log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write checkpoints to a temporary name and rename: a killed run never leaves a truncated .ckpt."""
+    """Write checkpoints through `data.io.atomic_path` (temporary name, rename): a killed run never leaves a
+    truncated .ckpt, a failed save leaves no temporary file, and a full disk or read-only folder is one
+    `OutputError` naming the checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        with atomic_path(Path(path)) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 def resolve_precision(precision: str) -> str:
@@ -194,6 +193,12 @@ class LastCheckpoint(L.Callback):
 
     `--resume` then loses at most an epoch. (Lightning's ModelCheckpoint with save_top_k=0 writes `last`
     only when a top-k checkpoint was written in the same step, i.e. never: a bug for long runs.)
+
+    The checkpoint also carries the random number generators' states (torch CPU and CUDA, numpy, Python),
+    restored on resume: dropout, noise and any other draw after the checkpoint are then those of the
+    uninterrupted run (Lightning restores weights, optimiser, scheduler and loops, not the RNGs). With
+    the samplers and augmentations seeded by (seed, epoch), a resumed run ends where the uninterrupted
+    one does (tests/test_reliability_runs.py).
     """
 
     def __init__(self, path: Path):
@@ -203,17 +208,55 @@ class LastCheckpoint(L.Callback):
         if not trainer.sanity_checking:
             trainer.save_checkpoint(self.path, weights_only=False)  # optimizer and loops too: resumable
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RNG_KEY] = rng_states()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if RNG_KEY in checkpoint:
+            restore_rng_states(checkpoint[RNG_KEY])
+
+
+RNG_KEY = "frugalseg_rng_states"
+
+
+def rng_states() -> dict[str, Any]:
+    """Every generator a training step may draw from, as stored in last.ckpt: tensors and plain Python
+    values only, so the checkpoint still loads with `torch.load(weights_only=True)` (Lightning's resume)."""
+    import random
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    states = {"torch": torch.get_rng_state(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+              "python": [version, list(internal), py_gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = states["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
 
 def make_trainer(options: RunOptions, run_path: Path, *, max_epochs: int, max_steps: int = -1, val_every: int = 1,
                  val: bool = True, resuming: bool = False) -> L.Trainer:
     """The one Lightning trainer of every training stage: devices, strategy, precision and progress from the
     run options; checkpoints/last.ckpt at every epoch end (atomic); CSV logs in logs/ (resumes fold in)."""
     checkpoint = LastCheckpoint(Path(run_path) / "checkpoints" / "last.ckpt")
+    on_cpu = str(options.devices).lower() == "cpu"  # as `device_of` reads it: the CPU even where a GPU is
     return L.Trainer(
         max_epochs=max_epochs,
         max_steps=max_steps,
-        accelerator="auto",
-        devices=options.devices,
+        accelerator="cpu" if on_cpu else "auto",
+        devices=1 if on_cpu else options.devices,
         strategy=options.strategy,
         precision=resolve_precision(options.precision),
         callbacks=[checkpoint],
@@ -235,17 +278,82 @@ def fit_resumable(module: L.LightningModule, options: RunOptions, run: RunDir, t
     """Fit `module` in run directory `run`, the way every training stage does it: from checkpoints/last.ckpt
     when `options.resume` and one exists (a warning when none does), the resumed attempt's logs folded into
     logs/metrics.csv, and KeyboardInterrupt raised when the fit was interrupted (last.ckpt is then the
-    place to resume from)."""
+    place to resume from).
+
+    Logs hold each epoch once: a resume first drops the rows a killed attempt logged after its checkpoint,
+    and a fresh start drops every earlier attempt's rows. Lightning answers Ctrl-C with `sys.exit(1)` and
+    leaves SIGINT ignored; both are undone here so the CLI can say how to resume (exit 130)."""
     ckpt = run.last_checkpoint if options.resume and run.last_checkpoint.exists() else None
     if options.resume and ckpt is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch.", run.checkpoints)
+    if ckpt is not None:
+        merge_resumed_logs(run.path)
+        drop_rows_after(run.path / "logs" / "metrics.csv", _checkpoint_epoch(ckpt))
+    else:
+        clear_logs(run.path)
     trainer = make_trainer(options, run.path, max_epochs=max_epochs, max_steps=max_steps, val_every=val_every,
                            val=val_loader is not None, resuming=ckpt is not None)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+    except OSError as exc:  # Lightning's CSV log is written in place, not through atomic_path
+        error = output_error(exc, run.path / "logs" / "metrics.csv")
+        if error is None:
+            raise
+        raise error from exc
+    finally:
+        if signal.getsignal(signal.SIGINT) is not handler and handler is not None:
+            signal.signal(signal.SIGINT, handler)
     merge_resumed_logs(run.path)
     if trainer.interrupted:
         raise KeyboardInterrupt
     return trainer
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    """The last finished epoch of a last.ckpt (written at that epoch's end); a clear error when it is damaged."""
+    return int(read_checkpoint(path, RESUME_ADVICE, mmap=True)["epoch"])
+
+
+def clear_logs(run_path: Path) -> None:
+    """Remove an earlier attempt's training logs before a fresh start (CSVLogger would append resumed parts
+    of a run that is no longer continued)."""
+    logs = Path(run_path) / "logs"
+    for part in logs.glob("resume_*"):
+        shutil.rmtree(part, ignore_errors=True)
+    for name in ("metrics.csv", "hparams.yaml"):
+        (logs / name).unlink(missing_ok=True)
+
+
+def drop_rows_after(metrics_csv: Path, epoch: int) -> None:
+    """Keep the rows of epochs <= `epoch` (and rows without an epoch): what a killed attempt logged after
+    its last checkpoint is logged again by the resumed one. A torn last line (the kill) is dropped too."""
+    if not metrics_csv.exists():
+        return
+    with open(metrics_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+
+    def keep(row: dict) -> bool:
+        if None in row or any(v is None for v in row.values()):  # a row cut short or overlong: torn
+            return False
+        value = row.get("epoch") or ""
+        try:
+            return not value or int(float(value)) <= epoch
+        except ValueError:
+            return False
+
+    kept = [r for r in rows if keep(r)]
+    if len(kept) == len(rows):
+        return
+    with atomic_path(metrics_csv) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
 
 
 def make_optimizer(params, cfg: Any) -> torch.optim.Optimizer:

@@ -18,11 +18,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from frugalseg.data import open_splits
-from frugalseg.data.io import write_json
+from frugalseg.data.io import make_folder, write_json
+from frugalseg.data.torchdata import shuffled_loader
 from frugalseg.data.transforms import to_tensor_image
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.report.gallery import write_maps_gallery
@@ -37,7 +37,16 @@ from frugalseg.stages.classify import (
 )
 from frugalseg.stages.engine import GroupModule, fit_resumable
 from frugalseg.stages.maps import GALLERY_IMAGES_HELP, GALLERY_THRESHOLD_HELP, open_maps_dataset, saved_data_options
-from frugalseg.stages.options import RunOptions, check_common, device_of, option
+from frugalseg.stages.options import (
+    MAX_SEED,
+    RunOptions,
+    ascending,
+    check_common,
+    device_of,
+    minus_one_or_positive,
+    option,
+)
+from frugalseg.stages.run_guard import claim_run_dir
 from frugalseg.weak.cam import finish_maps
 from frugalseg.weak.classify import load_classifier, save_classifier
 from frugalseg.weak.group import (
@@ -58,53 +67,45 @@ log = logging.getLogger(__name__)
 class GroupConfig(RunOptions):
     out: str = option("runs/group", "Run directory for the group model (config, checkpoints, model/).")
     train_split: str = option("train", "Split(s) whose tags train the group model; '+' joins splits (train+val).")
-    limit: int | None = option(None, "Only the first N tagged images of the split (a fixed, stated subset).")
+    limit: int | None = option(None, "Only the first N tagged images of the split (a fixed, stated subset).", ge=1)
     init_classifier: str | None = option(None, "A classify run: the backbone and class-map conv start from it.")
     backbone: str = option("tf_efficientnet_lite0", BACKBONE_HELP + " Used when --init-classifier is not given.")
     pretrained: bool | str = option(True, PRETRAINED_HELP)
-    output_stride: int = option(16, OUTPUT_STRIDE_HELP)
-    frozen_stages: int = option(3, FROZEN_STAGES_HELP)
+    output_stride: int = option(16, OUTPUT_STRIDE_HELP, choices=(8, 16, 32))
+    frozen_stages: int = option(3, FROZEN_STAGES_HELP, ge=0)
     freeze_bn: bool = option(True, FREEZE_BN_HELP)
     # group graph
-    group_size: int = option(3, "Images per group, anchor included (reference code: 3).")
-    rounds: int = option(3, "Message-passing rounds of the group graph (T).")
-    proj_channels: int = option(10, "Channels of the co-attention projections (d).")
-    drop_rate: float = option(0.8, "Graph dropout rate.")
-    drop_th: float = option(0.7, "Graph dropout threshold.")
+    group_size: int = option(3, "Images per group, anchor included (reference code: 3).", ge=2)
+    rounds: int = option(3, "Message-passing rounds of the group graph (T).", ge=1)
+    proj_channels: int = option(10, "Channels of the co-attention projections (d).", ge=1)
+    drop_rate: float = option(0.8, "Graph dropout rate.", ge=0, le=1)
+    drop_th: float = option(0.7, "Graph dropout threshold.", ge=0, le=1)
     gdl_in_eval: bool = option(False, "Graph dropout at inference too, as the reference (random maps).")
-    pre_weight: float = option(0.4, "Weight of the pre-graph loss.")
+    pre_weight: float = option(0.4, "Weight of the pre-graph loss.", ge=0)
     # optimisation (reference: SGD nesterov, lr 1e-3, x2 biases, x10 new layers, 15 epochs, x0.1 at 5 and 10)
-    epochs: int = option(15, "Training epochs.")
-    max_steps: int = option(-1, "Stop after this many optimiser steps (-1: the epochs decide).")
-    batch_size: int = option(1, "Groups per step (reference: 1).")
-    lr: float = option(1e-3, "Learning rate of the backbone (SGD).")
-    new_lr_mult: float = option(10.0, "Learning rate of the new layers, as a multiple of --lr.")
-    bias_lr_mult: float = option(2.0, "Learning rate of biases, as a multiple of their layer's.")
-    weight_decay: float = option(5e-4, "SGD weight decay.")
-    momentum: float = option(0.9, "SGD momentum.")
+    epochs: int = option(15, "Training epochs (-1: no epoch limit, with --max-steps).", check=minus_one_or_positive)
+    max_steps: int = option(-1, "Stop after this many optimiser steps (-1: the epochs decide).",
+                            check=minus_one_or_positive)
+    batch_size: int = option(1, "Groups per step (reference: 1).", ge=1)
+    lr: float = option(1e-3, "Learning rate of the backbone (SGD).", gt=0)
+    new_lr_mult: float = option(10.0, "Learning rate of the new layers, as a multiple of --lr.", gt=0)
+    bias_lr_mult: float = option(2.0, "Learning rate of biases, as a multiple of their layer's.", ge=0)
+    weight_decay: float = option(5e-4, "SGD weight decay.", ge=0)
+    momentum: float = option(0.9, "SGD momentum.", ge=0, lt=1)
     nesterov: bool = option(True, "Nesterov momentum.")
-    lr_steps: tuple[int, ...] = option((5, 10), "Epochs at which the learning rate is multiplied by --lr-gamma.")
-    lr_gamma: float = option(0.1, "Learning-rate factor at each of --lr-steps.")
+    lr_steps: tuple[int, ...] = option((5, 10), "Epochs at which the learning rate is multiplied by --lr-gamma.", ge=1)
+    lr_gamma: float = option(0.1, "Learning-rate factor at each of --lr-steps.", gt=0)
     # data
-    input_size: int = option(256, "Short image side before the crop.")
-    crop_size: int = option(256, "Square crop shared by a group's images.")
-    scale: tuple[float, float] = option((1.0, 1.0), "Random rescale range of the short side.")
+    input_size: int = option(256, "Short image side before the crop.", ge=1)
+    crop_size: int = option(256, "Square crop shared by a group's images.", ge=1)
+    scale: tuple[float, float] = option((1.0, 1.0), "Random rescale range of the short side.", gt=0, check=ascending)
     hflip: bool = option(False, "Random horizontal flips.")
-    color_jitter: tuple[float, float, float, float] = option((0.3, 0.3, 0.3, 0.1), "ColorJitter strengths: "
-                                                             "brightness, contrast, saturation, hue.")
+    color_jitter: tuple[float, float, float, float] = option(
+        (0.3, 0.3, 0.3, 0.1), "ColorJitter strengths: brightness, contrast, saturation, hue (hue <= 0.5).", ge=0,
+        check=lambda v: "must have hue (the last) <= 0.5" if v[3] > 0.5 else None)
 
     def validate(self) -> "GroupConfig":
-        check_common(self)
-        if self.group_size < 2:
-            raise ConfigError(f"group_size must be >= 2 (an anchor and at least one partner), got {self.group_size}.")
-        if self.rounds < 1:
-            raise ConfigError(f"rounds must be >= 1, got {self.rounds}.")
-        if not 0 <= self.drop_rate <= 1 or not 0 <= self.drop_th <= 1:
-            raise ConfigError(f"drop_rate and drop_th must be in [0, 1], got {self.drop_rate}, {self.drop_th}.")
-        if self.crop_size < 1 or self.input_size < 1:
-            raise ConfigError("input_size and crop_size must be positive.")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}.")
+        check_common(self)  # each field's type and range were checked when the config was made
         return self
 
 
@@ -128,9 +129,10 @@ def train_group_classifier(cfg: GroupConfig) -> dict:
     spec = group_spec(labels, base_spec, group_size=cfg.group_size, rounds=cfg.rounds,
                       proj_channels=cfg.proj_channels, drop_rate=cfg.drop_rate, drop_th=cfg.drop_th,
                       gdl_in_eval=cfg.gdl_in_eval)
-    run.save_config(cfg)
+    finished = run.stage_done("group")
+    claim_run_dir(run, cfg, labels, finished=finished)
     t0 = time.time()
-    if run.stage_done("group") and not cfg.resume:
+    if finished and not cfg.resume:
         log.info("%s: group model already trained; skipping (delete stages/group.done to retrain).", run.path)
         return {"run": str(run.path), "train_seconds": 0.0, "skipped": True}
     model = build_group_net(spec, pretrained=False if base else cfg.pretrained)
@@ -140,8 +142,7 @@ def train_group_classifier(cfg: GroupConfig) -> dict:
                        input_size=cfg.input_size, crop_size=cfg.crop_size, scale=tuple(cfg.scale), hflip=cfg.hflip,
                        color_jitter=tuple(cfg.color_jitter))
     # Workers are not persistent: each epoch's workers start after `set_epoch` has redrawn the groups.
-    loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True,
-                        drop_last=len(data) > cfg.batch_size, num_workers=cfg.num_workers)
+    loader = shuffled_loader(data, cfg.batch_size, cfg.seed, cfg.num_workers)
     module = GroupModule(model, cfg)
     fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs, max_steps=cfg.max_steps)
     save_classifier(module.model, spec, labels, run / "model")
@@ -160,13 +161,15 @@ class GroupMapsConfig(RunOptions):
                                                         "run's].")
     ignore_classes: list[str] | None = option(None, "Class names turned into void [default: the group run's].")
     split: str = option("train", "Split(s) to map; '+' joins splits (train+val).")
-    scales: tuple[float, ...] = option((1.0,), "Image scales for maps (repeat the option: --scales 1.0 --scales 0.5).")
+    scales: tuple[float, ...] = option((1.0,), "Image scales for maps (repeat the option: --scales 1.0 --scales 0.5).",
+                                       gt=0)
     flips: bool = option(True, "Add each group's mirrored copy (as CAM does).")
-    group_size: int | None = option(None, "Images per group [default: the training group size].")
-    seed: int = option(0, "Seed of the partner draw.")
-    limit: int | None = option(None, "Only the first N images of the split are mapped (partners come from all).")
-    gallery_images: int = option(24, GALLERY_IMAGES_HELP)
-    gallery_threshold: float = option(IRN_THRESHOLD, GALLERY_THRESHOLD_HELP)
+    group_size: int | None = option(None, "Images per group [default: the training group size].", ge=2)
+    seed: int = option(0, "Seed of the partner draw.", ge=0, le=MAX_SEED)
+    limit: int | None = option(None, "Only the first N images of the split are mapped (partners come from all).",
+                               ge=1)
+    gallery_images: int = option(24, GALLERY_IMAGES_HELP, ge=0)
+    gallery_threshold: float = option(IRN_THRESHOLD, GALLERY_THRESHOLD_HELP, ge=0, le=1)
 
     @property
     def method(self) -> str:
@@ -175,10 +178,8 @@ class GroupMapsConfig(RunOptions):
     def validate(self) -> "GroupMapsConfig":
         if not self.classifier:
             raise ConfigError("No group model given: pass the run directory of a group training.")
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise ConfigError(f"scales must be positive, got {self.scales}.")
-        if self.group_size is not None and self.group_size < 2:
-            raise ConfigError(f"group_size must be >= 2, got {self.group_size}.")
+        if not self.scales:
+            raise ConfigError("scales is empty: give at least one image scale (--scales 1.0).")
         return self
 
 
@@ -201,7 +202,7 @@ def make_group_maps(cfg: GroupMapsConfig) -> dict:
     if ds.labels.names != labels.names:
         raise DataError(f"{ds.name}: classes {ds.labels.names} differ from the group model's {labels.names}.")
     out = Path(cfg.out) if cfg.out else Path(cfg.classifier) / f"maps_group_{cfg.split.replace('+', '_')}"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     device = device_of(cfg.devices)
     model = model.to(device).eval()
     n = cfg.group_size or spec.get("group_size", 3)

@@ -29,7 +29,9 @@ from frugalseg.data.samples import SegDataset
 from frugalseg.data.transforms import to_tensor_image
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.report.gallery import write_maps_gallery
+from frugalseg.runs import RunDir
 from frugalseg.stages.options import RunOptions, device_of, option
+from frugalseg.stages.run_guard import claim_run_dir
 from frugalseg.weak.classify import load_classifier
 from frugalseg.weak.maps_io import maps_path, save_maps
 from frugalseg.weak.methods import MAP_METHODS, MapMethodName, method_options
@@ -55,14 +57,15 @@ class MapsConfig(RunOptions):
                                                         "classifier's].")
     ignore_classes: list[str] | None = option(None, "Class names turned into void [default: the classifier's].")
     split: str = option("train", "Split(s) to map; '+' joins splits (train+val).")
-    scales: tuple[float, ...] = option((1.0, 0.5, 1.5, 2.0), SCALES_HELP)
-    batch_size: int = option(4, "Images per batch (AdvCAM climbs all their tagged classes at once).")
-    limit: int | None = option(None, "Only the first N images of the split (a fixed, stated subset).")
+    scales: tuple[float, ...] = option((1.0, 0.5, 1.5, 2.0), SCALES_HELP, gt=0)
+    batch_size: int = option(4, "Images per batch (AdvCAM climbs all their tagged classes at once).", ge=1)
+    limit: int | None = option(None, "Only the first N images of the split (a fixed, stated subset).", ge=1)
     # AdvCAM
-    steps: int = option(27, "AdvCAM T: climbing steps per scale (half of them at scale 0.5, as the reference).")
-    step_size: float = option(0.08, "AdvCAM xi: step per climb, after max-normalising the gradient.")
-    restriction: float = option(7.0, "AdvCAM lambda: weight of the restriction penalty (fractional allowed).")
-    mask_threshold: float = option(0.5, "AdvCAM tau: restriction mask = map > tau * max, rebuilt every step.")
+    steps: int = option(27, "AdvCAM T: climbing steps per scale (half of them at scale 0.5, as the reference).", ge=1)
+    step_size: float = option(0.08, "AdvCAM xi: step per climb, after max-normalising the gradient.", ge=0)
+    restriction: float = option(7.0, "AdvCAM lambda: weight of the restriction penalty (fractional allowed).", ge=0)
+    mask_threshold: float = option(0.5, "AdvCAM tau: restriction mask = map > tau * max, rebuilt every step.", ge=0,
+                                   le=1)
     gradcam_scale: bool = option(True, "AdvCAM: penalise the reference's Grad-CAM-scaled maps (else raw CAM "
                                        "values).")
     clamp: Literal["original", "previous"] = option("original", "AdvCAM: clamp each climb to the original image's "
@@ -71,20 +74,19 @@ class MapsConfig(RunOptions):
     autocast: Literal["auto", "bf16", "off"] = option("auto", "AdvCAM network passes in bf16: auto (GPU only), "
                                                               "bf16 (also on CPUs with bf16 support), off.")
     # PRM
-    peak_threshold: float = option(0.0, "PRM: a peak counts when its class-map value is above this.")
-    proposal_count: int = option(100, "PRM: superpixel proposals per image.")
-    gallery_images: int = option(24, GALLERY_IMAGES_HELP)
-    gallery_threshold: float = option(IRN_THRESHOLD, GALLERY_THRESHOLD_HELP)
+    peak_threshold: float = option(0.0, "PRM: a peak counts when its class-map value is above this.",
+                                   unbounded="class-map values are unnormalised scores, of either sign")
+    proposal_count: int = option(100, "PRM: superpixel proposals per image.", ge=1)
+    gallery_images: int = option(24, GALLERY_IMAGES_HELP, ge=0)
+    gallery_threshold: float = option(IRN_THRESHOLD, GALLERY_THRESHOLD_HELP, ge=0, le=1)
 
     def validate(self) -> "MapsConfig":
         if not self.classifier:
             raise ConfigError("No classifier given: pass --classifier RUN (made by `frugalseg classify`).")
         if self.method not in MAP_METHODS:
             raise ConfigError(f"Unknown method '{self.method}'; choose one of {tuple(MAP_METHODS)}.")
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise ConfigError(f"scales must be positive, got {self.scales}.")
-        if self.steps < 1:
-            raise ConfigError("AdvCAM needs at least one step.")
+        if not self.scales:
+            raise ConfigError("scales is empty: give at least one image scale (--scales 1.0).")
         return self
 
     def method_options(self) -> Any:
@@ -117,6 +119,10 @@ def open_maps_dataset(run_dir: Path | str, split: str, data: str | None = None,
                        ignore_classes=saved["ignore_classes"] if ignore_classes is None else ignore_classes)
 
 
+#: Settings that leave existing maps valid: which and how many images, batching, the gallery.
+MAPS_FREE_FIELDS = ("limit", "batch_size", "gallery_images", "gallery_threshold")
+
+
 def make_maps(cfg: MapsConfig) -> dict:
     """Compute and save maps for every image of the split; returns the manifest."""
     cfg.validate()
@@ -127,7 +133,8 @@ def make_maps(cfg: MapsConfig) -> dict:
     if ds.labels.names != labels.names:
         raise DataError(f"{ds.name}: classes {ds.labels.names} differ from the classifier's {labels.names}.")
     out = default_out(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    # maps already in the folder are kept, so they must have been made with these settings
+    claim_run_dir(RunDir(out), cfg, finished=(out / "maps.json").exists(), free=MAPS_FREE_FIELDS, rerun_hint=False)
     device = device_of(cfg.devices)
     model = model.to(device).eval()
     method, options = MAP_METHODS[cfg.method], cfg.method_options()

@@ -53,7 +53,7 @@ import torch
 
 from frugalseg.data import open_split
 from frugalseg.data.budget import LabelBudget, apply_budget, budget_manifest
-from frugalseg.data.io import read_json, read_label_png, sample_file, write_json, write_label_png
+from frugalseg.data.io import make_folder, read_json, read_label_png, sample_file, write_json, write_label_png
 from frugalseg.data.samples import SegDataset
 from frugalseg.data.transforms import to_tensor_image
 from frugalseg.errors import ConfigError, DataError
@@ -104,14 +104,14 @@ class PipelineConfig(RunOptions):
     val_split: str | None = option("val", "Split the segmenters and the classifier are scored on.", stage=NO_OUTPUT)
     # the classifier trains on the whole split; groups and maps on the first N images
     limit: int | None = option(None, "Only the first N training images (a fixed, stated subset for CPU runs).",
-                               stage="group")
+                               stage="group", ge=2)
     mask_fraction: float | None = option(None, "Masks + tags: this fraction of the training images keeps its "
-                                               "masks (drawn with --budget-seed).", stage="calibrate")
+                                               "masks (drawn with --budget-seed).", stage="calibrate", gt=0, le=1)
     calibration_fraction: float | None = option(None, "Masks of this fraction of training images choose the "
                                                       "background threshold (seeds, CRF); they are not scored.",
-                                                stage="calibrate")
+                                                stage="calibrate", gt=0, lt=1)
     # draws the calibration images and the label budget (with neither, nothing: see stage_key)
-    budget_seed: int = option(0, "Seed of the label-budget and calibration draws.", stage="calibrate")
+    budget_seed: int = option(0, "Seed of the label-budget and calibration draws.", stage="calibrate", ge=0)
     seeds: SeedMethodName = option("cam", "Where seeds come from: cam, advcam, prm, or group (co-attention over "
                                           "groups of images sharing a tag).", stage="maps")
     classifier: str | None = option(None, "An existing `frugalseg classify` run to use instead of training one.",
@@ -121,42 +121,45 @@ class PipelineConfig(RunOptions):
     refine: Literal["crf", "none"] = option("crf", "crf: dense-CRF pseudo-masks with confidence-based ignore "
                                                    "regions; none: seeds go straight to mining.", stage="crf")
     rounds: int = option(3, "MCOF iterations: mine regions from the seeds, train a segmenter on them, its "
-                            "predictions seed the next.", stage="round")
+                            "predictions seed the next.", stage="round", ge=0)
     saliency_rounds: int = option(1, "Rounds that refine regions with saliency under a Bayesian rule (MCOF: the "
-                                     "first only).", stage="round")
+                                     "first only).", stage="round", ge=0)
     # classifier and maps
-    classifier_epochs: int = option(8, "Epochs of the tag classifier.", stage="classify")
+    classifier_epochs: int = option(8, "Epochs of the tag classifier.", stage="classify", ge=1)
     scales: tuple[float, ...] = option((1.0, 0.5, 1.5, 2.0), "Image scales for maps (repeat the option: --scales "
-                                                             "1.0 --scales 0.5).", stage="maps")
-    steps: int = option(27, "AdvCAM T: climbing steps per scale.", stage="maps")
+                                                             "1.0 --scales 0.5).", stage="maps", gt=0)
+    steps: int = option(27, "AdvCAM T: climbing steps per scale.", stage="maps", ge=1)
     restriction: float = option(7.0, "AdvCAM lambda: weight of the restriction penalty (fractional allowed).",
-                                stage="maps")
-    group_size: int = option(3, "Group seeds: images per group, anchor included.", stage="group")
-    group_epochs: int = option(6, "Group seeds: epochs of the group model.", stage="group")
+                                stage="maps", ge=0)
+    group_size: int = option(3, "Group seeds: images per group, anchor included.", stage="group", ge=2)
+    group_epochs: int = option(6, "Group seeds: epochs of the group model.", stage="group", ge=1)
     # CRF pseudo-masks
     fg_threshold: float = option(ADVCAM_FG_THRESHOLD, "CRF pseudo-masks: foreground where the CRF of maps vs this "
-                                                      "background level says so (AdvCAM 0.35).", stage="calibrate")
+                                                      "background level says so (AdvCAM 0.35).", stage="calibrate",
+                                 ge=0, le=1)
     bg_threshold: float = option(ADVCAM_BG_THRESHOLD, "CRF pseudo-masks: background where the CRF of maps vs this "
-                                                      "level says so; between = ignore (0.15).", stage="calibrate")
-    crf_workers: int | None = option(None, "CRF processes [default: min(4, CPUs)].", stage=NO_OUTPUT)
+                                                      "level says so; between = ignore (0.15).", stage="calibrate",
+                                 ge=0, le=1)
+    crf_workers: int | None = option(None, "CRF processes (0 or 1: in this process) [default: min(4, CPUs)].",
+                                     stage=NO_OUTPUT, ge=0)
     # mining
     superpixel_method: Literal["felzenszwalb", "slic"] = option("felzenszwalb", "Mining: superpixels of MCOF "
                                                                                 "(felzenszwalb) or SLIC.", stage="round")
     min_coverage: float = option(0.5, "Mining: a superpixel takes a seed label covering at least this fraction "
-                                      "of it.", stage="round")
+                                      "of it.", stage="round", ge=0, le=1)
     mining: bool = option(True, "Mine regions each round (off: each round's segmenter trains on its seeds as they "
                                 "are, the no-mining ablation).", stage="round")
     expand_only: bool = option(False, "Mining only fills unknown pixels (off, MCOF: the region classifier "
                                       "relabels every superpixel).", stage="round")
     mining_confidence: float = option(0.5, "Mining: region-classifier probability needed to fill an unknown "
-                                           "region.", stage="round")
+                                           "region.", stage="round", ge=0, le=1)
     # Inverse-frequency class weights in the region classifier. Off: weighting background down made the miner
     # grow objects into background in diagnostic runs on msrc-objects' training images (at two threshold
     # settings); on the tags_to_model benchmark's calibration images the two were level.
     region_class_balanced: bool = option(False, "Mining: weigh the region classifier's classes by inverse "
                                                 "frequency (off: background keeps its weight).", stage="round")
     prediction_confidence: float = option(0.5, "Segmenter pixels below this probability (within the tags) are "
-                                                "unknown to the next round.", stage="predictions")
+                                                "unknown to the next round.", stage="predictions", ge=0, le=1)
     # rounds >= 2 start from: the last segmenter's predictions (MCOF), or the pixels where those predictions
     # agree with the last round's mined regions, the disagreements left unknown for the region classifier
     round_seeds: Literal["predictions", "agreement"] = option("agreement", "Rounds >= 2 start from the last "
@@ -170,13 +173,13 @@ class PipelineConfig(RunOptions):
                                                              stage="round")
     # learning rate of a segmenter that continues from the previous round's, as a multiple of `lr`
     continue_lr_mult: float = option(1.0, "Round >= 2 segmenters that continue from the previous round's model "
-                                          "train at lr times this.", stage="round")
+                                          "train at lr times this.", stage="round", gt=0)
     # segmenter
     seg_arch: Literal["ocr", "fcn"] = option("ocr", "Segmenter of each round: OCR or FCN head.", stage="round")
-    seg_epochs: int = option(30, "Epochs of each round's segmenter.", stage="round")
-    crop_size: int = option(256, "Training crop of each round's segmenter.", stage="round")
-    batch_size: int = option(8, "Batch size of each round's segmenter.", stage="round")
-    lr: float = option(0.01, "Learning rate of each round's segmenter.", stage="round")
+    seg_epochs: int = option(30, "Epochs of each round's segmenter.", stage="round", ge=1)
+    crop_size: int = option(256, "Training crop of each round's segmenter.", stage="round", ge=1)
+    batch_size: int = option(8, "Batch size of each round's segmenter.", stage="round", ge=1)
+    lr: float = option(0.01, "Learning rate of each round's segmenter.", stage="round", gt=0)
     # every stage resumes by itself (finished stages are kept, training continues from its last checkpoint)
     resume: bool = option(False, "Unused: a run always resumes from its finished stages and last checkpoints.",
                           stage=NO_OUTPUT, cli=False)
@@ -185,19 +188,10 @@ class PipelineConfig(RunOptions):
         self.check_data()
         if self.seeds not in SEED_METHODS:
             raise ConfigError(f"Unknown seeds '{self.seeds}'; choose one of {SEED_METHODS}.")
-        if self.rounds < 0:
-            raise ConfigError(f"rounds must be >= 0, got {self.rounds}.")
-        if not self.continue_lr_mult > 0:
-            raise ConfigError(f"continue_lr_mult must be > 0, got {self.continue_lr_mult}.")
-        if not 0 <= self.bg_threshold <= self.fg_threshold <= 1:
-            raise ConfigError("Need 0 <= bg_threshold <= fg_threshold <= 1.")
-        if self.mask_fraction is not None and not 0 < self.mask_fraction <= 1:
-            raise ConfigError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}.")
-        if self.calibration_fraction is not None and not 0 < self.calibration_fraction < 1:
-            raise ConfigError(f"calibration_fraction must be in (0, 1) (the other images are scored), "
-                              f"got {self.calibration_fraction}.")
-        if self.limit is not None and self.limit < 2:
-            raise ConfigError("limit must leave at least 2 training images.")
+        # each field's type and range were checked when the config was made (check_values); across fields:
+        if not self.bg_threshold <= self.fg_threshold:
+            raise ConfigError(f"Need 0 <= bg_threshold <= fg_threshold <= 1, got bg_threshold {self.bg_threshold} > "
+                              f"fg_threshold {self.fg_threshold}.")
         return self
 
 
@@ -327,7 +321,7 @@ def mask_file(folder: Path, sample_id: str) -> Path:
 
 
 def write_masks(folder: Path, ds: SegDataset, masks: dict[str, np.ndarray]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     for sid, m in masks.items():
         write_label_png(mask_file(folder, sid), m.astype(np.uint8), ds.labels.palette_bytes())
 

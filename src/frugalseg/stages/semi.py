@@ -38,9 +38,11 @@ from frugalseg.data.hdf5 import patient_of
 from frugalseg.data.labels import LabelSpec
 from frugalseg.data.samples import SegDataset
 from frugalseg.data.torchdata import EvalCases, first_item, input_channels
+from frugalseg.data.validate import check_masks_for_training
 from frugalseg.data.io import read_json, write_json
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.evaluation import evaluate
+from frugalseg.export import check_checkpoint
 from frugalseg.models import build_model
 from frugalseg.runs import RunDir
 from frugalseg.semi.batches import AUGMENTATIONS, SemiBatches, choice, patch_shape, select_labelled
@@ -50,7 +52,8 @@ from frugalseg.semi.meanteacher import UAMT_RAMPUP, MeanTeacherStep
 from frugalseg.semi.ramps import DTC_CONSISTENCY, DTC_RAMPUP, RAMPUP_EVERY, SSL4MIS_CONSISTENCY, SSL4MIS_RAMPUP
 from frugalseg.semi.step import SemiStep
 from frugalseg.semi.supervised_only import SupervisedOnlyStep
-from frugalseg.stages.options import RunOptions, device_of, option, option_like
+from frugalseg.stages.options import RunOptions, ascending, device_of, option, option_like
+from frugalseg.stages.run_guard import claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,50 +87,51 @@ class SemiConfig(RunOptions):
     train_split: str = option("train", "Split holding the labelled and unlabelled training samples.")
     val_split: str | None = option("auto", "Split to validate and evaluate on: auto = val if the dataset has one, "
                                            "else test; empty for none.")
-    val_limit: int | None = option(None, "Evaluate on the first N validation cases only.")
+    val_limit: int | None = option(None, "Evaluate on the first N validation cases only.", ge=1)
     # labelled set: exactly one of these (first N patients is the SSL4MIS protocol: 3 → 68 slices, 7 → 136)
     labelled_patients: int | None = option(None, "Labelled set: every slice of the first N patients of the list "
-                                                 "(SSL4MIS/DTC protocol: 3 or 7 on ACDC).")
+                                                 "(SSL4MIS/DTC protocol: 3 or 7 on ACDC).", ge=1)
     labelled_fraction: float | None = option(None, "Labelled set: this fraction of the patients (cases), drawn with "
-                                                   "--budget-seed; the rest is unlabelled.")
+                                                   "--budget-seed; the rest is unlabelled.", gt=0, le=1)
     labelled_ids: list[str] | None = option(None, "Labelled set: exactly these sample ids (repeat the option, or "
                                                   "@file with one id a line).")
-    budget_seed: int = option(0, "Seed of the label-budget draw.")
-    unlabelled_limit: int | None = option(None, "Use only the first N unlabelled samples.")
+    budget_seed: int = option(0, "Seed of the label-budget draw.", ge=0)
+    unlabelled_limit: int | None = option(None, "Use only the first N unlabelled samples.", ge=0)
     # network
-    dims: int | None = option(None, "2 (slices) or 3 (volumes) [default: the training split's].")
+    dims: int | None = option(None, "2 (slices) or 3 (volumes) [default: the training split's].", choices=(2, 3))
     arch: Literal["unet", "vnet"] | None = option(None, "unet (2D/3D) or vnet (3D) [default: U-Net in 2D, "
                                                         "V-Net in 3D].")
     channels: list[int] = option(help="U-Net channels per level, e.g. 16,32,64,128,256.",
-                                 factory=lambda: [16, 32, 64, 128, 256])
-    dropout: float | None = option(None, "Dropout [default: 0 for the U-Net, 0.5 for the V-Net].")
+                                 factory=lambda: [16, 32, 64, 128, 256], ge=1)
+    dropout: float | None = option(None, "Dropout [default: 0 for the U-Net, 0.5 for the V-Net].", ge=0, lt=1)
     # batches and schedule
-    patch_size: list[int] | None = option(None, "Training patch: one size (square/cube) or one per axis, e.g. 256 "
-                                                "or 112,112,80 [default: by dims].")
+    patch_size: int | list[int] | None = option(None, "Training patch: one size (square/cube) or one per axis, e.g. "
+                                                      "256 or 112,112,80 [default: by dims].", ge=1)
     labelled_batch_size: int | None = option(None, "Labelled samples per batch (per model for co-training) "
-                                                   "[default: by dims and method].")
+                                                   "[default: by dims and method].", ge=1)
     unlabelled_batch_size: int | None = option(None, "Unlabelled samples per batch [default: by dims and method; "
-                                                     "0 for --semi none].")
+                                                     "0 for --semi none].", ge=0)
     augment: Literal["ssl4mis", "rotflip", "none"] = option(
         "ssl4mis", "ssl4mis (rot90/flip or ±20° rotation in 2D, RandomRotFlip in 3D), rotflip, or none.")
-    iterations: int | None = option(None, "Training iterations [default: 30000 in 2D (SSL4MIS), 6000 in 3D (DTC)].")
-    epoch_steps: int = option(150, "Iterations per epoch: checkpoint and validation interval.")
-    rampup_every: int = option(RAMPUP_EVERY, "Iterations per unit of the consistency ramps (SSL4MIS/DTC: 150).")
+    iterations: int | None = option(None, "Training iterations [default: 30000 in 2D (SSL4MIS), 6000 in 3D (DTC)].",
+                                    ge=1)
+    epoch_steps: int = option(150, "Iterations per epoch: checkpoint and validation interval.", ge=1)
+    rampup_every: int = option(RAMPUP_EVERY, "Iterations per unit of the consistency ramps (SSL4MIS/DTC: 150).", ge=1)
     # optimisation
     optimizer: Literal["sgd", "adam"] = option("sgd", "sgd (momentum) or adam.")
-    lr: float = option(0.01, "Base learning rate.")
-    momentum: float = option(0.9, "SGD momentum.")
-    weight_decay: float = option(1e-4, "Weight decay.")
+    lr: float = option(0.01, "Base learning rate.", gt=0)
+    momentum: float = option(0.9, "SGD momentum.", ge=0, lt=1)
+    weight_decay: float = option(1e-4, "Weight decay.", ge=0)
     lr_schedule: Literal["poly", "step"] | None = option(None, "poly (power 0.9) or step (x0.1 every --lr-step) "
                                                                "[default: poly in 2D, step in 3D].")
-    lr_step: int = option(2500, "Step schedule: lr x 0.1 every this many iterations (DTC).")
+    lr_step: int = option(2500, "Step schedule: lr x 0.1 every this many iterations (DTC).", ge=1)
     loss: Literal["dice_ce", "ce", "dice"] = option("dice_ce", "Supervised loss: dice_ce (0.5 CE + 0.5 soft Dice, "
                                                                "SSL4MIS), ce, or dice.")
     # evaluation
-    val_overlap: float = option(0.5, "Sliding-window overlap of 3D inference.")
+    val_overlap: float = option(0.5, "Sliding-window overlap of 3D inference.", ge=0, lt=1)
     largest_component: bool = option(False, "Keep each class's largest connected component in evaluation "
                                             "(DTC's nms).")
-    val_every: int = option(10, "Validate every N epochs during training (0: only at the end).")
+    val_every: int = option(10, "Validate every N epochs during training (0: only at the end).", ge=0)
 
     SEMI: ClassVar[str] = ""  # the value of `semi` for this config class
     STEP: ClassVar[type[SemiStep]] = SemiStep  # the method's step module
@@ -171,32 +175,13 @@ class SemiConfig(RunOptions):
                 f"Choose the labelled set with exactly one of labelled_patients, labelled_fraction, labelled_ids "
                 f"(got {', '.join(given) or 'none'}), e.g. labelled_patients=7 on ACDC, 2 on the LA subset."
             )
-        if self.labelled_fraction is not None and not 0 < self.labelled_fraction <= 1:
-            raise ConfigError(f"labelled_fraction must be in (0, 1], got {self.labelled_fraction}.")
-        if self.labelled_patients is not None and self.labelled_patients < 1:
-            raise ConfigError(f"labelled_patients must be >= 1, got {self.labelled_patients}.")
         if self.labelled_ids is not None and not self.labelled_ids:
             raise ConfigError("labelled_ids is empty: it selects no image to train on.")
-        for name in ("labelled_batch_size", "iterations", "epoch_steps", "rampup_every", "lr_step"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {value}.")
-        if self.unlabelled_batch_size is not None and self.unlabelled_batch_size < 0:
-            raise ConfigError(f"unlabelled_batch_size must be >= 0, got {self.unlabelled_batch_size}.")
-        if self.dims not in (None, 2, 3):
-            raise ConfigError(f"dims must be 2 or 3, got {self.dims}.")
+        # types, choices and ranges of single fields were checked when the config was made (check_values)
         if self.patch_size is not None:
             given_sizes = len(self.patch_size) if isinstance(self.patch_size, (list, tuple)) else 1
-            sizes = patch_shape(self.patch_size, self.dims or given_sizes)
-            if any(s < 1 for s in sizes):
-                raise ConfigError(f"patch_size must be positive, got {self.patch_size}.")
-        choice("arch", self.arch, ("unet", "vnet", None))
-        choice("optimizer", self.optimizer, ("sgd", "adam"))
-        choice("loss", self.loss, ("ce", "dice_ce", "dice"))
+            patch_shape(self.patch_size, self.dims or given_sizes)
         choice("augment", self.augment, AUGMENTATIONS)
-        choice("lr_schedule", self.lr_schedule, ("poly", "step", None))
-        if not 0 <= self.val_overlap < 1:
-            raise ConfigError(f"val_overlap must be in [0, 1), got {self.val_overlap}.")
         if len(self.channels) < 2:
             raise ConfigError(f"channels needs at least two U-Net levels, got {self.channels}.")
         return self
@@ -236,11 +221,12 @@ class DTCConfig(SemiConfig):
     STEP: ClassVar[type[SemiStep]] = DTCStep
     semi: str = option("dtc", "The method.", cli=False)
     out: str = option_like(RunOptions, "out", "runs/dtc")
-    k: float = option(K_TRANSFORM, "DTC: k of the transform sigmoid(-k * sdf).")
-    beta: float = option(SDF_WEIGHT, "DTC: weight of the level-set (SDF) regression.")
-    consistency: float | None = option(None, "Maximum consistency weight [default: by dims: 0.1 in 2D; DTC 1.0 in 3D].")
+    k: float = option(K_TRANSFORM, "DTC: k of the transform sigmoid(-k * sdf).", gt=0)
+    beta: float = option(SDF_WEIGHT, "DTC: weight of the level-set (SDF) regression.", ge=0)
+    consistency: float | None = option(None, "Maximum consistency weight [default: by dims: 0.1 in 2D; DTC 1.0 in 3D].",
+                                       ge=0)
     consistency_rampup: float | None = option(None, "Consistency ramp-up length in units of --rampup-every "
-                                                    "iterations [default: by dims].")
+                                                    "iterations [default: by dims].", ge=0)
 
     @classmethod
     def protocol(cls, dims: int) -> dict:
@@ -272,13 +258,14 @@ class MeanTeacherConfig(SemiConfig):
     STEP: ClassVar[type[SemiStep]] = MeanTeacherStep
     semi: str = option("meanteacher", "The method.", cli=False)
     out: str = option_like(RunOptions, "out", "runs/meanteacher")
-    ema_decay: float = option(0.99, "Mean teacher: EMA decay of the teacher.")
-    consistency: float | None = option(None, "Maximum consistency weight [default: 0.1].")
+    ema_decay: float = option(0.99, "Mean teacher: EMA decay of the teacher.", ge=0, lt=1)
+    consistency: float | None = option(None, "Maximum consistency weight [default: 0.1].", ge=0)
     consistency_rampup: float | None = option(None, "Consistency ramp-up length in units of --rampup-every "
-                                                    "iterations [default: 200 in 2D, 40 in 3D].")
-    teacher_noise: float = option(0.1, "Mean teacher: std of the Gaussian noise on the teacher's input.")
-    noise_clip: float = option(0.2, "Mean teacher: input noise clipped to +-this.")
-    student_noise: float = option(0.0, "Mean teacher: std of the noise on the student's unlabelled input (0: none).")
+                                                    "iterations [default: 200 in 2D, 40 in 3D].", ge=0)
+    teacher_noise: float = option(0.1, "Mean teacher: std of the Gaussian noise on the teacher's input.", ge=0)
+    noise_clip: float = option(0.2, "Mean teacher: input noise clipped to +-this.", ge=0)
+    student_noise: float = option(0.0, "Mean teacher: std of the noise on the student's unlabelled input (0: none).",
+                                  ge=0)
     evaluate: str = option("student", "Mean teacher: the network evaluated and exported as model/ (student or "
                                       "teacher).")
 
@@ -288,8 +275,6 @@ class MeanTeacherConfig(SemiConfig):
                 "consistency_rampup": UAMT_RAMPUP if dims == 3 else SSL4MIS_RAMPUP}
 
     def validate(self) -> "MeanTeacherConfig":
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
         if self.evaluate not in ("student", "teacher"):
             raise ConfigError(f"evaluate must be student or teacher, got '{self.evaluate}'.")
         super().validate()
@@ -311,30 +296,31 @@ class CoTrainConfig(SemiConfig):
     STEP: ClassVar[type[SemiStep]] = CoTrainStep
     semi: str = option("cotrain", "The method.", cli=False)
     out: str = option_like(RunOptions, "out", "runs/cotrain")
-    n_models: int = option(2, "Number K >= 2 of co-trained models.")
+    n_models: int = option(2, "Number K >= 2 of co-trained models.", ge=2)
     views: str = option("split", "Co-training views of the labelled set: split (disjoint by patient) or bootstrap.")
-    view_overlap: float = option(0.0, "Co-training: fraction of labelled patients every model sees.")
+    view_overlap: float = option(0.0, "Co-training: fraction of labelled patients every model sees.", ge=0, le=1)
     view_unit: str = option("patient", "Co-training views split patients or images (patient | image).")
     adversarial: bool = option(True, "Co-training's adversarial view-difference (diversity) term.")
     adv_pairs: str = option("all", "Adversarial pairs: all (model i's examples to every j != i) or ring (i to i+1).")
     adv_source: str = option("coin", "Adversarial source per model and step: coin (FGSM on labelled or VAT on "
                                      "unlabelled, p = 0.5, official) or both.")
-    fgsm_eps: float = option(0.05, "FGSM step (L-infinity, per pixel).")
-    vat_xi: float = option(1e-3, "VAT probe (L2 per sample; the official 1e-6 underflows in float32).")
-    vat_eps: float = option(0.05, "VAT perturbation (L2 per sample).")
-    vat_power_iterations: int = option(1, "VAT power iterations.")
+    fgsm_eps: float = option(0.05, "FGSM step (L-infinity, per pixel).", ge=0)
+    vat_xi: float = option(1e-3, "VAT probe (L2 per sample; the official 1e-6 underflows in float32).", gt=0)
+    vat_eps: float = option(0.05, "VAT perturbation (L2 per sample).", ge=0)
+    vat_power_iterations: int = option(1, "VAT power iterations.", ge=1)
     adv_clamp: list[float] | None = option(help="Adversarial inputs clipped to this range (ACDC intensities are in "
-                                                "[0, 1]).", factory=lambda: [0.0, 1.0])
+                                                "[0, 1]).", factory=lambda: [0.0, 1.0], check=ascending)
     attack_eval_mode: bool = option(True, "Attacks run the models in eval mode (as the reference), else in "
                                           "training mode with frozen BatchNorm statistics.")
-    lambda_cot: float = option(1.0, "Maximum weight of the agreement (Jensen-Shannon) term.")
-    lambda_dif: float = option(0.005, "Maximum weight of the diversity (adversarial) term.")
-    ramp_epochs: float = option(100.0, "Ramp-up length of both weights in units of --rampup-every iterations.")
-    ramp_mult: float = option(-5.0, "Ramp shape: weight = max * exp(mult * (1 - t/T)^2).")
+    lambda_cot: float = option(1.0, "Maximum weight of the agreement (Jensen-Shannon) term.", ge=0)
+    lambda_dif: float = option(0.005, "Maximum weight of the diversity (adversarial) term.", ge=0)
+    ramp_epochs: float = option(100.0, "Ramp-up length of both weights in units of --rampup-every iterations (0: "
+                                       "none).", ge=0)
+    ramp_mult: float = option(-5.0, "Ramp shape: weight = max * exp(mult * (1 - t/T)^2).", le=0)
     eval_members: bool = option(False, "Also evaluate each co-trained model alone (metrics under 'members').")
     # official: Adam lr 1e-3, weight decay 1e-4, 4 labelled (per model) + 4 unlabelled (2D)
     optimizer: Literal["sgd", "adam"] = option("adam", "sgd (momentum) or adam.")
-    lr: float = option(1e-3, "Base learning rate.")
+    lr: float = option(1e-3, "Base learning rate.", gt=0)
 
     @classmethod
     def protocol(cls, dims: int) -> dict:
@@ -344,8 +330,6 @@ class CoTrainConfig(SemiConfig):
         return base
 
     def validate(self) -> "CoTrainConfig":
-        if self.n_models < 2:
-            raise ConfigError(f"co-training needs n_models >= 2, got {self.n_models}.")
         if self.views not in ("split", "bootstrap"):
             raise ConfigError(f"views must be split or bootstrap, got '{self.views}'.")
         if self.view_unit not in ("patient", "image"):
@@ -463,6 +447,7 @@ def open_semi_data(cfg: SemiConfig, require_unlabelled: bool = True) -> SemiData
     if require_unlabelled and not unlabelled:
         raise DataError(f"{train.name}: the labelled set covers every sample; nothing is left unlabelled "
                         "(label fewer patients, or use --semi none for the supervised-only baseline).")
+    check_masks_for_training(train)  # the labelled set's masks: 0/255 exports refused before training
     split, val = _open_val(cfg, train.labels.names)
     cfg = dataclasses.replace(cfg, val_split=split)
     return SemiData(cfg=cfg, train=train, labelled=labelled, unlabelled=unlabelled, val=val)
@@ -511,7 +496,7 @@ def _epoch_steps(cfg: SemiConfig, run: RunDir) -> int:
     its epochs (and so its batches) continue where they stopped even when `iterations` changed."""
     steps = cfg.epoch_length
     if cfg.resume and run.last_checkpoint.exists():
-        meta = torch.load(run.last_checkpoint, map_location="cpu", weights_only=False, mmap=True).get("frugalseg", {})
+        meta = check_checkpoint(run.last_checkpoint)
         saved = int(meta.get("epoch_steps") or steps)
         if saved != steps:
             if cfg.iterations % saved:
@@ -552,14 +537,15 @@ def train_semi(cfg: SemiConfig) -> dict:
     cfg.check(labels)
     streams = cfg.streams(data.labelled)
     unlabelled = data.unlabelled if step_class.uses_unlabelled else []
+    finished = run.stage_done("train")
+    claim_run_dir(run, cfg, labels, finished=finished)
     write_json(run / "budget.json", {
         "method": cfg.semi, "labelled": list(data.labelled), "streams": [list(s) for s in streams],
         "unlabelled": [train[i].id for i in unlabelled],
     })
     spec = network_spec(cfg, labels, input_channels(train))
-    run.save_config(cfg)
     t0 = time.time()
-    if run.stage_done("train") and not cfg.resume:
+    if finished and not cfg.resume:
         log.info("%s: training already finished; skipping (delete stages/train.done to retrain).", run.path)
         info = read_json(run / "stages" / "train.done")
         predictor = step_class.load_predictor(run.path)
@@ -621,7 +607,7 @@ def saved_export(run: RunDir) -> dict:
     or co-training's models/ensemble.json."""
     for rel in ("model/config.json", "models/ensemble.json"):
         if (run / rel).exists():
-            return json.loads((run / rel).read_text())
+            return read_json(run / rel)
     raise DataError(f"{run.path}: no exported model (model/ or models/); has training finished?")
 
 

@@ -16,23 +16,26 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from frugalseg.data import LabelBudget, apply_budget, open_split
 from frugalseg.data.budget import budget_manifest
-from frugalseg.data.io import RASTER_SUFFIXES, read_rgb, sample_file, suffix_of, write_json, write_label_png, write_rgb
+from frugalseg.data.io import (RASTER_SUFFIXES, make_folder, read_rgb, remove_stale_temporaries, sample_file, suffix_of,
+                               write_json, write_label_png, write_rgb)
 from frugalseg.data.labels import LabelSpec
 from frugalseg.data.nifti import write_nifti
 from frugalseg.data.samples import SegDataset, with_mask_folder
-from frugalseg.data.torchdata import EvalCases, MaskedImages, first_item, input_channels, pad_collate
+from frugalseg.data.torchdata import (EvalCases, MaskedImages, first_item, input_channels, pad_collate,
+                                     shuffled_loader)
 from frugalseg.data.transforms import CropTransform, ResizeTransform, to_tensor_image
+from frugalseg.data.validate import check_masks_for_training
 from frugalseg.data.volume_io import volume_reader
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.evaluation import evaluate
@@ -44,7 +47,18 @@ from frugalseg.report.overlays import overlay
 from frugalseg.runs import RunDir
 from frugalseg.semi.cotrain import ENSEMBLE_FILE, load_ensemble
 from frugalseg.stages import semi as semi_stage
-from frugalseg.stages.options import RunOptions, check_common, device_of, load_config, option, option_like
+from frugalseg.stages.options import (
+    RunOptions,
+    ascending,
+    check_common,
+    device_of,
+    load_config,
+    read_config_file,
+    minus_one_or_positive,
+    option,
+    option_like,
+)
+from frugalseg.stages.run_guard import claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,42 +82,43 @@ class TrainConfig(RunOptions):
     pretrained: bool | str = option(True, "true (ImageNet weights), false (random init), or a path to a weight file.")
     init_from: str | None = option(None, "Start from the weights of an exported model (a run's model/ folder or a "
                                          ".ckpt) of the same network.")
-    output_stride: int = option(16, "Backbone output stride: 8, 16 or 32.")
+    output_stride: int = option(16, "Backbone output stride: 8, 16 or 32.", choices=(8, 16, 32))
     aux_stage: Literal["last", "penultimate"] = option(
         "penultimate", "Backbone stage feeding the auxiliary head (OCR's soft object regions): last (HRNet-OCR) or "
                        "penultimate (ResNet-OCR; chosen on a train holdout, benchmarks/supervised.py).")
     # optimisation
-    epochs: int = option(30, "Training epochs.")
-    max_steps: int = option(-1, "Stop after this many optimiser steps (-1: after the epochs).")
-    batch_size: int = option(8, "Training images per batch.")
+    epochs: int = option(30, "Training epochs (-1: no epoch limit, with --max-steps).", check=minus_one_or_positive)
+    max_steps: int = option(-1, "Stop after this many optimiser steps (-1: after the epochs).",
+                            check=minus_one_or_positive)
+    batch_size: int = option(8, "Training images per batch.", ge=1)
     optimizer: Literal["sgd", "adamw"] = option("sgd", "sgd (momentum, the OCR recipe) or adamw.")
-    lr: float = option(0.01, "Base learning rate (poly decay, power 0.9).")
-    backbone_lr_mult: float = option(1.0, "The backbone trains at lr times this.")
-    weight_decay: float = option(5e-4, "Weight decay.")
-    momentum: float = option(0.9, "SGD momentum.")
+    lr: float = option(0.01, "Base learning rate (poly decay, power 0.9).", gt=0)
+    backbone_lr_mult: float = option(1.0, "The backbone trains at lr times this.", ge=0)
+    weight_decay: float = option(5e-4, "Weight decay.", ge=0)
+    momentum: float = option(0.9, "SGD momentum.", ge=0, lt=1)
     loss: Literal["ce", "dice_ce"] = option("ce", "ce (cross-entropy) or dice_ce (0.5 CE + 0.5 soft Dice).")
-    aux_weight: float = option(0.4, "Weight of the auxiliary head's loss (OCR: 0.4).")
+    aux_weight: float = option(0.4, "Weight of the auxiliary head's loss (OCR: 0.4).", ge=0)
     # data
     policy: Literal["crop", "resize"] = option("crop", "Augmentation: crop (rescale/crop/flip, natural images) or "
                                                        "resize (fixed size + rot90/flip, medical).")
-    crop_size: int = option(256, "Training crop (crop policy) or the fixed input size (resize policy).")
-    scale: tuple[float, float] = option((0.5, 2.0), "Random rescale range of the crop policy (min max).")
-    base_size: int | None = option(None, "Longer image side before the random rescale (crop policy; default: as read).")
+    crop_size: int = option(256, "Training crop (crop policy) or the fixed input size (resize policy).", ge=1)
+    scale: tuple[float, float] = option((0.5, 2.0), "Random rescale range of the crop policy (min max).", gt=0,
+                                        check=ascending)
+    base_size: int | None = option(None, "Longer image side before the random rescale (crop policy; default: as read).",
+                                   ge=1)
     # label budget (None = every mask)
     mask_fraction: float | None = option(None, "Label budget: train with masks of this fraction of images (seeded by "
-                                               "--budget-seed).")
-    mask_count: int | None = option(None, "Label budget: train with masks of this many images.")
+                                               "--budget-seed).", gt=0, le=1)
+    mask_count: int | None = option(None, "Label budget: train with masks of this many images.", ge=1)
     labelled_ids: list[str] | None = option(None, "Label budget: exactly these sample ids have masks (repeat the "
                                                   "option, or @file with one id a line).")
-    budget_seed: int = option(0, "Seed of the label-budget draw.")
+    budget_seed: int = option(0, "Seed of the label-budget draw.", ge=0)
     # validation
-    val_every: int = option(1, "Validate every N epochs during training.")
-    eval_batch_size: int = option(4, "Images per batch in validation and evaluation.")
+    val_every: int = option(1, "Validate every N epochs during training.", ge=1)
+    eval_batch_size: int = option(4, "Images per batch in validation and evaluation.", ge=1)
 
     def validate(self) -> "TrainConfig":
-        check_common(self)
-        if self.mask_fraction is not None and not 0 < self.mask_fraction <= 1:
-            raise ConfigError(f"mask_fraction must be in (0, 1], got {self.mask_fraction}.")
+        check_common(self)  # each field's type and range were checked when the config was made
         return self
 
 
@@ -134,6 +149,7 @@ def load_training_data(cfg: TrainConfig) -> tuple[SegDataset, SegDataset | None,
         raise DataError(f"{train_ds.name}: no training sample has a mask; supervised training needs masks.")
     if not any(s.supervision == "mask" for s in train_ds):
         raise DataError(f"{train_ds.name}: the label budget leaves no masked sample to train on.")
+    check_masks_for_training(train_ds)  # 0/255 exports, masks without a class: refused before training
     val_ds = _open(cfg, cfg.val_split) if cfg.val_split else None
     if val_ds is not None and val_ds.labels.names != train_ds.labels.names:
         raise DataError(f"{cfg.data}: validation classes {val_ds.labels.names} differ from training classes.")
@@ -177,15 +193,16 @@ def train(cfg: TrainConfig) -> dict:
     run = RunDir(cfg.out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train_ds, val_ds, budget = load_training_data(cfg)
+    finished = run.stage_done("train")
+    claim_run_dir(run, cfg, train_ds.labels, finished=finished)
     if budget is not None:
         write_json(run / "budget.json", budget_manifest(train_ds, budget))
     in_chans = input_channels(train_ds)
     if cfg.arch in ("ocr", "fcn") and train_ds.ndim == 2 and in_chans == 1 and cfg.pretrained is True:
         log.info("Greyscale input: the first convolution's ImageNet weights are summed over RGB.")
     spec = model_spec(cfg, train_ds.labels, in_chans)
-    run.save_config(cfg)
     t0 = time.time()
-    if run.stage_done("train") and not cfg.resume:
+    if finished and not cfg.resume:
         log.info("%s: training already finished; skipping (delete stages/train.done to retrain).", run.path)
     else:
         model = build_model(spec, pretrained=cfg.pretrained if cfg.arch in ("ocr", "fcn") else False)
@@ -193,9 +210,7 @@ def train(cfg: TrainConfig) -> dict:
             init_weights(model, spec, cfg.init_from)
         module = SegmentationModule(model, train_ds.labels, cfg, spec)
         train_data = MaskedImages(train_ds, train_transform(cfg), seed=cfg.seed)
-        loader = DataLoader(train_data, batch_size=min(cfg.batch_size, len(train_data)), shuffle=True,
-                            drop_last=len(train_data) > cfg.batch_size, num_workers=cfg.num_workers,
-                            persistent_workers=cfg.num_workers > 0)
+        loader = shuffled_loader(train_data, cfg.batch_size, cfg.seed, cfg.num_workers, persistent_workers=True)
         fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs, max_steps=cfg.max_steps,
                       val_loader=val_loader(cfg, val_ds) if val_ds is not None else None, val_every=cfg.val_every)
         save_export(module.model, spec, train_ds.labels, run / "model")
@@ -227,7 +242,7 @@ def saved_config(run: RunDir) -> TrainConfig | semi_stage.SemiConfig:
     path = run / "config.yaml"
     if not path.exists():
         raise DataError(f"{run.path}: no config.yaml; not a frugalseg training run.")
-    semi = (yaml.safe_load(path.read_text()) or {}).get("semi")
+    semi = read_config_file(path).get("semi")
     if semi and semi not in semi_stage.SEMI_METHODS:
         raise DataError(f"{path}: unknown semi-supervised method '{semi}'.")
     return load_config(path, semi_stage.SEMI_METHODS[semi][0] if semi else TrainConfig)
@@ -248,20 +263,23 @@ def evaluate_run(run_path: str | Path, split: str | None = "val", ds: SegDataset
     if devices is not None:
         cfg.devices = devices
     pred_dir = run / "predictions" / (split or "eval") if write_predictions else None
+    # the model first: a damaged export is reported before the dataset is scanned
+    if isinstance(cfg, semi_stage.SemiConfig):
+        meta = semi_stage.saved_export(run)
+        spec, labels = meta["model"], LabelSpec.from_dict(meta["labels"])
+        model = cfg.STEP.load_predictor(run.path)
+    else:
+        if not (run / "model" / "config.json").exists():
+            raise DataError(f"{run.path}: no exported model (model/config.json); has training finished?")
+        model, spec, labels = load_export(run / "model")
     if ds is None:
         ds = _open(cfg, split or "val")
         if isinstance(cfg, semi_stage.SemiConfig) and cfg.val_limit is not None and split == cfg.val_split:
             ds = ds.with_samples(ds.samples[: max(1, cfg.val_limit)])  # the cases the run was evaluated on
     if isinstance(cfg, semi_stage.SemiConfig):
-        meta = semi_stage.saved_export(run)
-        spec, labels = meta["model"], LabelSpec.from_dict(meta["labels"])
-        model = cfg.STEP.load_predictor(run.path)
         metrics = semi_stage.evaluate_semi(model, ds, labels, cfg, pred_dir=pred_dir)
         metrics.update(split=split, model=spec, method=cfg.semi)
     else:
-        if not (run / "model" / "config.json").exists():
-            raise DataError(f"{run.path}: no exported model (model/config.json); has training finished?")
-        model, spec, labels = load_export(run / "model")
         metrics = evaluate(model, ds, labels, device=device_of(cfg.devices), dims=2, size=spec.get("input_size"),
                            batch_size=cfg.eval_batch_size, amp=True, pred_dir=pred_dir, progress=cfg.progress)
         metrics.update(split=split, model=spec)
@@ -284,53 +302,112 @@ def load_predictor(path: str | Path) -> tuple[torch.nn.Module, dict, LabelSpec]:
 
 
 def predict_files(model_path: str | Path, inputs: Iterable[str | Path], out_dir: str | Path, overlays: bool = True,
-                  devices: str = "auto") -> list[Path]:
+                  devices: str = "auto") -> PredictResult:
     """Predict masks for image files or folders: palette PNGs (+ overlays) for 2D, NIfTI for volumes.
 
     2D networks segment volumes slice by slice, 3D networks (a semi-supervised V-Net or 3D U-Net) by
-    sliding window over their training patch. `devices` as the training option (cpu, auto, ...)."""
+    sliding window over their training patch. `devices` as the training option (cpu, auto, ...).
+
+    Inputs are never overwritten: an `out_dir` that holds input images is refused before anything is
+    written, and inputs whose names would give the same mask file (`001.png` and `001.jpg`, or two folders'
+    `001.png`) keep their extension or folder in the mask's name. An input that cannot be read is skipped
+    with a warning and listed in the result's `failed`; the others are still written."""
+    files = _input_files(inputs)
+    out_dir = Path(out_dir)
+    _refuse_input_folder(out_dir, files)
+    names = output_names(files)
     model, spec, labels = load_predictor(Path(model_path))
     device = device_of(devices)
     model = model.to(device).eval()
+    dims = int(spec.get("dims", 2))
+    if dims != 2 and any(suffix_of(f) in RASTER_SUFFIXES for f in files):
+        raise ConfigError(f"{model_path}: a 3D network cannot segment 2D images; give it volumes (.nii.gz, .h5).")
+    make_folder(out_dir)
+    remove_stale_temporaries(out_dir)
+    result = PredictResult()
+    for f, name in zip(files, names):
+        try:
+            result.written.append(_predict_file(model, spec, labels, dims, device, f, name, out_dir, overlays))
+        except DataError as exc:
+            log.warning("skipped %s: %s", f, exc)
+            result.failed[str(f)] = str(exc)
+    return result
+
+
+@dataclass
+class PredictResult:
+    """What `predict_files` wrote, and the inputs it skipped ({path: reason})."""
+
+    written: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _input_files(inputs: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if suffix_of(f) in RASTER_SUFFIXES | VOLUME_INPUTS)
+            files += sorted(f for f in p.iterdir() if f.is_file() and suffix_of(f) in RASTER_SUFFIXES | VOLUME_INPUTS)
         elif p.exists():
             files.append(p)
         else:
             raise DataError(f"{p}: no such file or folder.")
     if not files:
-        raise DataError("No input images found.")
-    out_dir = Path(out_dir)
-    dims = int(spec.get("dims", 2))
-    written = []
-    for f in files:
-        stem = f.name[: -len(suffix_of(f))]
-        if suffix_of(f) in RASTER_SUFFIXES:
-            if dims != 2:
-                raise ConfigError(f"{f}: a 3D network cannot segment 2D images.")
-            image = read_rgb(f)
-            x = to_tensor_image(image)
-            if spec.get("in_chans", 3) == 1:
-                x = x.mean(0, keepdim=True)
-            probs = predict_images(model, x[None], spec.get("input_size"), device=device)
-            pred = probs.argmax(1)[0].numpy().astype(np.uint8)
-            path = sample_file(out_dir, stem, ".png")
-            write_label_png(path, pred, labels.palette_bytes())
-            if overlays:
-                write_rgb(sample_file(out_dir / "overlays", stem, ".jpg"), overlay(image, pred, labels))
-        else:
-            volume = torch.from_numpy(np.ascontiguousarray(volume_reader(f)[0](f), dtype=np.float32))
-            if volume.ndim != 3:
-                raise DataError(f"{f}: expected a 3D volume, got shape {tuple(volume.shape)}.")
-            if dims == 3:
-                probs = predict_volume_sliding(model, volume, spec["patch_size"], device=device)
-                pred = probs.argmax(0).numpy().astype(np.uint8)
-            else:
-                probs = predict_volume_slices(model, volume, size=spec.get("input_size"), device=device)
-                pred = probs.argmax(1).numpy().astype(np.uint8)
-            path = sample_file(out_dir, stem, ".nii.gz")
-            write_nifti(path, pred, (1.0,) * pred.ndim)
-        written.append(path)
-    return written
+        raise DataError(f"No input images found in {', '.join(map(str, inputs))} (looked for "
+                        f"{', '.join(sorted(RASTER_SUFFIXES | VOLUME_INPUTS))}).")
+    unique = list(dict.fromkeys(f.resolve() for f in files))  # a file given twice is predicted once
+    return [Path(f) for f in unique]
+
+
+def _refuse_input_folder(out_dir: Path, files: list[Path]) -> None:
+    """Masks written beside their images would overwrite some (`a.png` -> `a.png`) and mix with the rest."""
+    out = out_dir.resolve()
+    clash = [f for f in files if f.parent == out or f.parent == out / "overlays"]
+    if clash:
+        raise ConfigError(f"--out {out_dir} holds input images ({clash[0].name}"
+                          f"{f' and {len(clash) - 1} more' if len(clash) > 1 else ''}); their masks would overwrite or "
+                          f"mix with them. Choose another --out folder.")
+
+
+def output_names(files: list[Path]) -> list[str]:
+    """The mask name of each input: its stem; where stems collide, the file name with its extension; where
+    those collide too (same name in two folders), the parent folder's name in front."""
+    stems = [f.name[: -len(suffix_of(f))] for f in files]
+    counts = Counter(stems)
+    names = [stem if counts[stem] == 1 else f.name for stem, f in zip(stems, files)]
+    counts = Counter(names)
+    names = [n if counts[n] == 1 else f"{f.parent.name}_{f.name}" for n, f in zip(names, files)]
+    counts = Counter(names)
+    names = [n if counts[n] == 1 else str(f) for n, f in zip(names, files)]  # sample_file hashes a path
+    renamed = [(f, n) for f, stem, n in zip(files, stems, names) if n != stem]
+    if renamed:
+        log.warning("%d inputs share a name with another input; their masks are named after the full name: %s",
+                    len(renamed), ", ".join(f"{f} -> {n}" for f, n in renamed[:5]))
+    return names
+
+
+def _predict_file(model, spec: dict, labels: LabelSpec, dims: int, device, f: Path, name: str, out_dir: Path,
+                  overlays: bool) -> Path:
+    if suffix_of(f) in RASTER_SUFFIXES:
+        image = read_rgb(f)
+        x = to_tensor_image(image)
+        if spec.get("in_chans", 3) == 1:
+            x = x.mean(0, keepdim=True)
+        probs = predict_images(model, x[None], spec.get("input_size"), device=device)
+        pred = probs.argmax(1)[0].numpy().astype(np.uint8)
+        path = sample_file(out_dir, name, ".png")
+        write_label_png(path, pred, labels.palette_bytes())
+        if overlays:
+            write_rgb(sample_file(out_dir / "overlays", name, ".jpg"), overlay(image, pred, labels))
+        return path
+    volume = torch.from_numpy(np.ascontiguousarray(volume_reader(f)[0](f), dtype=np.float32))
+    if volume.ndim != 3:
+        raise DataError(f"{f}: expected a 3D volume, got shape {tuple(volume.shape)}.")
+    if dims == 3:
+        probs = predict_volume_sliding(model, volume, spec["patch_size"], device=device)
+        pred = probs.argmax(0).numpy().astype(np.uint8)
+    else:
+        probs = predict_volume_slices(model, volume, size=spec.get("input_size"), device=device)
+        pred = probs.argmax(1).numpy().astype(np.uint8)
+    path = sample_file(out_dir, name, ".nii.gz")
+    write_nifti(path, pred, (1.0,) * pred.ndim)
+    return path

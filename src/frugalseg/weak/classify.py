@@ -18,15 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from frugalseg.data.io import atomic_path, read_json, write_json
+from frugalseg.data.io import atomic_path, make_folder, read_json, write_json
 from frugalseg.data.labels import LabelSpec
 from frugalseg.data.samples import SegDataset
 from frugalseg.data.torchdata import EpochAware, SharedEpoch, sample_generator
 from frugalseg.data.transforms import CropTransform, to_tensor_image
 from frugalseg.errors import DataError
+from frugalseg.export import read_safetensors
 from frugalseg.models.tag_classifier import TagClassifier
 
 SPEC_KIND = "tag_classifier"
@@ -92,7 +93,7 @@ def build_classifier(spec: dict, pretrained: bool | str = False) -> TagClassifie
 
 def save_classifier(model: torch.nn.Module, spec: dict, labels: LabelSpec, folder: Path) -> None:
     """`folder/model.safetensors` + `folder/config.json` (spec and label spec), each written atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     write_json(folder / "config.json", {"format_version": 1, "model": spec, "labels": labels.to_dict()})
@@ -115,7 +116,7 @@ def load_classifier(run_or_folder: str | Path) -> tuple[TagClassifier, dict, Lab
         raise DataError(f"{run_or_folder}: this model is not a tag classifier (kind {kind}).")
     spec = meta["model"]
     model = build_classifier(spec, pretrained=False)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.load_state_dict(read_safetensors(folder / "model.safetensors"))
     return model.eval(), spec, LabelSpec.from_dict(meta["labels"])
 
 

@@ -56,7 +56,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from frugalseg.data import open_dataset
-from frugalseg.data.io import read_label_png, sample_file, write_json, write_label_png
+from frugalseg.data.io import make_folder, read_label_png, sample_file, write_json, write_label_png
 from frugalseg.data.labels import IGNORE_INDEX
 from frugalseg.data.samples import Sample, SegDataset
 from frugalseg.errors import DataError, FrugalsegError, require
@@ -401,7 +401,7 @@ def refine_dataset(
     if not with_maps:
         raise DataError(f"{maps_dir}: no maps file for any of the {len(ds)} samples of {ds.name}; "
                         "were the maps made for another dataset or split?")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     log.info("%s: %d images with maps, %d already refined", ds.name, len(with_maps), skipped)
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="crf pseudo-masks", disable=not progress)

@@ -41,7 +41,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import adjust_hue
 
@@ -49,6 +48,7 @@ from frugalseg.data.labels import LabelSpec
 from frugalseg.data.samples import SegDataset
 from frugalseg.data.torchdata import sample_generator
 from frugalseg.errors import ConfigError, DataError
+from frugalseg.export import read_safetensors
 from frugalseg.models.group_net import GroupNet
 from frugalseg.weak.cam import ClassMaps, check_tags, finish_maps, scaled
 from frugalseg.weak.classify import TaggedImages, classifier_classes, model_folder
@@ -238,7 +238,7 @@ def load_group_classifier(run_or_folder: str | Path) -> tuple[GroupNet, dict, La
         raise DataError(f"{run_or_folder}: this model is not a group classifier (kind {kind}).")
     spec = meta["model"]
     model = build_group_net(spec, pretrained=False)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.load_state_dict(read_safetensors(folder / "model.safetensors"))
     return model.eval(), spec, LabelSpec.from_dict(meta["labels"])
 
 

@@ -1,0 +1,112 @@
+"""Before a training stage writes into its run folder: is this folder this run's?
+
+A run folder holds a model trained with the settings in its config.yaml. Re-running a command into it with
+other settings must not skip training and then rewrite config.yaml and report.html with settings the model
+was not trained with; `--resume` onto a checkpoint of other classes must not rewrite config.yaml and then fail
+inside torch. `claim_run_dir` checks both before the stage writes anything, and then saves the config.
+
+What may differ between the saved and the given settings:
+- fields that change no output (`stages.options.NO_OUTPUT`: where to write, devices, workers, progress,
+  resume), always;
+- with `--resume`, the schedule (`RESUMABLE_CHANGES`): continuing a run to more epochs or iterations is
+  what `--resume` is for (the learning-rate schedule then follows the new length, as stated in `--help`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Collection
+from typing import Any
+
+import yaml
+
+from frugalseg.data.io import jsonable
+from frugalseg.data.labels import LabelSpec
+from frugalseg.errors import ConfigError, DataError
+from frugalseg.runs import RunDir
+from frugalseg.stages.options import NO_OUTPUT
+
+#: Settings a `--resume` may change: the length of the schedule, and how often / how much it validates.
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "iterations", "val_every", "eval_batch_size"})
+
+
+def _free_fields(cfg: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(cfg) if f.metadata.get("stage") == NO_OUTPUT}
+
+
+def setting_differences(run: RunDir, cfg: Any, free: Collection[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved value, given value)} for each field that differs from the run's config.yaml and matters
+    (see the module docstring); {} when there is no config.yaml yet. A field the saved file lacks (written by
+    an earlier version) counts as its default."""
+    path = run / "config.yaml"
+    if not path.exists():
+        return {}
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not readable as YAML ({str(exc).splitlines()[0]}); restore it, or choose another "
+                        "--out.") from None
+    if not isinstance(saved, dict):
+        raise DataError(f"{path}: not a mapping of settings; restore it, or choose another --out.")
+    given = json.loads(json.dumps(jsonable(cfg)))
+    defaults = json.loads(json.dumps(jsonable({f.name: _default(f) for f in dataclasses.fields(cfg)})))
+    free = _free_fields(cfg) | set(free) | (RESUMABLE_CHANGES if getattr(cfg, "resume", False) else set())
+    diff = {}
+    for name, value in given.items():
+        there = saved.get(name, defaults.get(name))
+        if name not in free and there != value and not _same_place(there, value, saved.get("out"), given.get("out")):
+            diff[name] = (there, value)
+    return diff
+
+
+def _same_place(there: Any, here: Any, out_there: Any, out_here: Any) -> bool:
+    """Two absolute paths at the same place relative to their run folders: a run folder moved or copied with
+    its inputs (a `frugalseg run` folder holds its segmenters' mask folders) is still the same run."""
+    values = (there, here, out_there, out_here)
+    if not all(isinstance(v, str) and v for v in values) or not (os.path.isabs(there) and os.path.isabs(here)):
+        return False
+    return os.path.relpath(there, os.path.abspath(out_there)) == os.path.relpath(here, os.path.abspath(out_here))
+
+
+def _default(fld: dataclasses.Field) -> Any:
+    if fld.default is not dataclasses.MISSING:
+        return fld.default
+    return fld.default_factory() if fld.default_factory is not dataclasses.MISSING else None
+
+
+def _describe(diff: dict[str, tuple[Any, Any]], limit: int = 4) -> str:
+    parts = [f"{name} {there!r} there, {here!r} here" for name, (there, here) in list(diff.items())[:limit]]
+    more = len(diff) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def claim_run_dir(run: RunDir, cfg: Any, labels: LabelSpec | None = None, *, finished: bool,
+                  free: Collection[str] = (), rerun_hint: bool = True) -> None:
+    """Refuse a run folder made with other settings, or a `--resume` checkpoint of other classes, before
+    anything is written (ConfigError / DataError naming the folder and what to do); then save config.yaml.
+
+    `finished`: whether the stage already finished in this folder (a rerun then skips its work); `free`: fields
+    of `cfg` beyond the module's rule that leave the folder's outputs valid (e.g. how many maps to show);
+    `rerun_hint`: the command takes `--config`, so the message offers it."""
+    diff = setting_differences(run, cfg, free)
+    if diff:
+        what = "a finished run" if finished else "a run"
+        resumable = set(diff) <= RESUMABLE_CHANGES and hasattr(cfg, "resume")
+        hint = (" To continue it to a longer schedule, add --resume." if resumable and not cfg.resume else "")
+        again = f"re-run it with its own settings (--config {run / 'config.yaml'}), " if rerun_hint else ""
+        raise ConfigError(
+            f"{run.path} holds {what} made with other settings ({_describe(diff)}); nothing was changed. Choose "
+            f"another --out, {again}or delete the folder to start over.{hint}")
+    if getattr(cfg, "resume", False) and run.last_checkpoint.exists() and labels is not None:
+        from frugalseg.export import check_checkpoint
+
+        meta = check_checkpoint(run.last_checkpoint)
+        saved_labels = meta.get("labels")
+        if saved_labels is not None and tuple(saved_labels.get("names", ())) != tuple(labels.names):
+            raise DataError(
+                f"{run.last_checkpoint}: --resume onto a checkpoint of other classes ({', '.join(saved_labels['names'])}"
+                f" there, {', '.join(labels.names)} here); nothing was changed. Use the run's own data and class "
+                "options, or another --out.")
+    run.save_config(cfg)
