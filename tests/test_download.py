@@ -5,14 +5,19 @@ Everything is served from 127.0.0.1; no test touches the internet.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
+import os
 import re
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 import zipfile
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+import frugalseg.data.download as download
+import frugalseg.data.io as fio
 from frugalseg.data.download import (
     CACHE_DIR,
     CATALOGUE,
@@ -28,7 +35,8 @@ from frugalseg.data.download import (
     FileSource,
     download_dataset,
 )
-from frugalseg.errors import ConfigError, DataError
+from frugalseg.data.io import TEMP_SUFFIX, is_temporary, temporary_name
+from frugalseg.errors import ConfigError, DataError, OutputError
 
 # --------------------------------------------------------------------------------------------------
 # A tiny file server with HTTP Range support and a request log
@@ -361,3 +369,122 @@ def test_tar_symlinks(server, tmp_path, target, ok):
         with pytest.raises(DataError, match="outside the archive"):
             download_dataset("links", tmp_path, progress=False, catalogue={"links": src})
         assert not (tmp_path / "links").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# A full, read-only or unwritable disk: one OutputError naming what the user asked for
+
+
+@pytest.mark.parametrize("code, words", [
+    (errno.ENOSPC, "no space left on the device holding {d} (free some space, or choose another --root)"),
+    (errno.EROFS, "the folder {d} is read-only (choose another --root)"),
+    (errno.EACCES, "permission denied: {d} is not writable by this user (choose another --root"),
+])
+def test_disk_full_while_downloading_names_the_file(server, tmp_path, monkeypatch, code, words):
+    cat = _serve_toy(server)
+
+    class FullDisk:  # the .part file: the first write fails
+        def __init__(self, path, mode):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(download, "open", FullDisk, raising=False)
+    with pytest.raises(OutputError) as info:
+        download_dataset("toy", tmp_path, progress=False, catalogue=cat)
+    cache = tmp_path / CACHE_DIR
+    msg = str(info.value)
+    assert msg.startswith(f"cannot write {cache / 'toy.tgz'}: {words.format(d=cache)}")
+    assert ".part" not in msg and "\n" not in msg
+    assert not (tmp_path / "toy").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["tgz", "zip"])
+def test_disk_full_while_extracting_names_the_dataset_and_keeps_the_download(server, tmp_path, monkeypatch, kind):
+    cat = _serve_toy(server)
+    broken = "extractall"
+
+    def full(self, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(path) / "toy" / "images" / "a.txt"))
+
+    monkeypatch.setattr(tarfile.TarFile if kind == "tgz" else zipfile.ZipFile, broken, full)
+    with pytest.raises(OutputError) as info:
+        download_dataset("toy", tmp_path, progress=False, catalogue=cat)
+    assert str(info.value) == (f"cannot write {tmp_path / 'toy'}: no space left on the device holding {tmp_path} "
+                               "(free some space, or choose another --root).")
+    assert not (tmp_path / "toy").exists() and _leftovers(tmp_path) == []
+    # the verified downloads are not called corrupt, nor deleted: the next run extracts them offline
+    assert (tmp_path / CACHE_DIR / "toy.tgz").exists() and (tmp_path / CACHE_DIR / "toy.zip").exists()
+    monkeypatch.undo()
+    n = len(server.requests)
+    assert (download_dataset("toy", tmp_path, progress=False, catalogue=cat) / "toy" / "images" / "a.txt").exists()
+    assert len(server.requests) == n
+
+
+@pytest.mark.parametrize("which", [".part", ".partial"])
+def test_a_refused_rename_names_the_target_and_keeps_the_previous_dataset(server, tmp_path, monkeypatch, which):
+    cat = _serve_toy(server)
+    if which == ".partial":
+        download_dataset("toy", tmp_path, progress=False, catalogue=cat)  # a previous, complete dataset
+    real_replace = os.replace
+
+    def refuse(src, dst):
+        if str(src).endswith(which):
+            raise PermissionError(errno.EACCES, "Permission denied", str(src), None, str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(download.os, "replace", refuse)
+    with pytest.raises(OutputError) as info:
+        download_dataset("toy", tmp_path, progress=False, force=True, catalogue=cat)
+    target = tmp_path / CACHE_DIR / "toy.tgz" if which == ".part" else tmp_path / "toy"
+    assert str(info.value).startswith(f"cannot write {target}: permission denied: {target.parent} is not writable")
+    assert TEMP_SUFFIX not in str(info.value) and _leftovers(tmp_path) == []
+    if which == ".partial":  # the dataset moved aside is put back
+        assert (tmp_path / "toy" / MARKER).exists()
+        assert (tmp_path / "toy" / "toy" / "images" / "a.txt").read_bytes() == TGZ_MEMBERS["toy/images/a.txt"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_killed_runs_are_removed_but_not_a_live_download(server, tmp_path, monkeypatch):
+    """A staging folder is named with its process and host: a killed run's (and its `.old` folder) is removed by
+    the next run, a download running now in another process keeps its staging folder."""
+    cat = _serve_toy(server)
+    dead, host = _dead_pid(), fio._HOST
+    live = temporary_name(tmp_path / "toy", ".partial")  # this process: alive
+    stale = [
+        tmp_path / f".toy.{dead}-{host}-0123abcd{TEMP_SUFFIX}.partial",
+        tmp_path / f".toy.{dead}-{host}-89abcdef{TEMP_SUFFIX}.old",
+        tmp_path / ".toy.k3j2_x9.partial",  # an earlier version's name, two hours old
+    ]
+    kept = [live, tmp_path / f".toy.123-{'0' * 6 if host != '000000' else '1' * 6}-00000000{TEMP_SUFFIX}.partial",
+            tmp_path / ".toy.q8w7_e6.old"]  # another host's, and an earlier version's, both just written
+    for folder in stale + kept:
+        (folder / "previous").mkdir(parents=True)
+        (folder / "previous" / "big.bin").write_bytes(b"x" * 100)
+    old = time.time() - 2 * fio.STALE_AFTER_S
+    os.utime(stale[2], (old, old))
+    seen = []
+    real_extract = download.extract_archive
+
+    def spy(archive, dest, kind, target=None):
+        seen.append(Path(dest))
+        return real_extract(archive, dest, kind, target)
+
+    monkeypatch.setattr(download, "extract_archive", spy)
+    download_dataset("toy", tmp_path, progress=False, catalogue=cat)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    staging = seen[0]
+    assert staging.parent == tmp_path and is_temporary(staging) and f".{os.getpid()}-{host}-" in staging.name
+    assert not staging.exists()

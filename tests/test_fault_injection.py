@@ -10,6 +10,7 @@ benchmark `benchmarks/fault_injection.py` kills at every rename.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -60,9 +61,12 @@ def _train_args(data: Path, out: Path) -> list[str]:
 
 
 def _train_result(run: Path) -> tuple[dict, dict]:
+    """Validation metrics and logged rows (epoch, step, columns filled); the exported weights."""
     metrics = json.loads((run / "metrics" / "val.json").read_text())
     weights = load_file(run / "model" / "model.safetensors")
-    return {k: metrics[k] for k in ("miou", "per_class", "samples")}, weights
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        rows = [(r["epoch"], r["step"], tuple(sorted(k for k, v in r.items() if v))) for r in csv.DictReader(f)]
+    return {**{k: metrics[k] for k in ("miou", "per_class", "samples")}, "log": rows}, weights
 
 
 @pytest.fixture(scope="module")

@@ -338,3 +338,65 @@ def test_validate_without_classes_txt_still_checks_the_rest(tmp_path):
     assert len(report["problems"]) == 2
     assert "masks without a matching image" in report["problems"][0]
     assert "there is no classes.txt" in report["problems"][1]
+
+
+# ---- 8. a folder where a file is expected (or a file where a folder is), an unreadable folder -------------
+# Root ignores permissions, so a folder in a file's place stands for "cannot be read" (and a monkeypatched
+# iterdir for a permission error): each gives one DataError naming the path, never a traceback.
+@pytest.mark.parametrize("where", ["classes.txt", "tags.csv", "splits/train.txt"])
+def test_folders_a_folder_in_place_of_a_text_file_is_named(tmp_path, where):
+    root = make_folders(tmp_path / "f", masks={i: square(1) for i in "abc"}, classes=None,
+                        splits={"val": "c\n"} if where.startswith("splits") else None)
+    if where != "classes.txt":
+        (root / "classes.txt").write_text("background\ncell\n")
+    (root / where).mkdir(parents=True)
+    with pytest.raises(DataError) as caught:
+        open_dataset(root, "train")
+    assert str(caught.value).startswith(f"{root / where}: is a folder, but a file is expected here")
+    with pytest.raises(DataError, match=f"^{root / where}: is a folder"):  # validate: the same one error
+        validate_source(root, progress=False)
+
+
+@pytest.mark.parametrize("where", ["classes.txt", "ImageSets/Segmentation/train.txt"])
+def test_voc_a_folder_in_place_of_a_text_file_is_named(tmp_path, where):
+    root = make_voc(tmp_path / "voc")
+    (root / where).unlink()
+    (root / where).mkdir()
+    with pytest.raises(DataError, match=rf"^{root / where}: is a folder, but a file is expected here"):
+        load_voc(root, "train")
+
+
+def test_a_file_in_place_of_an_image_or_mask_folder_is_named(tmp_path):
+    root = make_folders(tmp_path / "f", masks={i: square(1) for i in "abc"})
+    for p in (root / "images").iterdir():
+        p.unlink()
+    (root / "images").rmdir()
+    (root / "images").write_text("not a folder")
+    for opener in (lambda: open_dataset(root, "train"), lambda: load_folders(root)):
+        with pytest.raises(DataError, match=rf"^{root / 'images'}: is a file, but images/ must be a folder"):
+            opener()
+    root = make_folders(tmp_path / "g")
+    (root / "masks").write_text("not a folder")
+    with pytest.raises(DataError, match=rf"^{root / 'masks'}: is a file, but masks/ must be a folder"):
+        open_dataset(root, "train")
+    voc = make_voc(tmp_path / "voc")
+    for p in (voc / "SegmentationClass").iterdir():
+        p.unlink()
+    (voc / "SegmentationClass").rmdir()
+    (voc / "SegmentationClass").write_text("not a folder")
+    with pytest.raises(DataError, match=rf"^{voc / 'SegmentationClass'}: is a file, but SegmentationClass/"):
+        load_voc(voc, "train")
+
+
+def test_an_unreadable_image_folder_is_named(tmp_path, monkeypatch):
+    root = make_folders(tmp_path / "f", masks={i: square(1) for i in "abc"})
+    real_iterdir = Path.iterdir
+
+    def refuse(self):
+        if self.name == "images":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(DataError, match=rf"^{root / 'images'}: permission denied"):
+        open_dataset(root, "train")

@@ -73,12 +73,16 @@ def test_disk_full_during_a_checkpoint_save_leaves_no_temporary_and_says_so(tmp_
 
 
 def test_a_write_error_that_is_not_the_disk_keeps_its_own_error(tmp_path, monkeypatch):
-    """Not every failure is the file system's: a bug keeps its exception (and traceback), temp removed."""
-    monkeypatch.setattr(fio.shutil, "disk_usage", _plenty)
+    """Not every failure is the file system's: a bug keeps its exception (and traceback), temp removed, even when
+    the disk happens to be nearly full (free space decides only for a write failure reported without an errno)."""
+    monkeypatch.setattr(fio.shutil, "disk_usage", _no_space)
     with pytest.raises(TypeError, match="cannot pickle"):
         with atomic_path(tmp_path / "a.ckpt") as tmp:
             tmp.write_bytes(b"x")
             raise TypeError("cannot pickle 'generator' object")
+    with pytest.raises(ValueError, match="unknown file extension"):  # what PIL raises for a bad format
+        with atomic_path(tmp_path / "a.xyz") as tmp:
+            raise ValueError("unknown file extension: .xyz")
     with pytest.raises(DataError, match="bad spacing"):  # an explained error inside the block stays as it is
         with atomic_path(tmp_path / "b.nii.gz"):
             raise DataError("bad spacing")
@@ -106,6 +110,39 @@ def test_file_system_errors_while_writing_name_the_target_and_the_cause(tmp_path
     msg = str(info.value)
     assert msg.startswith(f"cannot write {target}: {cause.format(d=target.parent)}")
     assert TEMP_SUFFIX not in msg and "\n" not in msg
+    assert _files(tmp_path) == []
+
+
+def test_free_space_decides_only_for_a_write_failure(tmp_path, monkeypatch):
+    """The same torch.save failure text is a full disk when the folder has no space left, and a plain write failure
+    (with its own words) when it has; another exception is never turned into "no space left"."""
+    from frugalseg.data.io import output_error
+
+    target = tmp_path / "last.ckpt"
+    failure = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(fio.shutil, "disk_usage", _no_space)
+    assert str(output_error(failure, target)).startswith(f"cannot write {target}: no space left on the device")
+    assert output_error(RuntimeError("CUDA error: device-side assert triggered"), target) is None
+    assert output_error(ValueError("unknown file extension: .xyz"), target) is None
+    monkeypatch.setattr(fio.shutil, "disk_usage", _plenty)
+    assert str(output_error(failure, target)) == (
+        f"cannot write {target}: the write failed ([enforce fail at inline_container.cc:672] . unexpected pos 704 "
+        f"vs 598); check the device holding {tmp_path}.")
+
+
+def test_only_an_explicit_cause_is_blamed(tmp_path, monkeypatch):
+    """A full disk met and handled earlier (the implicit `__context__` of a later bug) is not the cause of that bug;
+    an error raised `from` a full disk is."""
+    monkeypatch.setattr(fio.shutil, "disk_usage", _plenty)
+    with pytest.raises(KeyError, match="model"):
+        with atomic_path(tmp_path / "a.json"):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                raise KeyError("model")  # a bug while handling the earlier error
+    with pytest.raises(OutputError, match="no space left on the device"):
+        with atomic_path(tmp_path / "b.json"):
+            raise RuntimeError("saving failed") from OSError(errno.ENOSPC, "No space left on device")
     assert _files(tmp_path) == []
 
 
@@ -229,6 +266,53 @@ def test_temporaries_of_killed_processes_are_removed_when_a_run_is_opened(tmp_pa
     assert remove_stale_temporaries(run) == 0
 
 
+def test_stale_temporaries_of_one_folder_only(tmp_path):
+    """`recursive=False` (predict's output folder, which may hold a user's subfolders) looks in the folder alone."""
+    dead, host = _dead_pid(), fio._HOST
+    top = tmp_path / f".1.png.{dead}-{host}-0123abcd{TEMP_SUFFIX}"
+    nested = tmp_path / "sub" / f".2.png.{dead}-{host}-0123abcd{TEMP_SUFFIX}"
+    nested.parent.mkdir()
+    top.write_bytes(b"x")
+    nested.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path, recursive=False) == 1
+    assert not top.exists() and nested.exists()
+    assert remove_stale_temporaries(tmp_path) == 1 and not nested.exists()
+    assert remove_stale_temporaries(tmp_path / "missing", recursive=False) == 0
+
+
+def test_the_host_tag_tells_pid_namespaces_apart(monkeypatch):
+    """Two containers with one hostname but their own PID namespaces, on a shared volume, must not take each
+    other's live temporaries for a dead process's: the tag hashes the PID namespace (and boot) with the hostname,
+    and is the hostname's alone where /proc does not tell them."""
+    import hashlib
+    import re
+    import socket
+
+    real_stat = os.stat
+
+    def namespace(inode):
+        def stat(path, *a, **k):
+            if str(path) == "/proc/self/ns/pid":
+                return os.stat_result((0o444, inode, 4, 1, 0, 0, 0, 0, 0, 0))
+            return real_stat(path, *a, **k)
+        return stat
+
+    tags = []
+    for inode in (4026531836, 4026532410):
+        monkeypatch.setattr(fio.os, "stat", namespace(inode))
+        tags.append(fio._host_identity())
+    monkeypatch.setattr(fio.os, "stat", real_stat)
+    assert tags[0] != tags[1] and all(re.fullmatch(r"[0-9a-f]{6}", t) for t in tags)
+    assert re.fullmatch(r"[0-9a-f]{6}", fio._HOST)
+
+    def no_proc(path, *a, **k):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+    monkeypatch.setattr(fio.os, "stat", no_proc)
+    monkeypatch.setattr(fio.Path, "read_text", no_proc)
+    assert fio._host_identity() == hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
 def test_atomic_path_names_are_recognised_and_not_stale_while_in_flight(tmp_path):
     with atomic_path(tmp_path / "a.txt") as tmp:
         assert tmp.parent == tmp_path and tmp.name.startswith(".a.txt.") and tmp.name.endswith(TEMP_SUFFIX)
@@ -248,6 +332,36 @@ def test_a_process_killed_mid_write_leaves_a_temporary_the_next_run_removes(tmp_
     assert len(left) == 1 and left[0].name.endswith(TEMP_SUFFIX)  # the final name was never written
     RunDir(run)
     assert list((run / "checkpoints").iterdir()) == []
+
+
+# ---- damaged stage markers -------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, words", [
+    ('{"finished": "2026-01-01T00:00:00", "key": {"ep', "not valid JSON"),  # truncated
+    (b"\xff\xfe\x00garbage", "not valid JSON"),  # overwritten with bytes
+    ("[1, 2]", "not a stage marker"),  # valid JSON, but not a marker
+])
+def test_a_damaged_stage_marker_is_named(tmp_path, content, words):
+    run = RunDir(tmp_path / "run")
+    run.mark_done("train", key={"epochs": 2})
+    assert run.stage_done("train", key={"epochs": 2}) and not run.stage_done("train", key={"epochs": 3})
+    marker = run.path / "stages" / "train.done"
+    if isinstance(content, bytes):
+        marker.write_bytes(content)
+    else:
+        marker.write_text(content)
+    for ask in (lambda: run.stage_done("train", key={"epochs": 2}),
+                lambda: run.stage_made_with_other_settings("train", {"epochs": 2})):
+        with pytest.raises(DataError) as info:
+            ask()
+        assert str(info.value).startswith(f"{marker}: {words}") and "delete" in str(info.value)
+    assert run.stage_done("train")  # without settings to compare, the marker is not read
+
+
+def test_a_folder_in_place_of_a_stage_marker_is_named(tmp_path):
+    run = RunDir(tmp_path / "run")
+    (run.path / "stages" / "train.started").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"train\.started: is a folder, but a JSON file is expected"):
+        run.stage_made_with_other_settings("train", {"epochs": 2})
 
 
 # ---- damaged model files ---------------------------------------------------------------------------------

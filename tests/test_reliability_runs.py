@@ -37,8 +37,8 @@ def _main(args: list[str], monkeypatch) -> tuple[int, str, str]:
 
 
 def _common(data: Path, **extra) -> dict:
-    return dict(data=str(data), arch="fcn", pretrained=False, epochs=3, batch_size=4, crop_size=48, progress=False,
-                **extra)
+    return {**dict(data=str(data), arch="fcn", pretrained=False, epochs=3, batch_size=4, crop_size=48, progress=False),
+            **extra}
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -218,3 +218,56 @@ def test_resume_from_a_truncated_checkpoint_names_it_and_changes_nothing(data, s
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{ckpt}: truncated or corrupt checkpoint" in err and "delete it to train from scratch" in err
     assert (out / "config.yaml").read_text() == config
+
+
+def test_settings_guard_rules(tmp_path, monkeypatch):
+    """Paths written another way are the same path; evaluation-only fields are free; --resume may lengthen the
+    schedule, never shorten it; a folder without outputs takes new settings; a relative --out moved with its
+    tree is the same run."""
+    from frugalseg.runs import RunDir
+    from frugalseg.stages.run_guard import claim_run_dir, setting_differences
+
+    monkeypatch.chdir(tmp_path)
+    run = RunDir("runs/p/round1/segmenter")
+    run.save_config(TrainConfig(data="data/shapes", out="runs/p/round1/segmenter", mask_dir="runs/p/round1/regions",
+                                epochs=5))
+    same = TrainConfig(data="./data/shapes/", out="runs/p/round1/segmenter/", mask_dir="runs/p/round1/regions/",
+                       epochs=5, val_split="test", val_every=3)
+    assert setting_differences(run, same) == {}
+    longer = TrainConfig(data="data/shapes", out="runs/p/round1/segmenter", mask_dir="runs/p/round1/regions",
+                         epochs=8, resume=True)
+    assert setting_differences(run, longer) == {}
+    shorter = TrainConfig(data="data/shapes", out="runs/p/round1/segmenter", mask_dir="runs/p/round1/regions",
+                          epochs=3, resume=True)
+    assert setting_differences(run, shorter) == {"epochs": (5, 3)}
+    shutil.copytree("runs/p", "runs/q")
+    moved = TrainConfig(data="data/shapes", out="runs/q/round1/segmenter", mask_dir="runs/q/round1/regions", epochs=5)
+    assert setting_differences(RunDir("runs/q/round1/segmenter"), moved) == {}
+    other_data = TrainConfig(data="other/shapes", out="runs/q/round1/segmenter", mask_dir="runs/q/round1/regions",
+                             epochs=5)
+    assert setting_differences(RunDir("runs/q/round1/segmenter"), other_data) == {"data": ("data/shapes", "other/shapes")}
+    # nothing trained yet (no checkpoint, not finished): the folder takes the new settings
+    claim_run_dir(run, shorter, finished=False, started=False)
+    assert yaml.safe_load((tmp_path / "runs/p/round1/segmenter/config.yaml").read_text())["epochs"] == 3
+    with pytest.raises(Exception, match="holds a run made with other settings"):
+        claim_run_dir(run, other_data, finished=False, started=True)
+
+
+def test_resume_with_data_loading_workers_equals_the_uninterrupted_run(data, tmp_path, monkeypatch):
+    """Worker processes draw their seeds from the loader's own generator, not the global RNG: a resumed run
+    whose workers start again still ends with the weights of the uninterrupted one."""
+    common = _common(data, epochs=2, num_workers=1)
+    train(TrainConfig(out=str(tmp_path / "straight"), **common))
+
+    def stop(self, outputs, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.SegmentationModule, "on_train_batch_end", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "resumed"), **common))
+    monkeypatch.undo()
+    train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **common))
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _log_rows(tmp_path / "resumed") == _log_rows(tmp_path / "straight")

@@ -25,6 +25,17 @@ class OutputError(FrugalsegError):
     `data.io.output_error` builds it from the operating system's error."""
 
 
+def first_line(exc: BaseException, *, sentence: bool = False, limit: int = 200) -> str:
+    """The first line of an exception's text (its type name when the text is empty), for a one-line message.
+
+    `sentence`: only the first sentence of that line (torch appends paragraphs of advice to its errors)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    if sentence:
+        text = text.split(". ")[0].rstrip(".")
+    return text[:limit]
+
+
 class MissingDependencyError(FrugalsegError):
     """An optional dependency is needed for this feature."""
 

@@ -13,7 +13,7 @@ import torch
 
 from frugalseg.data.io import atomic_path, write_text
 from frugalseg.data.labels import LabelSpec
-from frugalseg.errors import DataError
+from frugalseg.errors import DataError, first_line
 from frugalseg.models import build_model
 
 EXPORT_FORMAT = 1
@@ -41,13 +41,6 @@ RESUME_ADVICE = "delete it to train from scratch, or pass a complete checkpoint"
 CHECKPOINT_ADVICE = "pass a complete checkpoint, or the run's model/ export folder"
 
 
-def _reason(exc: BaseException) -> str:
-    """The first sentence of an exception's first line (torch appends paragraphs of advice)."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
-    return text.split(". ")[0].rstrip(".")[:160]
-
-
 def _read_export_config(folder: Path) -> dict:
     path = folder / "config.json"
     try:
@@ -55,7 +48,7 @@ def _read_export_config(folder: Path) -> dict:
     except FileNotFoundError:
         raise DataError(f"{path}: missing; {EXPORT_ADVICE}.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: truncated or corrupt ({_reason(exc)}); {EXPORT_ADVICE}.") from None
+        raise DataError(f"{path}: truncated or corrupt ({first_line(exc, sentence=True)}); {EXPORT_ADVICE}.") from None
     if not (isinstance(meta, dict) and isinstance(meta.get("model"), dict) and isinstance(meta.get("labels"), dict)):
         raise DataError(f"{path}: incomplete (no 'model' and 'labels' sections); {EXPORT_ADVICE}.")
     if meta.get("format_version", 0) > EXPORT_FORMAT:
@@ -70,7 +63,7 @@ def _build(meta: dict, where: Path, advice: str) -> tuple[torch.nn.Module, Label
         labels = LabelSpec.from_dict(meta["labels"])
         model = build_model(meta["model"], pretrained=False)
     except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{where}: incomplete model description ({type(exc).__name__}: {_reason(exc)}); {advice}.") from None
+        raise DataError(f"{where}: incomplete model description ({type(exc).__name__}: {first_line(exc, sentence=True)}); {advice}.") from None
     return model, labels
 
 
@@ -78,7 +71,7 @@ def _load_weights(model: torch.nn.Module, state: dict, where: Path, advice: str)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise DataError(f"{where}: the weights do not fit the model its config describes ({_reason(exc)}); {advice}.") from None
+        raise DataError(f"{where}: the weights do not fit the model its config describes ({first_line(exc, sentence=True)}); {advice}.") from None
 
 
 def read_safetensors(path: Path, advice: str = EXPORT_ADVICE) -> dict[str, torch.Tensor]:
@@ -91,9 +84,9 @@ def read_safetensors(path: Path, advice: str = EXPORT_ADVICE) -> dict[str, torch
     try:
         return load_file(str(path))
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or _reason(exc)}).") from None
+        raise DataError(f"{path}: cannot read ({exc.strerror or first_line(exc, sentence=True)}).") from None
     except Exception as exc:  # safetensors raises its own SafetensorError for a damaged file
-        raise DataError(f"{path}: truncated or corrupt ({_reason(exc)}); {advice}.") from None
+        raise DataError(f"{path}: truncated or corrupt ({first_line(exc, sentence=True)}); {advice}.") from None
 
 
 def read_checkpoint(path: Path, advice: str = CHECKPOINT_ADVICE, mmap: bool = False) -> dict:
@@ -112,7 +105,7 @@ def read_checkpoint(path: Path, advice: str = CHECKPOINT_ADVICE, mmap: bool = Fa
                 raise
             ckpt = torch.load(path, map_location="cpu", weights_only=False)  # not mmap-able: say why it fails
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, OSError ... for damaged files
-        raise DataError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {_reason(exc)}); {advice}.") from None
+        raise DataError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {first_line(exc, sentence=True)}); {advice}.") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("frugalseg"), dict):
         raise DataError(f"{path}: not a frugalseg checkpoint (no 'frugalseg' section); {advice}.")
     version = ckpt["frugalseg"].get("format_version", 0)

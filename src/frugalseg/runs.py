@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
-from frugalseg.data.io import (STALE_AFTER_S, atomic_path, jsonable, make_folder, remove_stale_temporaries,
-                               write_json)
+from frugalseg.data.io import (STALE_AFTER_S, atomic_path, jsonable, make_folder, read_json,
+                               remove_stale_temporaries, write_json)
+from frugalseg.errors import DataError
 
 
 def _settings(key: dict) -> Any:
@@ -107,7 +108,14 @@ class RunDir:
         return self.path / "stages" / f"{stage}.{kind}"
 
     def _recorded_key(self, stage: str, kind: str) -> Any:
-        return json.loads(self._marker(stage, kind).read_text()).get("key")
+        """The settings a stage marker records; a `DataError` naming the marker when it is damaged (edited or
+        truncated outside frugalseg, whose writes are atomic)."""
+        path = self._marker(stage, kind)
+        record = read_json(path)
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: not a stage marker (a JSON object was expected); the file is damaged: delete "
+                            f"it so the stage '{stage}' runs again.")
+        return record.get("key")
 
     def stage_done(self, stage: str, key: dict | None = None, retired: Collection[str] = ()) -> bool:
         """Whether `stage` finished; with `key` (the settings it depends on), only if it finished with those.

@@ -26,6 +26,7 @@ dependency, draws the progress bar.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -36,17 +37,18 @@ import shutil
 import socket
 import ssl
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.request
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Iterator, Literal
 
-from frugalseg.data.io import make_folder
-from frugalseg.errors import ConfigError, DataError
+from frugalseg.data.io import (STALE_AFTER_S, TEMP_SUFFIX, is_stale_temporary, make_folder, output_error,
+                               temporary_name)
+from frugalseg.errors import ConfigError, DataError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +302,8 @@ def _stream(url: str, part: Path, source: FileSource, progress: bool) -> None:
         from tqdm.auto import tqdm
 
         received = 0
-        with open(part, mode) as out, tqdm(
+        # a full disk, a read-only or unwritable cache: one OutputError naming the file (network errors pass through)
+        with _writing(part.with_name(source.filename)), open(part, mode) as out, tqdm(
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
             desc=source.filename, disable=not progress, leave=False,
         ) as bar:
@@ -324,7 +327,7 @@ def fetch_file(source: FileSource, cache: Path, *, progress: bool = True) -> tup
     be the only copy the user could get (a host that is offline), so it is never deleted here.
     """
     cache = Path(cache)
-    make_folder(cache)
+    make_folder(cache, elsewhere="--root")
     target = cache / source.filename
     if target.exists():
         log.info("%s: found in %s; verifying.", source.filename, cache)
@@ -343,7 +346,8 @@ def fetch_file(source: FileSource, cache: Path, *, progress: bool = True) -> tup
             log.warning("%s failed (%s)", url, reason)
             continue
         record = verify_file(part, source, delete_bad=True)
-        os.replace(part, target)
+        with _writing(target):
+            os.replace(part, target)
         return target, record
     kept = f" The partial download {part} is kept and resumed next time." if part.exists() else ""
     raise DataError(
@@ -367,11 +371,13 @@ def _check_member(name: str, archive: Path) -> None:
         )
 
 
-def extract_archive(archive: Path, dest: Path, kind: ArchiveKind) -> None:
+def extract_archive(archive: Path, dest: Path, kind: ArchiveKind, target: Path | None = None) -> None:
     """Extract `archive` into the existing folder `dest`, refusing any member that escapes it.
 
     Every member name is checked before anything is written, so a malicious archive writes nothing.
     Tar links pointing outside, device files and the like are refused by the standard 'data' filter.
+    A full disk, a read-only or unwritable folder raise one `OutputError` naming `target` (the folder the user
+    asked for, when `dest` is a staging folder; default `dest`), not a "corrupt archive" error.
     """
     archive, dest = Path(archive), Path(dest)
     try:
@@ -401,6 +407,10 @@ def extract_archive(archive: Path, dest: Path, kind: ArchiveKind) -> None:
     except DataError:
         raise
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        reading = isinstance(exc, OSError) and exc.filename is not None and Path(os.fsdecode(exc.filename)) == archive
+        error = None if reading else _refused_write(exc, target or dest)
+        if error is not None:
+            raise error from exc
         raise DataError(
             f"{archive}: cannot extract ({exc}). The file may be corrupt; delete it and run again."
         ) from None
@@ -431,11 +441,54 @@ def _is_complete(dest: Path, src: DatasetSource) -> bool:
     return True
 
 
+def _is_stale_work_folder(path: Path) -> bool:
+    """Whether a staging (`.partial`) or set-aside (`.old`) folder belongs to no live download.
+
+    Their names are `data.io` temporary names (`.<folder>.<pid>-<host>-<random>.frugalseg.tmp.partial`), so the
+    rule is `data.io.is_stale_temporary`'s: the process that made it has ended (same host), or, made on another
+    host sharing this data root, it has been untouched for an hour. Names of earlier versions (`.<folder>.<random>
+    .partial`) say nothing of their process: the age rule alone."""
+    if is_stale_temporary(path):
+        return True
+    if TEMP_SUFFIX + "." in path.name:  # this version's name, and its writer may be alive
+        return False
+    try:
+        return time.time() - path.stat().st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
+
+
 def _remove_stale_staging(root: Path, folder: str) -> None:
-    """Delete staging folders left by a killed run, which can hold gigabytes."""
-    for stale in root.glob(f".{folder}.*.partial"):
-        log.info("Removing leftover %s from an interrupted run.", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    """Delete staging and set-aside folders that killed runs left (they can hold gigabytes), never those of a
+    download running now in another process (see `_is_stale_work_folder`)."""
+    for stale in sorted(root.glob(f".{folder}.*")):
+        if stale.name.endswith((".partial", ".old")) and stale.is_dir() and _is_stale_work_folder(stale):
+            log.info("Removing leftover %s from an interrupted run.", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+# What a full disk, a quota, a read-only folder or a missing write permission raise while writing.
+_REFUSED = {errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _refused_write(exc: BaseException, target: Path) -> OutputError | None:
+    """`data.io.output_error` for a write the file system refused, naming `target` (what the user asked for),
+    never the `.part` file or staging folder the OS names; None for any other error (a network failure passes)."""
+    if not isinstance(exc, OSError) or exc.errno not in _REFUSED:
+        return None
+    return output_error(OSError(exc.errno, exc.strerror), target, elsewhere="--root")
+
+
+@contextmanager
+def _writing(target: Path) -> Iterator[None]:
+    """Report the file system refusing a write inside the block as one `OutputError` naming `target`."""
+    try:
+        yield
+    except OSError as exc:
+        error = _refused_write(exc, target)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def download_dataset(
@@ -474,7 +527,7 @@ def download_dataset(
             "Move it away, or pass --force to replace it."
         )
 
-    make_folder(root)
+    make_folder(root, elsewhere="--root")
     cache = root / CACHE_DIR
     records: dict[str, dict[str, str]] = {}
     paths: list[tuple[FileSource, Path]] = []
@@ -483,30 +536,43 @@ def download_dataset(
         paths.append((f, path))
 
     _remove_stale_staging(root, src.folder)
-    staging = Path(tempfile.mkdtemp(prefix=f".{src.folder}.", suffix=".partial", dir=root))
+    # Staging and set-aside folders carry this process's pid and host (data.io temporary names), so a later run
+    # deletes them only once this process has ended, never while it is still extracting.
+    staging = temporary_name(dest, ".partial")
+    with _writing(dest):
+        staging.mkdir()
     try:
         for f, path in paths:
             if f.extract is None:
-                shutil.copy2(path, staging / f.filename)
+                with _writing(dest):
+                    shutil.copy2(path, staging / f.filename)
             else:
                 log.info("Extracting %s", path.name)
-                extract_archive(path, staging, f.extract)
+                extract_archive(path, staging, f.extract, target=dest)
         marker = {
             "name": src.name,
             "files": records,
             "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "licence": src.licence,
         }
-        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        # os.replace cannot replace a non-empty folder: move the old one aside first, then delete it,
-        # so the final name never points at a mixture of old and new files.
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{src.folder}.", suffix=".old", dir=root))
-            os.replace(dest, old / "previous")
-        os.replace(staging, dest)
+        with _writing(dest):
+            (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            # os.replace cannot replace a non-empty folder: move the old one aside first, then delete it,
+            # so the final name never points at a mixture of old and new files.
+            old = None
+            if dest.exists():
+                old = temporary_name(dest, ".old")
+                old.mkdir()
+                os.replace(dest, old / "previous")
+            try:
+                os.replace(staging, dest)
+            except OSError:
+                if old is not None:  # put the previous dataset back rather than leave no folder at all
+                    os.replace(old / "previous", dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # if this fails, the next run removes it (its process is gone)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

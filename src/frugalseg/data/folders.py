@@ -24,7 +24,7 @@ import logging
 import re
 from pathlib import Path
 
-from frugalseg.data.io import RASTER_SUFFIXES
+from frugalseg.data.io import RASTER_SUFFIXES, read_text, unreadable
 from frugalseg.data.labels import BACKGROUND_NAMES, LabelSpec, background_index
 from frugalseg.data.samples import Sample, SegDataset, report_problem
 from frugalseg.data.voc import (
@@ -40,7 +40,8 @@ _TAG_SEPARATORS = re.compile(r"[;|,\s]+")
 
 
 def is_folders(root: Path) -> bool:
-    return (root / "images").is_dir()
+    # an images *file* counts too: `load_folders` then says that it is a file, rather than "unrecognised layout"
+    return (root / "images").exists()
 
 
 def read_tags_csv(
@@ -52,10 +53,7 @@ def read_tags_csv(
     (a file without a header would otherwise lose its first row silently). An image named on two rows with
     different tags is refused (which row is right is ambiguous); identical repeats are harmless.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
+    text = read_text(path)  # a DataError naming the file: not UTF-8, a folder in its place, permissions
     rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows:
         raise DataError(f"{path}: empty tags file; expected a header line 'image_id,tags' and rows 'image_id,tag1;tag2'.")
@@ -177,8 +175,14 @@ def load_folders(root: Path | str, split: str | None = None, problems: list[str]
     of raising the first (see `report_problem`): what they make unusable is left out.
     """
     root = Path(root)
+    if (root / "images").exists() and not (root / "images").is_dir():
+        raise DataError(f"{root / 'images'}: is a file, but images/ must be a folder of images (with masks/ and/or "
+                        "tags.csv beside it): rename or remove the file.")
     if not (root / "images").is_dir():
-        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else []
+        try:
+            found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else []
+        except OSError as exc:
+            raise unreadable(root, exc, "a dataset folder") from None
         raise DataError(
             f"{root}: expected an images/ folder (with masks/ and/or tags.csv beside it); found {found}."
         )
@@ -186,6 +190,9 @@ def load_folders(root: Path | str, split: str | None = None, problems: list[str]
     if not images:
         raise DataError(f"{root / 'images'}: no images found (looked for {sorted(RASTER_SUFFIXES)}).")
     ids = _split_ids(root, split, images, problems)
+    if (root / "masks").exists() and not (root / "masks").is_dir():
+        report_problem(problems, f"{root / 'masks'}: is a file, but masks/ must be a folder of masks: rename or "
+                                 "remove the file.")
     masks = _index_by_stem(root / "masks", MASK_SUFFIXES, problems) if (root / "masks").is_dir() else {}
     lossy = sorted(p.name for p in (root / "masks").glob("*") if p.suffix.lower() in LOSSY_SUFFIXES) \
         if (root / "masks").is_dir() else []

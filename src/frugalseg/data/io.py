@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from frugalseg.errors import DataError, FrugalsegError, OutputError
+from frugalseg.errors import DataError, FrugalsegError, OutputError, first_line
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -103,23 +103,41 @@ def read_label_png(path: Path, palette: list[tuple[int, int, int]] | None = None
 TEMP_SUFFIX = ".frugalseg.tmp"
 STALE_AFTER_S = 3600.0  # a temporary from another machine untouched this long belongs to no live writer
 LOW_SPACE_BYTES = 16 * 2**20  # free space under this after a failed write: the disk was full
-_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _host_identity() -> str:
+    """Six hex digits naming this process's "host" for temporary names: the hostname, plus, where Linux tells
+    them, the PID namespace and the boot. Two containers that share a hostname (and a volume) but not a PID
+    namespace then get different tags, so neither takes the other's live temporaries for a dead process's."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(f"pidns:{os.stat('/proc/self/ns/pid').st_ino}")
+    except OSError:
+        pass
+    try:
+        parts.append(f"boot:{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}")
+    except OSError:
+        pass
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:6]
+
+
+_HOST = _host_identity()
 # an optional inner extension: writers that pick their format from the name (nibabel) write `<temp>.nii.gz`
 _TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-[0-9a-f]{8}\.frugalseg\.tmp(\.[A-Za-z0-9]+){0,2}$")
 _WRITE_FAILED = re.compile(r"file write failed|unexpected pos|failed writing|write failed|error while serializ", re.I)
 _ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]|os error (\d+)")
-_SPACE = "(free some space, or choose another --out)"
-_CAUSES = {
+_SPACE = "(free some space, or choose another {elsewhere})"
+_CAUSES = {  # {elsewhere}: the option that picks another place (`--out`; `--root` for dataset downloads)
     errno.ENOSPC: "no space left on the device holding {folder} " + _SPACE,
     getattr(errno, "EDQUOT", -1): "disk quota exceeded on the device holding {folder} " + _SPACE,
-    errno.EROFS: "the folder {folder} is read-only (choose another --out)",
-    errno.EACCES: "permission denied: {folder} is not writable by this user (choose another --out, or change its permissions)",
-    errno.EPERM: "permission denied: {folder} is not writable by this user (choose another --out, or change its permissions)",
+    errno.EROFS: "the folder {folder} is read-only (choose another {elsewhere})",
+    errno.EACCES: "permission denied: {folder} is not writable by this user (choose another {elsewhere}, or change its permissions)",
+    errno.EPERM: "permission denied: {folder} is not writable by this user (choose another {elsewhere}, or change its permissions)",
 }
 
 
 def _known_errno(exc: BaseException) -> int | None:
-    """The file-system cause of `exc` (or of an exception it chains), from its errno or from its text
+    """The file-system cause of `exc` (or of the exception it was raised `from`), from its errno or from its text
     (safetensors reports `... (os error 28)`)."""
     seen: set[int] = set()
     e: BaseException | None = exc
@@ -130,13 +148,8 @@ def _known_errno(exc: BaseException) -> int | None:
         m = _ERRNO_IN_TEXT.search(str(e))
         if m and int(m.group(1) or m.group(2)) in _CAUSES:
             return int(m.group(1) or m.group(2))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__  # an explicit `raise ... from`: an exception merely being handled is not the cause
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
 
 
 def _concerns(exc: OSError, folder: Path) -> bool:
@@ -147,14 +160,16 @@ def _concerns(exc: OSError, folder: Path) -> bool:
     return failed == folder or failed.parent == folder
 
 
-def output_error(exc: BaseException, target: Path | str) -> OutputError | None:
+def output_error(exc: BaseException, target: Path | str, elsewhere: str = "--out") -> OutputError | None:
     """The `OutputError` for a failure to write `target`, or None when `exc` is not a file-system failure
-    (a bug, an interrupt): then the caller re-raises `exc` itself.
+    (a bug, an interrupt, an unreadable input): then the caller re-raises `exc` itself.
 
-    Disk full, quota, read-only and permission errors are recognised from the errno (also in a chained exception
-    or in the text, as safetensors reports it); torch.save reports a full disk only as "file write failed" /
-    "unexpected pos", so for exceptions without an errno the free space of the folder decides. Call it before
-    deleting the temporary file, whose size would otherwise count as free."""
+    Disk full, quota, read-only and permission errors are recognised from the errno (also in an exception it was
+    raised `from`, or in the text, as safetensors reports it); torch.save reports a full disk only as "file write
+    failed" / "unexpected pos", so for such a write failure without an errno the free space of the folder decides
+    (never for any other exception: a bug raised while the disk happens to be nearly full stays that bug). Call it
+    before deleting the temporary file, whose size would otherwise count as free. `elsewhere`: the option the
+    message suggests for writing somewhere else."""
     if not isinstance(exc, Exception) or isinstance(exc, FrugalsegError):  # interrupts; errors already explained
         return None
     target = Path(target)
@@ -162,23 +177,24 @@ def output_error(exc: BaseException, target: Path | str) -> OutputError | None:
     if isinstance(exc, OSError) and not _concerns(exc, folder):
         return None
     code = _known_errno(exc)
-    if code is None and not isinstance(exc, OSError):
+    write_failed = _WRITE_FAILED.search(str(exc)) is not None
+    if code is None and write_failed and not isinstance(exc, OSError):
         try:
             if shutil.disk_usage(folder).free < LOW_SPACE_BYTES:
                 code = errno.ENOSPC
         except OSError:
             pass
     if code is not None:
-        return OutputError(f"cannot write {target}: {_CAUSES[code].format(folder=folder)}.")
-    if isinstance(exc, OSError) or _WRITE_FAILED.search(str(exc)):
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        return OutputError(f"cannot write {target}: {_CAUSES[code].format(folder=folder, elsewhere=elsewhere)}.")
+    if isinstance(exc, OSError) or write_failed:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         return OutputError(f"cannot write {target}: the write failed ({reason}); check the device holding {folder}.")
     return None
 
 
-def make_folder(path: Path | str) -> Path:
+def make_folder(path: Path | str, elsewhere: str = "--out") -> Path:
     """`mkdir -p path`, failing with one clear `OutputError` naming the folder (permission denied, read-only,
-    disk full, a file in the way)."""
+    disk full, a file in the way); `elsewhere`: the option the message suggests for another place."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -186,20 +202,27 @@ def make_folder(path: Path | str) -> Path:
         failed = Path(os.fsdecode(exc.filename)) if exc.filename is not None else path
         code = _known_errno(exc)
         if code is not None:
-            cause = _CAUSES[code].format(folder=failed.parent)
+            cause = _CAUSES[code].format(folder=failed.parent, elsewhere=elsewhere)
         elif isinstance(exc, (FileExistsError, NotADirectoryError)):
             blocker = next((p for p in (failed, *failed.parents) if p.exists() and not p.is_dir()), failed)
-            cause = f"{blocker} is a file, not a folder (remove it, or choose another --out)"
+            cause = f"{blocker} is a file, not a folder (remove it, or choose another {elsewhere})"
         else:
-            cause = exc.strerror or _first_line(exc)
+            cause = exc.strerror or first_line(exc)
         raise OutputError(f"cannot create the folder {path}: {cause}.") from exc
     return path
+
+
+def temporary_name(path: Path | str, extension: str = "") -> Path:
+    """A fresh temporary name next to `path`, tagged with this process and host (`is_stale_temporary` reads them
+    back); `extension` (`.partial`, `.nii.gz`) is appended after the temporary suffix. Nothing is created."""
+    path = Path(path)
+    return path.with_name(f".{path.name[:120]}.{os.getpid()}-{_HOST}-{secrets.token_hex(4)}{TEMP_SUFFIX}{extension}")
 
 
 def _temp_for(path: Path) -> Path:
     """A new empty temporary file next to `path` (created exclusively, with the umask's permissions)."""
     for _ in range(8):
-        tmp = path.with_name(f".{path.name[:120]}.{os.getpid()}-{_HOST}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        tmp = temporary_name(path)
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
@@ -258,8 +281,9 @@ def is_temporary(path: Path | str) -> bool:
 
 
 def is_stale_temporary(path: Path | str, now: float | None = None) -> bool:
-    """Whether `path` is an `atomic_path` temporary no live writer will rename: its process (on this machine)
-    has ended, or, written on another machine, it has been untouched for `STALE_AFTER_S`."""
+    """Whether `path` is an `atomic_path` temporary no live writer will rename: its process (on this host: same
+    hostname, PID namespace and boot, see `_host_identity`) has ended, or, written on another host (a machine, a
+    container), it has been untouched for `STALE_AFTER_S`."""
     path = Path(path)
     m = _TEMP_NAME.match(path.name)
     if m is None:
@@ -274,21 +298,35 @@ def is_stale_temporary(path: Path | str, now: float | None = None) -> bool:
     return age > STALE_AFTER_S
 
 
-def remove_stale_temporaries(folder: Path | str) -> int:
+def _files_of(folder: Path | str, recursive: bool) -> Iterator[tuple[str, str]]:
+    """(folder, name) of the files under `folder` (or only in it); unreadable folders are skipped."""
+    if recursive:
+        for root, _dirs, files in os.walk(folder):  # symlinked folders are not followed
+            yield from ((root, name) for name in files)
+        return
+    try:
+        with os.scandir(folder) as entries:
+            names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return
+    yield from ((os.fspath(folder), name) for name in names)
+
+
+def remove_stale_temporaries(folder: Path | str, recursive: bool = True) -> int:
     """Delete the temporary files that killed processes left under `folder` (recursively, symlinks not
-    followed); return how many. Only names of `atomic_path`'s pattern whose writer is gone are touched, so a
-    user's file or a write in flight is never deleted. Best effort: an unreadable or read-only folder is skipped."""
+    followed; with `recursive=False` only those directly in it, e.g. a user's output folder); return how many.
+    Only names of `atomic_path`'s pattern whose writer is gone are touched, so a user's file or a write in flight
+    is never deleted. Best effort: an unreadable or read-only folder is skipped."""
     removed = 0
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            if name.endswith(TEMP_SUFFIX) or TEMP_SUFFIX + "." in name:
-                path = Path(root) / name
-                if is_stale_temporary(path):
-                    try:
-                        path.unlink()
-                        removed += 1
-                    except OSError:
-                        pass
+    for root, name in _files_of(folder, recursive):
+        if name.endswith(TEMP_SUFFIX) or TEMP_SUFFIX + "." in name:
+            path = Path(root) / name
+            if is_stale_temporary(path):
+                try:
+                    path.unlink()
+                    removed += 1
+                except OSError:
+                    pass
     return removed
 
 
@@ -355,14 +393,42 @@ def write_json(path: Path | str, data: Any) -> None:
     write_text(Path(path), json.dumps(jsonable(data), indent=2) + "\n")
 
 
-def read_json(path: Path | str) -> Any:
-    """A JSON artefact; a `DataError` naming the file when it is missing or does not parse (a file damaged
-    outside frugalseg: our own writes are atomic)."""
+def read_text(path: Path | str, encoding: str = "utf-8-sig") -> str:
+    """A text file's contents (a UTF-8 byte-order mark dropped); a `DataError` naming the file when it is
+    missing, a folder, unreadable (permissions, I/O) or not UTF-8 text."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found.") from None
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
+    except OSError as exc:
+        raise unreadable(path, exc) from None
+
+
+def unreadable(path: Path | str, exc: OSError, expected: str = "a file") -> DataError:
+    """The `DataError` for an input that cannot be read: missing, a folder where a file is expected (or a file
+    where a folder is), permission denied, an I/O error."""
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"{path}: file not found.")
+    if isinstance(exc, IsADirectoryError):
+        return DataError(f"{path}: is a folder, but {expected} is expected here (rename or remove the folder).")
+    if isinstance(exc, NotADirectoryError):
+        if os.path.isfile(path):  # (os.path: False, not an error, for a path it cannot stat)
+            return DataError(f"{path}: is a file, but {expected} is expected here (rename or remove the file).")
+        return DataError(f"{path}: a folder on this path is a file (rename or remove that file).")
+    if isinstance(exc, PermissionError):
+        return DataError(f"{path}: permission denied (make it readable by this user).")
+    return DataError(f"{path}: cannot read ({exc.strerror or first_line(exc)}).")
+
+
+def read_json(path: Path | str) -> Any:
+    """A JSON artefact; a `DataError` naming the file when it is missing, unreadable or does not parse (a file
+    damaged outside frugalseg: our own writes are atomic)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except OSError as exc:
+        raise unreadable(path, exc, "a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); the file is damaged: restore it, or delete it (and the "
                         "stage marker that lists it) so the stage that writes it runs again.") from None

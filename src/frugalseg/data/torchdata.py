@@ -39,13 +39,16 @@ class SeededShuffle(Sampler[int]):
     uninterrupted one.
     """
 
-    def __init__(self, n: int, seed: int = 0):
+    def __init__(self, n: int, seed: int = 0, on_epoch: Callable[[int], None] | None = None):
         self.n = int(n)
         self.seed = int(seed)
         self.epoch = 0
+        self.on_epoch = on_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(self.epoch)
 
     def __len__(self) -> int:
         return self.n
@@ -59,10 +62,16 @@ class SeededShuffle(Sampler[int]):
 def shuffled_loader(data: Dataset, batch_size: int, seed: int, num_workers: int = 0,
                     persistent_workers: bool = False) -> DataLoader:
     """The training loader of the epoch-based stages: `SeededShuffle` order, full batches only (unless the
-    data is smaller than one batch)."""
+    data is smaller than one batch). The sampler hands each epoch to the dataset (its augmentation) when
+    Lightning sets it, before any worker prefetches a batch: a resumed run may create its first iterator before
+    `on_train_epoch_start`. Its own generator gives the workers their base seed: a loader drawing it
+    from the global RNG would draw once more in a resumed run (its workers start again) than in the run it
+    continues, and every later global draw (dropout) would differ."""
     n = len(data)
-    return DataLoader(data, batch_size=min(batch_size, n), sampler=SeededShuffle(n, seed), drop_last=n > batch_size,
-                      num_workers=num_workers, persistent_workers=persistent_workers and num_workers > 0)
+    sampler = SeededShuffle(n, seed, on_epoch=getattr(data, "set_epoch", None))
+    return DataLoader(data, batch_size=min(batch_size, n), sampler=sampler, drop_last=n > batch_size,
+                      num_workers=num_workers, persistent_workers=persistent_workers and num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 class SharedEpoch:

@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from frugalseg.data.io import RASTER_SUFFIXES
+from frugalseg.data.io import RASTER_SUFFIXES, read_text, unreadable
 from frugalseg.data.labels import ClassMap, LabelSpec, background_index, merge_into_background
 from frugalseg.data.samples import Sample, SegDataset, report_problem
 from frugalseg.errors import DataError
@@ -47,12 +47,10 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
 
     A UTF-8 byte-order mark and CRLF endings (Windows editors write both) are dropped: a BOM left in place
     would become part of the first class name or id (and a first class that is not exactly "background"
-silently loses its background role).
+    silently loses its background role). A file that cannot be read (a folder in its place, permissions) raises
+    a `DataError` naming it.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
+    text = read_text(path)
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
@@ -79,12 +77,16 @@ def _index_by_stem(folder: Path, suffixes: set[str], problems: list[str] | None 
     """
     out: dict[str, Path] = {}
     clashes: dict[str, list[str]] = {}
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file():
-            if p.stem in out:
-                clashes.setdefault(p.stem, [out[p.stem].name]).append(p.name)
-            else:
-                out[p.stem] = p
+    try:
+        files = [p for p in sorted(folder.iterdir())
+                 if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file()]
+    except OSError as exc:  # a file in the folder's place, permissions
+        raise unreadable(folder, exc, "a folder") from None
+    for p in files:
+        if p.stem in out:
+            clashes.setdefault(p.stem, [out[p.stem].name]).append(p.name)
+        else:
+            out[p.stem] = p
     if clashes:
         shown = "; ".join(", ".join(names) for names in list(clashes.values())[:5])
         report_problem(problems, (
@@ -175,6 +177,9 @@ def load_voc(
 
     images = _index_by_stem(root / "JPEGImages", RASTER_SUFFIXES, problems)
     mask_dir = root / "SegmentationClass"
+    if mask_dir.exists() and not mask_dir.is_dir():
+        report_problem(problems, f"{mask_dir}: is a file, but SegmentationClass/ must be a folder of masks: rename "
+                                 "or remove the file.")
     masks = _index_by_stem(mask_dir, {".png"}, problems) if mask_dir.is_dir() else {}
     absent = [i for i in ids if i not in images]
     if absent:

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from frugalseg.errors import ConfigError, DataError
+from frugalseg.errors import ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,6 @@ def offline_weight_file(name: str) -> Path | None:
 WEIGHTS_ADVICE = "pass a complete weight file with --pretrained PATH, or --pretrained true / false"
 
 
-def _reason(exc: BaseException) -> str:
-    """The first sentence of an exception's first line (torch appends paragraphs of advice)."""
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__).split(". ")[0].rstrip(".")[:160]
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict from .pth/.pt/.ckpt (optionally nested under 'state_dict'/'model') or .safetensors."""
     path = Path(path)
@@ -90,9 +84,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
-        raise DataError(f"{path}: cannot read weights ({exc.strerror or _reason(exc)}).") from None
+        raise DataError(f"{path}: cannot read weights ({exc.strerror or first_line(exc, sentence=True)}).") from None
     except Exception as exc:  # torch/safetensors raise many types for corrupt files
-        raise DataError(f"{path}: truncated or corrupt weight file ({type(exc).__name__}: {_reason(exc)}); "
+        raise DataError(f"{path}: truncated or corrupt weight file ({type(exc).__name__}: {first_line(exc, sentence=True)}); "
                         f"{WEIGHTS_ADVICE}.") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):

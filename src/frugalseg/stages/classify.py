@@ -93,7 +93,7 @@ def train_classifier(cfg: ClassifyConfig) -> dict:
                            peak_stimulation=cfg.peak_stimulation, frozen_stages=cfg.frozen_stages,
                            freeze_bn=cfg.freeze_bn)
     finished = run.stage_done("classify")
-    claim_run_dir(run, cfg, labels, finished=finished)
+    claim_run_dir(run, cfg, labels, finished=finished, started=run.last_checkpoint.exists())
     t0 = time.time()
     if finished and not cfg.resume:
         log.info("%s: classifier already trained; skipping (delete stages/classify.done to retrain).", run.path)
@@ -104,7 +104,7 @@ def train_classifier(cfg: ClassifyConfig) -> dict:
         if data.targets.sum() == 0:
             raise DataError(f"{train_ds.name}: no image carries a foreground tag; nothing to classify.")
         loader = shuffled_loader(data, cfg.batch_size, cfg.seed, cfg.num_workers, persistent_workers=True)
-        module = ClassifierModule(model, cfg)
+        module = ClassifierModule(model, cfg, labels)
         fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs, max_steps=cfg.max_steps)
         save_classifier(module.model, spec, labels, run / "model")
         run.mark_done("classify", {"seconds": round(time.time() - t0, 1), "images": len(data), "epochs": cfg.epochs})

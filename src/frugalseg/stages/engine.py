@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -206,7 +207,11 @@ class LastCheckpoint(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
+            _flush_logs(trainer)  # the log holds every step the checkpoint covers, whatever kills the run next
             trainer.save_checkpoint(self.path, weights_only=False)  # optimizer and loops too: resumable
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _flush_logs(trainer)  # the previous epoch's end-of-epoch rows, logged after its checkpoint
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[RNG_KEY] = rng_states()
@@ -217,6 +222,12 @@ class LastCheckpoint(L.Callback):
 
 
 RNG_KEY = "frugalseg_rng_states"
+
+
+def _flush_logs(trainer: L.Trainer) -> None:
+    """Write buffered log rows now (Lightning's CSV logger writes every 100 steps and at the end)."""
+    for logger in trainer.loggers:
+        logger.save()
 
 
 def rng_states() -> dict[str, Any]:
@@ -287,8 +298,14 @@ def fit_resumable(module: L.LightningModule, options: RunOptions, run: RunDir, t
     if options.resume and ckpt is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch.", run.checkpoints)
     if ckpt is not None:
+        epoch = _checkpoint_epoch(ckpt)
         merge_resumed_logs(run.path)
-        drop_rows_after(run.path / "logs" / "metrics.csv", _checkpoint_epoch(ckpt))
+        drop_rows_after(run.path / "logs" / "metrics.csv", epoch)
+        # With worker processes, Lightning creates a resumed run's first iterator (workers prefetch at once)
+        # before it sets the sampler's epoch: the loader is told the epoch it resumes at here.
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch + 1)
     else:
         clear_logs(run.path)
     trainer = make_trainer(options, run.path, max_epochs=max_epochs, max_steps=max_steps, val_every=val_every,
@@ -300,7 +317,9 @@ def fit_resumable(module: L.LightningModule, options: RunOptions, run: RunDir, t
         if not trainer.interrupted:
             raise
     except OSError as exc:  # Lightning's CSV log is written in place, not through atomic_path
-        error = output_error(exc, run.path / "logs" / "metrics.csv")
+        logs = (run.path / "logs").resolve()
+        failed = Path(os.fsdecode(exc.filename)).resolve() if exc.filename else None
+        error = output_error(exc, failed) if failed is not None and logs in (failed, *failed.parents) else None
         if error is None:
             raise
         raise error from exc
@@ -478,10 +497,11 @@ class SemiModule(L.LightningModule):
 class ClassifierModule(L.LightningModule):
     """Multi-label tag classifier training (IRN recipe: soft-margin loss, poly SGD, 10x head learning rate)."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Any):
+    def __init__(self, model: torch.nn.Module, cfg: Any, labels: LabelSpec):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.labels = labels  # in the checkpoint: a --resume with other classes is refused before writing
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["image"])
@@ -500,16 +520,18 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": "tag_classifier"}
+        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": "tag_classifier",
+                                   "labels": self.labels.to_dict()}
 
 
 class GroupModule(L.LightningModule):
     """Group-wise training: both losses, the reference's four learning rates, step decay per epoch."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Any):
+    def __init__(self, model: torch.nn.Module, cfg: Any, labels: LabelSpec):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.labels = labels  # in the checkpoint: a --resume with other classes is refused before writing
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.model(batch["images"])
@@ -529,4 +551,5 @@ class GroupModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": GROUP_SPEC_KIND}
+        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": GROUP_SPEC_KIND,
+                                   "labels": self.labels.to_dict()}

@@ -130,7 +130,7 @@ def train_group_classifier(cfg: GroupConfig) -> dict:
                       proj_channels=cfg.proj_channels, drop_rate=cfg.drop_rate, drop_th=cfg.drop_th,
                       gdl_in_eval=cfg.gdl_in_eval)
     finished = run.stage_done("group")
-    claim_run_dir(run, cfg, labels, finished=finished)
+    claim_run_dir(run, cfg, labels, finished=finished, started=run.last_checkpoint.exists())
     t0 = time.time()
     if finished and not cfg.resume:
         log.info("%s: group model already trained; skipping (delete stages/group.done to retrain).", run.path)
@@ -143,7 +143,7 @@ def train_group_classifier(cfg: GroupConfig) -> dict:
                        color_jitter=tuple(cfg.color_jitter))
     # Workers are not persistent: each epoch's workers start after `set_epoch` has redrawn the groups.
     loader = shuffled_loader(data, cfg.batch_size, cfg.seed, cfg.num_workers)
-    module = GroupModule(model, cfg)
+    module = GroupModule(model, cfg, labels)
     fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs, max_steps=cfg.max_steps)
     save_classifier(module.model, spec, labels, run / "model")
     seconds = round(time.time() - t0, 1)

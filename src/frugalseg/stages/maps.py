@@ -20,7 +20,6 @@ from typing import ClassVar, Any, Literal
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from frugalseg.data import open_splits
@@ -30,7 +29,7 @@ from frugalseg.data.transforms import to_tensor_image
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.report.gallery import write_maps_gallery
 from frugalseg.runs import RunDir
-from frugalseg.stages.options import RunOptions, device_of, option
+from frugalseg.stages.options import RunOptions, device_of, option, read_config_file
 from frugalseg.stages.run_guard import claim_run_dir
 from frugalseg.weak.classify import load_classifier
 from frugalseg.weak.maps_io import maps_path, save_maps
@@ -104,7 +103,7 @@ def saved_data_options(run_dir: Path | str) -> dict[str, Any]:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise DataError(f"{run_dir}: no config.yaml, so its dataset is unknown; pass --data.")
-    saved = yaml.safe_load(path.read_text()) or {}
+    saved = read_config_file(path)
     return {k: saved.get(k) for k in ("data", "background_classes", "ignore_classes")}
 
 
@@ -134,7 +133,8 @@ def make_maps(cfg: MapsConfig) -> dict:
         raise DataError(f"{ds.name}: classes {ds.labels.names} differ from the classifier's {labels.names}.")
     out = default_out(cfg)
     # maps already in the folder are kept, so they must have been made with these settings
-    claim_run_dir(RunDir(out), cfg, finished=(out / "maps.json").exists(), free=MAPS_FREE_FIELDS, rerun_hint=False)
+    claim_run_dir(RunDir(out), cfg, finished=(out / "maps.json").exists(), started=any(out.glob("maps/*.npz")),
+                  free=MAPS_FREE_FIELDS, rerun_hint=False)
     device = device_of(cfg.devices)
     model = model.to(device).eval()
     method, options = MAP_METHODS[cfg.method], cfg.method_options()

@@ -7,9 +7,12 @@ inside torch. `claim_run_dir` checks both before the stage writes anything, and 
 
 What may differ between the saved and the given settings:
 - fields that change no output (`stages.options.NO_OUTPUT`: where to write, devices, workers, progress,
-  resume), always;
-- with `--resume`, the schedule (`RESUMABLE_CHANGES`): continuing a run to more epochs or iterations is
-  what `--resume` is for (the learning-rate schedule then follows the new length, as stated in `--help`).
+  resume) and fields that only decide what is evaluated (`EVALUATION_FIELDS`), always;
+- with `--resume`, a longer schedule (`SCHEDULE_FIELDS`): continuing a run to more epochs or iterations is
+  what `--resume` is for (the learning-rate schedule then follows the new length, as stated in `--help`);
+- paths written another way (`runs/x` and `runs/x/`), and paths into a run tree (`RUN_TREE_PATHS`) of a run
+  folder moved or copied with its tree;
+- anything, when the folder holds no output yet (a run that failed before its first checkpoint).
 """
 
 from __future__ import annotations
@@ -20,20 +23,25 @@ import os
 from collections.abc import Collection
 from typing import Any
 
-import yaml
-
 from frugalseg.data.io import jsonable
 from frugalseg.data.labels import LabelSpec
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.runs import RunDir
-from frugalseg.stages.options import NO_OUTPUT
+from frugalseg.stages.options import NO_OUTPUT, read_config_file
 
-#: Settings a `--resume` may change: the length of the schedule, and how often / how much it validates.
-RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "iterations", "val_every", "eval_batch_size"})
+#: Settings that decide what is evaluated and how often, not the model: a finished run may be evaluated on
+#: another split without being another run.
+EVALUATION_FIELDS = frozenset({"val_split", "eval_split", "val_every", "eval_batch_size", "val_limit"})
+#: Schedule lengths a `--resume` may increase (a shorter schedule would export the longer run's model
+#: under the shorter run's settings). -1 means no limit.
+SCHEDULE_FIELDS = frozenset({"epochs", "max_steps", "iterations"})
+#: Paths that point into the run's own tree (a pipeline's segmenter reads its round's masks and the previous
+#: round's model): compared relative to the run folder, so a moved or copied tree is the same run.
+RUN_TREE_PATHS = frozenset({"mask_dir", "init_from", "classifier", "init_classifier"})
 
 
 def _free_fields(cfg: Any) -> set[str]:
-    return {f.name for f in dataclasses.fields(cfg) if f.metadata.get("stage") == NO_OUTPUT}
+    return {f.name for f in dataclasses.fields(cfg) if f.metadata.get("stage") == NO_OUTPUT} | EVALUATION_FIELDS
 
 
 def setting_differences(run: RunDir, cfg: Any, free: Collection[str] = ()) -> dict[str, tuple[Any, Any]]:
@@ -43,31 +51,43 @@ def setting_differences(run: RunDir, cfg: Any, free: Collection[str] = ()) -> di
     path = run / "config.yaml"
     if not path.exists():
         return {}
-    try:
-        saved = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not readable as YAML ({str(exc).splitlines()[0]}); restore it, or choose another "
-                        "--out.") from None
-    if not isinstance(saved, dict):
-        raise DataError(f"{path}: not a mapping of settings; restore it, or choose another --out.")
+    saved = read_config_file(path)
     given = json.loads(json.dumps(jsonable(cfg)))
     defaults = json.loads(json.dumps(jsonable({f.name: _default(f) for f in dataclasses.fields(cfg)})))
-    free = _free_fields(cfg) | set(free) | (RESUMABLE_CHANGES if getattr(cfg, "resume", False) else set())
+    free = _free_fields(cfg) | set(free)
+    resume = bool(getattr(cfg, "resume", False))
     diff = {}
     for name, value in given.items():
         there = saved.get(name, defaults.get(name))
-        if name not in free and there != value and not _same_place(there, value, saved.get("out"), given.get("out")):
-            diff[name] = (there, value)
+        if name in free or there == value or _same_path(there, value):
+            continue
+        if resume and name in SCHEDULE_FIELDS and _not_shorter(there, value):
+            continue
+        if name in RUN_TREE_PATHS and _same_place(there, value, saved.get("out"), given.get("out")):
+            continue
+        diff[name] = (there, value)
     return diff
 
 
-def _same_place(there: Any, here: Any, out_there: Any, out_here: Any) -> bool:
-    """Two absolute paths at the same place relative to their run folders: a run folder moved or copied with
-    its inputs (a `frugalseg run` folder holds its segmenters' mask folders) is still the same run."""
-    values = (there, here, out_there, out_here)
-    if not all(isinstance(v, str) and v for v in values) or not (os.path.isabs(there) and os.path.isabs(here)):
+def _same_path(there: Any, here: Any) -> bool:
+    """`runs/x`, `runs/x/` and `./runs/x` (from the same working directory) name one folder."""
+    return isinstance(there, str) and isinstance(here, str) and bool(there) and bool(here) and (
+        os.path.abspath(there) == os.path.abspath(here))
+
+
+def _not_shorter(there: Any, here: Any) -> bool:
+    if not (isinstance(there, int) and isinstance(here, int)):
         return False
-    return os.path.relpath(there, os.path.abspath(out_there)) == os.path.relpath(here, os.path.abspath(out_here))
+    unlimited = lambda v: v < 0  # noqa: E731 - max_steps / epochs -1: no limit
+    return unlimited(here) or (not unlimited(there) and here >= there)
+
+
+def _same_place(there: Any, here: Any, out_there: Any, out_here: Any) -> bool:
+    """Two paths at the same place relative to their run folders (a tree moved or copied whole)."""
+    if not all(isinstance(v, str) and v for v in (there, here, out_there, out_here)):
+        return False
+    return (os.path.relpath(os.path.abspath(there), os.path.abspath(out_there))
+            == os.path.relpath(os.path.abspath(here), os.path.abspath(out_here)))
 
 
 def _default(fld: dataclasses.Field) -> Any:
@@ -82,18 +102,19 @@ def _describe(diff: dict[str, tuple[Any, Any]], limit: int = 4) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-def claim_run_dir(run: RunDir, cfg: Any, labels: LabelSpec | None = None, *, finished: bool,
+def claim_run_dir(run: RunDir, cfg: Any, labels: LabelSpec | None = None, *, finished: bool, started: bool,
                   free: Collection[str] = (), rerun_hint: bool = True) -> None:
     """Refuse a run folder made with other settings, or a `--resume` checkpoint of other classes, before
     anything is written (ConfigError / DataError naming the folder and what to do); then save config.yaml.
 
-    `finished`: whether the stage already finished in this folder (a rerun then skips its work); `free`: fields
+    `finished`: whether the stage already finished in this folder (a rerun then skips its work); `started`:
+    whether an unfinished attempt left outputs a rerun would continue from (a checkpoint, maps); `free`: fields
     of `cfg` beyond the module's rule that leave the folder's outputs valid (e.g. how many maps to show);
     `rerun_hint`: the command takes `--config`, so the message offers it."""
-    diff = setting_differences(run, cfg, free)
+    diff = setting_differences(run, cfg, free) if finished or started else {}
     if diff:
         what = "a finished run" if finished else "a run"
-        resumable = set(diff) <= RESUMABLE_CHANGES and hasattr(cfg, "resume")
+        resumable = set(diff) <= SCHEDULE_FIELDS and hasattr(cfg, "resume")
         hint = (" To continue it to a longer schedule, add --resume." if resumable and not cfg.resume else "")
         again = f"re-run it with its own settings (--config {run / 'config.yaml'}), " if rerun_hint else ""
         raise ConfigError(

@@ -538,7 +538,7 @@ def train_semi(cfg: SemiConfig) -> dict:
     streams = cfg.streams(data.labelled)
     unlabelled = data.unlabelled if step_class.uses_unlabelled else []
     finished = run.stage_done("train")
-    claim_run_dir(run, cfg, labels, finished=finished)
+    claim_run_dir(run, cfg, labels, finished=finished, started=run.last_checkpoint.exists())
     write_json(run / "budget.json", {
         "method": cfg.semi, "labelled": list(data.labelled), "streams": [list(s) for s in streams],
         "unlabelled": [train[i].id for i in unlabelled],

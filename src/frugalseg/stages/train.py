@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 import numpy as np
 import torch
@@ -194,7 +194,7 @@ def train(cfg: TrainConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train_ds, val_ds, budget = load_training_data(cfg)
     finished = run.stage_done("train")
-    claim_run_dir(run, cfg, train_ds.labels, finished=finished)
+    claim_run_dir(run, cfg, train_ds.labels, finished=finished, started=run.last_checkpoint.exists())
     if budget is not None:
         write_json(run / "budget.json", budget_manifest(train_ds, budget))
     in_chans = input_channels(train_ds)
@@ -323,7 +323,8 @@ def predict_files(model_path: str | Path, inputs: Iterable[str | Path], out_dir:
     if dims != 2 and any(suffix_of(f) in RASTER_SUFFIXES for f in files):
         raise ConfigError(f"{model_path}: a 3D network cannot segment 2D images; give it volumes (.nii.gz, .h5).")
     make_folder(out_dir)
-    remove_stale_temporaries(out_dir)
+    for folder in (out_dir, out_dir / "overlays"):  # only what predict writes: --out may be any folder
+        remove_stale_temporaries(folder, recursive=False)
     result = PredictResult()
     for f, name in zip(files, names):
         try:
@@ -370,14 +371,19 @@ def _refuse_input_folder(out_dir: Path, files: list[Path]) -> None:
 
 def output_names(files: list[Path]) -> list[str]:
     """The mask name of each input: its stem; where stems collide, the file name with its extension; where
-    those collide too (same name in two folders), the parent folder's name in front."""
+    those collide too (same name in two folders), the parent folder's name in front. Names are compared
+    case-folded: `A.png` and `a.png` are one file on macOS and Windows."""
+    def unique(names: list[str]) -> Callable[[str], bool]:
+        counts = Counter(n.casefold() for n in names)
+        return lambda n: counts[n.casefold()] == 1
+
     stems = [f.name[: -len(suffix_of(f))] for f in files]
-    counts = Counter(stems)
-    names = [stem if counts[stem] == 1 else f.name for stem, f in zip(stems, files)]
-    counts = Counter(names)
-    names = [n if counts[n] == 1 else f"{f.parent.name}_{f.name}" for n, f in zip(names, files)]
-    counts = Counter(names)
-    names = [n if counts[n] == 1 else str(f) for n, f in zip(names, files)]  # sample_file hashes a path
+    ok = unique(stems)
+    names = [stem if ok(stem) else f.name for stem, f in zip(stems, files)]
+    ok = unique(names)
+    names = [n if ok(n) else f"{f.parent.name}_{f.name}" for n, f in zip(names, files)]
+    ok = unique(names)
+    names = [n if ok(n) else str(f) for n, f in zip(names, files)]  # sample_file hashes a path
     renamed = [(f, n) for f, stem, n in zip(files, stems, names) if n != stem]
     if renamed:
         log.warning("%d inputs share a name with another input; their masks are named after the full name: %s",
