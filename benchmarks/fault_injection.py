@@ -13,8 +13,8 @@ and the same command is run again (`train` with `--resume`). Each point passes w
   `eval` metrics, `predict` mask bytes, `run` per-stage pseudo-mask mIoU and final val mIoU.
 
 Kill points: every rename for `train`, `eval` and `predict`; for `run` (over a hundred renames, ~30 s each)
-the first rename of each kind of artefact (sample ids folded). `--quick`: the first rename of each kind for
-`train`, three points for `eval` and `predict`, and the first rename of each stage for `run`. Results are
+the first rename of each kind of artefact (sample ids folded). `--quick`: five points for `train` (config,
+checkpoint, export, metrics, report), three for `eval` and `predict`, three for `run` (`QUICK_POINTS`). Results are
 appended point by point to runs/bench/fault_injection/progress.json, so an interrupted benchmark resumes;
 the table and benchmarks/results/fault_injection.json are written at the end.
 
@@ -66,11 +66,6 @@ def leftovers(folder: Path) -> list[str]:
 def kind(target: str) -> str:
     """A rename's kind: its path with sample ids and numbers folded (`crf/shape_0003.png` -> `crf/#.png`)."""
     return re.sub(r"shape_\d+", "#", re.sub(r"resume_\d+", "resume_#", target))
-
-
-def stage_of(target: str) -> str:
-    parts = target.split("/")
-    return "/".join(parts[:2]) if parts[0].startswith("round") else parts[0]
 
 
 # ---- the commands ----------------------------------------------------------------------------------------
@@ -136,16 +131,23 @@ class Command:
         return {"train": train_result, "eval": eval_result, "predict": predict_result, "run": run_result}[self.name](folder)
 
 
+#: `--quick`: the first rename under each of these (a config, a checkpoint, an export, metrics, a report; in the
+#: pipeline the classifier, a refinement stage, a segmenter).
+QUICK_POINTS = {"train": ("config.yaml", "checkpoints/", "model/", "metrics/", "report.html"),
+                "run": ("classifier/", "crf/", "round1/segmenter/")}
+
+
 def choose_points(name: str, targets: list[str], quick: bool) -> list[int]:
+    if quick and name in QUICK_POINTS:
+        return sorted({next(i + 1 for i, t in enumerate(targets) if t.startswith(p)) for p in QUICK_POINTS[name]})
     if name in ("eval", "predict") and quick:
         return sorted({1, len(targets) // 2, len(targets)})
-    if name == "train" and not quick or name in ("eval", "predict"):
+    if name in ("train", "eval", "predict"):
         return list(range(1, len(targets) + 1))
-    key = stage_of if (name == "run" and quick) else kind
     seen, points = set(), []
     for i, t in enumerate(targets):
-        if key(t) not in seen:
-            seen.add(key(t))
+        if kind(t) not in seen:
+            seen.add(kind(t))
             points.append(i + 1)
     return points
 
@@ -209,7 +211,8 @@ def main() -> None:
     settings = {f"{mode}": {"data": f"generated shapes {DATA}", "train": "fcn, no pretraining, 2 epochs, crop 48, cpu",
                             "run": "limit 4, classifier 1 epoch, 1 round, seg 1 epoch, crop 48, cpu",
                             "rerun": "same command (train: --resume)"}}
-    path = save_results("fault_injection", {mode: figures}, settings, started)
+    path = save_results("fault_injection", {f"{mode}_{name}": entry for name, entry in figures.items()}, settings,
+                        started)
     print(f"\nresults: {path}")
 
 
