@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import data_path
-from frugalseg.cli import cli, main
+from cli_run import run_main
+from frugalseg.cli import cli
 
 pytest.importorskip("monai")
 
@@ -28,14 +28,7 @@ def _tiny(semi: str, out: Path, *extra: str) -> list[str]:
 
 def _main(args: list[str], monkeypatch) -> tuple[int, str]:
     """Run the real entry point (`frugalseg ...`): exit code and stderr."""
-    monkeypatch.setattr(sys, "argv", ["frugalseg", *args])
-    with CliRunner().isolation() as streams:
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        err = streams[1].getvalue().decode()
+    code, _, err = run_main(args, monkeypatch)
     return code, err
 
 

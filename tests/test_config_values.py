@@ -7,18 +7,16 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-import sys
 import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
 from PIL import Image
 
 import frugalseg.stages
-from frugalseg.cli import main
+from cli_run import run_main
 from frugalseg.errors import ConfigError
 from frugalseg.stages.options import OptionValueError, RunOptions, load_config, option, undeclared_ranges
 
@@ -266,14 +264,7 @@ def _tiny_folder(root: Path) -> Path:
 
 def _main(args: list[str], monkeypatch) -> tuple[int, str]:
     """Run the real entry point (`frugalseg ...`): exit code and stderr."""
-    monkeypatch.setattr(sys, "argv", ["frugalseg", *args])
-    with CliRunner().isolation() as streams:
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        err = streams[1].getvalue().decode()
+    code, _, err = run_main(args, monkeypatch)
     return code, err
 
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import csv
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from PIL import Image
 
-from frugalseg.cli import main
+from cli_run import run_main
 from frugalseg.data.synthetic import make_shapes_dataset
 from frugalseg.stages import engine
 from frugalseg.stages.train import TrainConfig, output_names, train
@@ -24,16 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _main(args: list[str], monkeypatch) -> tuple[int, str, str]:
-    """The real entry point (`frugalseg ...`): exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["frugalseg", *args])
-    with CliRunner().isolation() as streams:
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
-    return code, out, err
+    return run_main(args, monkeypatch)
 
 
 def _common(data: Path, **extra) -> dict:
@@ -271,3 +260,14 @@ def test_resume_with_data_loading_workers_equals_the_uninterrupted_run(data, tmp
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _log_rows(tmp_path / "resumed") == _log_rows(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("command", [["classify", "--epochs", "1"], ["run", "--classifier-epochs", "1"]])
+def test_a_missing_evaluation_split_is_named_before_anything_trains(tmp_path, monkeypatch, command):
+    data = make_shapes_dataset(tmp_path / "d", n_train=6, n_val=2, size=48, seed=1)
+    shutil.rmtree(data / "splits")  # no splits/: only 'train' exists, the default evaluation split 'val' does not
+    out = tmp_path / "out"
+    code, _, err = _main([command[0], "--data", str(data), "--out", str(out), *command[1:], "--no-progress"],
+                         monkeypatch)
+    assert code == 2 and "there is no splits/ folder, so no 'val' split" in err, err
+    assert not out.exists()  # nothing trained, nothing written

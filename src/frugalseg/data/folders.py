@@ -102,7 +102,7 @@ def _split_ids(root: Path, split: str | None, images: dict[str, Path], problems:
             f"{root}: there is no splits/ folder, so no '{split}' split (without splits/ the only split is "
             f"'train', all images). Add splits/train.txt and splits/{split}.txt (one image id a line), or "
             "validate on a held-out part with `--train-split train:fit --val-split train:holdout`, or give "
-            "`--val-split ''` for no validation."
+            "`--val-split ''` (`classify`: `--eval-split ''`) for no validation."
         )
     split_file = splits_dir / f"{split}.txt"
     if not split_file.exists():

@@ -85,13 +85,14 @@ def open_classify_split(cfg: Any, splits: str):
 def train_classifier(cfg: ClassifyConfig) -> dict:
     """Train (or resume, or skip when finished) the tag classifier in cfg.out; evaluate AP/F1."""
     cfg.validate()
-    run = RunDir(cfg.out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train_ds = open_classify_split(cfg, cfg.train_split)
+    eval_ds = open_classify_split(cfg, cfg.eval_split) if cfg.eval_split else None  # named before training
     labels = train_ds.labels
     spec = classifier_spec(labels, backbone=cfg.backbone, output_stride=cfg.output_stride,
                            peak_stimulation=cfg.peak_stimulation, frozen_stages=cfg.frozen_stages,
                            freeze_bn=cfg.freeze_bn)
+    run = RunDir(cfg.out)  # after the data is checked: bad input leaves no folder behind
     finished = run.stage_done("classify")
     claim_run_dir(run, cfg, labels, finished=finished, started=run.last_checkpoint.exists())
     t0 = time.time()
@@ -109,10 +110,10 @@ def train_classifier(cfg: ClassifyConfig) -> dict:
         save_classifier(module.model, spec, labels, run / "model")
         run.mark_done("classify", {"seconds": round(time.time() - t0, 1), "images": len(data), "epochs": cfg.epochs})
     result = {"run": str(run.path), "train_seconds": round(time.time() - t0, 1)}
-    if cfg.eval_split:
+    if eval_ds is not None:
         model, spec, labels = load_classifier(run.path)
         device = device_of(cfg.devices)
-        metrics = evaluate_classifier(model.to(device), open_classify_split(cfg, cfg.eval_split), spec["class_ids"],
+        metrics = evaluate_classifier(model.to(device), eval_ds, spec["class_ids"],
                                       labels, device)
         metrics["split"] = cfg.eval_split
         run.write_metrics(f"classify_{cfg.eval_split}", metrics)

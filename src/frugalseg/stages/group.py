@@ -112,7 +112,6 @@ class GroupConfig(RunOptions):
 def train_group_classifier(cfg: GroupConfig) -> dict:
     """Train (or resume, or skip when finished) the group model in cfg.out; saved to <out>/model/."""
     cfg.validate()
-    run = RunDir(cfg.out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train_ds = open_splits(cfg.data, cfg.train_split, background_classes=cfg.background_classes,
                            ignore_classes=cfg.ignore_classes)
@@ -129,6 +128,7 @@ def train_group_classifier(cfg: GroupConfig) -> dict:
     spec = group_spec(labels, base_spec, group_size=cfg.group_size, rounds=cfg.rounds,
                       proj_channels=cfg.proj_channels, drop_rate=cfg.drop_rate, drop_th=cfg.drop_th,
                       gdl_in_eval=cfg.gdl_in_eval)
+    run = RunDir(cfg.out)  # after the data is checked: bad input leaves no folder behind
     finished = run.stage_done("group")
     claim_run_dir(run, cfg, labels, finished=finished, started=run.last_checkpoint.exists())
     t0 = time.time()

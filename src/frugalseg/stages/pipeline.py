@@ -570,9 +570,12 @@ def predict_within_tags(model_dir: Path, ds: SegDataset, out: Path, min_confiden
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run (or resume) every stage; returns the summary (also `summary.json`), writes `report.html`."""
     cfg.validate()
+    ds = open_training_images(cfg)
+    if cfg.val_split:  # a split that does not exist is named now, not after the classifier has trained
+        open_split(cfg.data, cfg.val_split, background_classes=cfg.background_classes,
+                   ignore_classes=cfg.ignore_classes)
     run = RunDir(cfg.out)
     run.save_config(cfg)
-    ds = open_training_images(cfg)
     given = given_masks(cfg, run, ds)
     t0 = time.time()
     # Seconds per stage as of the invocation that last *ran* it (a resumed run does not report a skipped

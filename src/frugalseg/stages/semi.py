@@ -22,14 +22,12 @@ Lightning is imported only when a run trains (`stages.engine`): the configs load
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -529,7 +527,6 @@ def train_semi(cfg: SemiConfig) -> dict:
     from frugalseg.stages.engine import SemiModule
 
     cfg.validate()
-    run = RunDir(cfg.out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     step_class = cfg.STEP
     data = open_semi_data(cfg, require_unlabelled=step_class.uses_unlabelled)
@@ -537,6 +534,7 @@ def train_semi(cfg: SemiConfig) -> dict:
     cfg.check(labels)
     streams = cfg.streams(data.labelled)
     unlabelled = data.unlabelled if step_class.uses_unlabelled else []
+    run = RunDir(cfg.out)  # after the data is checked: bad input leaves no folder behind
     finished = run.stage_done("train")
     claim_run_dir(run, cfg, labels, finished=finished, started=run.last_checkpoint.exists())
     write_json(run / "budget.json", {

@@ -190,9 +190,9 @@ def train(cfg: TrainConfig) -> dict:
     from frugalseg.stages.engine import SegmentationModule, fit_resumable
 
     cfg.validate()
-    run = RunDir(cfg.out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train_ds, val_ds, budget = load_training_data(cfg)
+    run = RunDir(cfg.out)  # after the data is checked: bad input leaves no folder behind
     finished = run.stage_done("train")
     claim_run_dir(run, cfg, train_ds.labels, finished=finished, started=run.last_checkpoint.exists())
     if budget is not None:
