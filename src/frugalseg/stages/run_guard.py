@@ -26,6 +26,7 @@ from typing import Any
 from frugalseg.data.io import jsonable
 from frugalseg.data.labels import LabelSpec
 from frugalseg.errors import ConfigError, DataError
+from frugalseg.export import check_checkpoint
 from frugalseg.runs import RunDir
 from frugalseg.stages.options import NO_OUTPUT, read_config_file
 
@@ -114,15 +115,14 @@ def claim_run_dir(run: RunDir, cfg: Any, labels: LabelSpec | None = None, *, fin
     diff = setting_differences(run, cfg, free) if finished or started else {}
     if diff:
         what = "a finished run" if finished else "a run"
-        resumable = set(diff) <= SCHEDULE_FIELDS and hasattr(cfg, "resume")
+        resumable = (set(diff) <= SCHEDULE_FIELDS and hasattr(cfg, "resume")
+                     and all(_not_shorter(there, here) for there, here in diff.values()))
         hint = (" To continue it to a longer schedule, add --resume." if resumable and not cfg.resume else "")
         again = f"re-run it with its own settings (--config {run / 'config.yaml'}), " if rerun_hint else ""
         raise ConfigError(
             f"{run.path} holds {what} made with other settings ({_describe(diff)}); nothing was changed. Choose "
             f"another --out, {again}or delete the folder to start over.{hint}")
     if getattr(cfg, "resume", False) and run.last_checkpoint.exists() and labels is not None:
-        from frugalseg.export import check_checkpoint
-
         meta = check_checkpoint(run.last_checkpoint)
         saved_labels = meta.get("labels")
         if saved_labels is not None and tuple(saved_labels.get("names", ())) != tuple(labels.names):
