@@ -271,3 +271,21 @@ def test_a_missing_evaluation_split_is_named_before_anything_trains(tmp_path, mo
                          monkeypatch)
     assert code == 2 and "there is no splits/ folder, so no 'val' split" in err, err
     assert not out.exists()  # nothing trained, nothing written
+
+
+def test_maps_folder_made_with_other_settings_is_refused(tmp_path, monkeypatch):
+    """`cams` keeps the maps a folder holds: maps made with other settings (another method's knobs) must not be
+    mixed into a run with these; showing more gallery images or mapping more images is the same run."""
+    from frugalseg.runs import RunDir
+    from frugalseg.stages.maps import MAPS_FREE_FIELDS, MapsConfig
+    from frugalseg.stages.run_guard import claim_run_dir
+
+    out = RunDir(tmp_path / "maps")
+    first = MapsConfig(classifier="runs/c", out=str(out.path), method="advcam", restriction=7.0)
+    claim_run_dir(out, first, finished=True, started=True, free=MAPS_FREE_FIELDS, rerun_hint=False)
+    more = MapsConfig(classifier="runs/c", out=str(out.path), method="advcam", restriction=7.0, gallery_images=5,
+                      limit=40)
+    claim_run_dir(out, more, finished=True, started=True, free=MAPS_FREE_FIELDS, rerun_hint=False)
+    other = MapsConfig(classifier="runs/c", out=str(out.path), method="advcam", restriction=0.0)
+    with pytest.raises(Exception, match=r"holds a finished run made with other settings \(restriction 7.0 there"):
+        claim_run_dir(out, other, finished=True, started=True, free=MAPS_FREE_FIELDS, rerun_hint=False)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from frugalseg.data import open_splits
-from frugalseg.data.io import make_folder, write_json
+from frugalseg.data.io import write_json
 from frugalseg.data.torchdata import shuffled_loader
 from frugalseg.data.transforms import to_tensor_image
 from frugalseg.errors import ConfigError, DataError
@@ -183,6 +183,10 @@ class GroupMapsConfig(RunOptions):
         return self
 
 
+#: Settings that leave existing group maps valid: how many images, the gallery.
+GROUP_MAPS_FREE_FIELDS = ("limit", "gallery_images", "gallery_threshold")
+
+
 def make_group_maps(cfg: GroupMapsConfig) -> dict:
     """Maps for every tagged image of a split, each the anchor of its own group; returns the manifest.
 
@@ -202,7 +206,9 @@ def make_group_maps(cfg: GroupMapsConfig) -> dict:
     if ds.labels.names != labels.names:
         raise DataError(f"{ds.name}: classes {ds.labels.names} differ from the group model's {labels.names}.")
     out = Path(cfg.out) if cfg.out else Path(cfg.classifier) / f"maps_group_{cfg.split.replace('+', '_')}"
-    make_folder(out)
+    # maps already in the folder are kept, so they must have been made with these settings
+    claim_run_dir(RunDir(out), cfg, finished=(out / "maps.json").exists(), started=any(out.glob("maps/*.npz")),
+                  free=GROUP_MAPS_FREE_FIELDS, rerun_hint=False)
     device = device_of(cfg.devices)
     model = model.to(device).eval()
     n = cfg.group_size or spec.get("group_size", 3)
