@@ -289,3 +289,19 @@ def test_maps_folder_made_with_other_settings_is_refused(tmp_path, monkeypatch):
     other = MapsConfig(classifier="runs/c", out=str(out.path), method="advcam", restriction=0.0)
     with pytest.raises(Exception, match=r"holds a finished run made with other settings \(restriction 7.0 there"):
         claim_run_dir(out, other, finished=True, started=True, free=MAPS_FREE_FIELDS, rerun_hint=False)
+
+
+def test_train_refuses_0_255_masks_with_validates_message_before_training(tmp_path, monkeypatch):
+    """The common binary export (object = 255, i.e. void here): `train` refuses it with `data validate`'s
+    message, exit 2, before a run folder exists (no silent val mIoU 1.0 over null classes)."""
+    data = make_shapes_dataset(tmp_path / "d", n_train=6, n_val=2, size=48, seed=1)
+    (data / "classes.txt").write_text("background\nobject\n")
+    (data / "tags.csv").unlink()  # its tags name the shapes' classes
+    for mask in (data / "masks").glob("*.png"):
+        ids = np.asarray(Image.open(mask))
+        Image.fromarray(np.where(ids > 0, 255, 0).astype(np.uint8)).save(mask)
+    out = tmp_path / "run"
+    code, _, err = _main(_train_args(data, out), monkeypatch)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "every mask holds only 0 and 255" in err and "Store the object as class 1" in err
+    assert not out.exists()

@@ -26,7 +26,6 @@ dependency, draws the progress bar.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import http.client
 import json
@@ -46,8 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Literal
 
-from frugalseg.data.io import (STALE_AFTER_S, TEMP_SUFFIX, is_stale_temporary, make_folder, output_error,
-                               temporary_name)
+from frugalseg.data.io import (REFUSED_WRITE_ERRNOS, STALE_AFTER_S, TEMP_SUFFIX, is_stale_temporary, make_folder,
+                               output_error, temporary_name)
 from frugalseg.errors import ConfigError, DataError, OutputError
 
 log = logging.getLogger(__name__)
@@ -467,14 +466,10 @@ def _remove_stale_staging(root: Path, folder: str) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-# What a full disk, a quota, a read-only folder or a missing write permission raise while writing.
-_REFUSED = {errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EROFS, errno.EACCES, errno.EPERM}
-
-
 def _refused_write(exc: BaseException, target: Path) -> OutputError | None:
     """`data.io.output_error` for a write the file system refused, naming `target` (what the user asked for),
     never the `.part` file or staging folder the OS names; None for any other error (a network failure passes)."""
-    if not isinstance(exc, OSError) or exc.errno not in _REFUSED:
+    if not isinstance(exc, OSError) or exc.errno not in REFUSED_WRITE_ERRNOS:
         return None
     return output_error(OSError(exc.errno, exc.strerror), target, elsewhere="--root")
 

@@ -134,6 +134,8 @@ _CAUSES = {  # {elsewhere}: the option that picks another place (`--out`; `--roo
     errno.EACCES: "permission denied: {folder} is not writable by this user (choose another {elsewhere}, or change its permissions)",
     errno.EPERM: "permission denied: {folder} is not writable by this user (choose another {elsewhere}, or change its permissions)",
 }
+#: The errors of a write the file system refused (full, quota, read-only, permission): what `output_error` explains.
+REFUSED_WRITE_ERRNOS = frozenset(_CAUSES)
 
 
 def _known_errno(exc: BaseException) -> int | None:

@@ -494,23 +494,36 @@ class SemiModule(L.LightningModule):
                                    **self.method.checkpoint_extra()}
 
 
-class ClassifierModule(L.LightningModule):
-    """Multi-label tag classifier training (IRN recipe: soft-margin loss, poly SGD, 10x head learning rate)."""
+class TagModelModule(L.LightningModule):
+    """What the tag-trained models (classifier, group network) share: the epoch handed to the dataset, and a
+    checkpoint that names its kind and classes (a --resume with other classes is refused before writing)."""
+
+    KIND: str = ""
 
     def __init__(self, model: torch.nn.Module, cfg: Any, labels: LabelSpec):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.labels = labels  # in the checkpoint: a --resume with other classes is refused before writing
+        self.labels = labels
+
+    def on_train_epoch_start(self) -> None:
+        pass_epoch_to_dataset(self)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": self.KIND,
+                                   "labels": self.labels.to_dict()}
+
+
+class ClassifierModule(TagModelModule):
+    """Multi-label tag classifier training (IRN recipe: soft-margin loss, poly SGD, 10x head learning rate)."""
+
+    KIND = "tag_classifier"
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["image"])
         loss = tag_loss(logits.float(), batch["target"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
-
-    def on_train_epoch_start(self) -> None:
-        pass_epoch_to_dataset(self)
 
     def configure_optimizers(self):
         cfg = self.cfg
@@ -519,28 +532,17 @@ class ClassifierModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": "tag_classifier",
-                                   "labels": self.labels.to_dict()}
 
-
-class GroupModule(L.LightningModule):
+class GroupModule(TagModelModule):
     """Group-wise training: both losses, the reference's four learning rates, step decay per epoch."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Any, labels: LabelSpec):
-        super().__init__()
-        self.model = model
-        self.cfg = cfg
-        self.labels = labels  # in the checkpoint: a --resume with other classes is refused before writing
+    KIND = GROUP_SPEC_KIND
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.model(batch["images"])
         loss = group_loss(out, batch["targets"], self.cfg.pre_weight)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["images"].shape[0])
         return loss
-
-    def on_train_epoch_start(self) -> None:
-        pass_epoch_to_dataset(self)
 
     def configure_optimizers(self):
         cfg = self.cfg
@@ -549,7 +551,3 @@ class GroupModule(L.LightningModule):
                               nesterov=cfg.nesterov and cfg.momentum > 0)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_steps), gamma=cfg.lr_gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "kind": GROUP_SPEC_KIND,
-                                   "labels": self.labels.to_dict()}
