@@ -140,15 +140,20 @@ PROBE_TIMEOUT_S = 3.0
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-def cached_timm_weights(name: str) -> Path | None:
-    """The ImageNet weight file of timm model `name` when one of timm's caches already holds it: the Hugging Face
-    hub cache (`HF_HUB_CACHE`, where timm downloads to) or torch hub's (`TORCH_HOME`, older timm versions)."""
+def _pretrained_cfg(name: str):
+    """timm's pretrained config of `name` (where its weights live), or None for a name or tag timm does not know."""
     from timm.models import get_pretrained_cfg
 
     try:
-        cfg = get_pretrained_cfg(name)
+        return get_pretrained_cfg(name)
     except Exception:  # noqa: BLE001 - an unknown tag: no weights to find
-        cfg = None
+        return None
+
+
+def cached_timm_weights(name: str) -> Path | None:
+    """The ImageNet weight file of timm model `name` when one of timm's caches already holds it: the Hugging Face
+    hub cache (`HF_HUB_CACHE`, where timm downloads to) or torch hub's (`TORCH_HOME`, older timm versions)."""
+    cfg = _pretrained_cfg(name)
     if cfg is None:
         return None
     if cfg.hf_hub_id:
@@ -171,12 +176,7 @@ def cached_timm_weights(name: str) -> Path | None:
 
 def _download_server(name: str) -> str:
     """The server timm would download `name`'s weights from: the Hugging Face hub, or the weights' URL."""
-    from timm.models import get_pretrained_cfg
-
-    try:
-        cfg = get_pretrained_cfg(name)
-    except Exception:  # noqa: BLE001
-        cfg = None
+    cfg = _pretrained_cfg(name)
     if cfg is not None and cfg.url and not cfg.hf_hub_id:
         parsed = urlparse(cfg.url)
         return f"{parsed.scheme}://{parsed.netloc}/"
