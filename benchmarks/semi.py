@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import ROOT, default_data_root, print_table, save_results
+from frugalseg.runs import git_commit, machine_info
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
@@ -76,6 +77,267 @@ QUICK_SIZING = {
 }
 
 
+# ---- the CPU protocol (`--only cpu`): settled on this 2-core CPU ------------------------------------------
+CPU_METHODS = {
+    "acdc_l7": ("supervised_only", "meanteacher", "dtc", "cotrain_k2", "cotrain_k2_noadv", "cotrain_k3"),
+    "acdc_l3": ("supervised_only", "meanteacher", "dtc", "cotrain_k2"),
+    "la": ("supervised_only", "dtc"),
+    "msrc_10pct": ("supervised_only", "meanteacher", "cotrain_k2"),
+}
+CPU_SEEDS = (1, 2, 3)
+#: Why each value (measured on this CPU, one torch thread per run, two runs at once):
+#: - ACDC: 128×128 patches (the slices are zoomed to the patch, as SSL4MIS zooms them to 256²) and a U-Net of
+#:   8..128 channels (SSL4MIS's 5 levels at half its width). Supervised-only pilots at 7 patients (val, seed 1,
+#:   `cpu_protocol_selection`): 96² 0.548 / 0.556 (seeds 1, 2), 128² 0.638 / 0.587, 96² at 16..256 channels
+#:   0.646 (1.3× the step time of 128² at 8..128). Batches of 8 labelled + 8 unlabelled slices (SSL4MIS: 12 + 12;
+#:   128² at batch 8 and 1200 iterations scored 0.647, no worse than batch 12 at 1500); co-training keeps its
+#:   official 4 labelled per model + 4 unlabelled.
+#: - Iterations 1200 (1/25 of SSL4MIS's 30000) keep every run within about 15 minutes (co-training K=3, the
+#:   slowest); every ramp and the learning-rate schedule are scaled to it by `stages.semi.scale_schedule`
+#:   (consistency ramps over the whole run as SSL4MIS / DTC, co-training's over its first half, poly decay over
+#:   the run, ramp unit 1 iteration instead of 150). The EMA decay 0.99 is kept (a horizon of ~100 iterations).
+#: - Optimiser: one for every method (the references' SGD for the SSL4MIS methods and Adam for co-training would
+#:   confound method with optimiser): Adam, lr 0.01, poly, chosen with the supervised-only baseline on ACDC val
+#:   at 7 patients among SGD 0.01 / 0.03 and Adam 0.001 / 0.003 / 0.01 (0.444 / 0.461 / 0.419 / 0.548 / 0.625 at
+#:   96², seed 1): the same choice for all methods, as the issue allows; LA and msrc are not tuned (LA takes
+#:   ACDC's choice, msrc `frugalseg train`'s OCR recipe).
+#: - A validation pass every 150 iterations draws each run's learning curve (val Dice vs iteration); the
+#:   model reported is the last one, nothing is selected on val.
+CPU_ACDC = dict(data="acdc", val_split="val", patch_size=[128, 128], channels=[8, 16, 32, 64, 128], iterations=1200,
+                epoch_steps=150, val_every=1, labelled_batch_size=8, unlabelled_batch_size=8, optimizer="adam",
+                lr=0.01)
+CPU_COTRAIN_2D = dict(labelled_batch_size=4, unlabelled_batch_size=4)  # official: 4 per model + 4 unlabelled
+#: msrc-objects: the masks+tags benchmark's 10 % (the same 23 masked images, `msrc_labelled_ids`), the other
+#: training images unlabelled (no tags), OCR on EfficientNet-Lite0 with ImageNet weights as `frugalseg train`
+#: trains it (SGD 0.01, weight decay 5e-4, poly, aux 0.4, cross-entropy, crop/scale/flip), val mIoU on whole
+#: images. Sized by `benchmarks/semi_speed.py --setting msrc_10pct`.
+CPU_MSRC = dict(data="msrc-objects", val_split="val", arch="ocr", backbone="tf_efficientnet_lite0", pretrained=True,
+                patch_size=[192, 192], iterations=600, epoch_steps=100, val_every=1, labelled_batch_size=8,
+                unlabelled_batch_size=8, optimizer="sgd", lr=0.01, weight_decay=5e-4)
+#: LA: 2 labelled + 6 unlabelled volumes, the 2 test volumes scored (the reference has no val split). A 3D
+#: U-Net of 8..128 channels on 64×64×48 patches (the V-Net at 112×112×80 costs about 100 s a step here), batch
+#: 2 + 2 as DTC, 1200 iterations (1/5 of DTC's 6000: DTC's step is the slowest at about 1 s, so a run stays
+#: within 30 minutes), ramps and the ×0.1 step of the learning rate scaled by `scale_schedule`.
+CPU_LA = dict(data="la2018", labelled_patients=2, val_split="test", arch="unet", patch_size=[64, 64, 48],
+              channels=[8, 16, 32, 64, 128], iterations=1200, epoch_steps=150, val_every=1, labelled_batch_size=2,
+              unlabelled_batch_size=2, optimizer="adam", lr=0.01)
+
+
+def cpu_config(setting: str, method: str, seed: int) -> SemiConfig:
+    """The config of one run of the CPU protocol: `setting` (acdc_l7, acdc_l3, la, msrc_10pct), `method`
+    (supervised_only, meanteacher, dtc, cotrain_k2, cotrain_k2_noadv, cotrain_k3), training `seed`."""
+    cls, extra = _method(method)
+    if setting.startswith("acdc_l"):
+        common = dict(CPU_ACDC, labelled_patients=int(setting[len("acdc_l"):]))
+        if cls.__name__ == "CoTrainConfig":
+            common.update(CPU_COTRAIN_2D)
+    elif setting == "la":
+        common = dict(CPU_LA)
+        if method in ("supervised_only", "supervised"):
+            extra = {"network": "levelset"}  # DTC's network: the difference is DTC's two extra terms only
+    elif setting == "msrc_10pct":
+        common = dict(CPU_MSRC, labelled_ids=list(msrc_labelled_ids()))
+        if cls.__name__ == "CoTrainConfig":  # per model: the K models share the 8 labelled slots of a batch
+            common["labelled_batch_size"] = CPU_MSRC["labelled_batch_size"] // extra["n_models"]
+    else:
+        raise SystemExit(f"unknown setting {setting} (acdc_l7, acdc_l3, la, msrc_10pct)")
+    return cls(**common, **extra, seed=seed, progress=False)
+
+
+@functools.lru_cache(maxsize=1)
+def msrc_labelled_ids() -> tuple[str, ...]:
+    """The masked images of the masks+tags benchmark (`run_msrc`): 10 % (seed 0) of the msrc-objects training
+    images that have object tags, drawn as `stages.pipeline.given_masks` draws them."""
+    from frugalseg.data import open_split
+    from frugalseg.data.budget import LabelBudget, apply_budget
+
+    ds = open_split("msrc-objects", "train")
+    ds = ds.with_samples([s for s in ds.samples if (s.tags is not None or s.mask is not None) and ds.tags_of(s)])
+    budgeted = apply_budget(ds, LabelBudget(mask_fraction=MSRC_MASK_FRACTION, rest="tags", seed=0))
+    return tuple(s.id for s in budgeted.samples if s.supervision == "mask")
+
+
+CPU_ROOT = ROOT / "runs" / "bench" / "semi_cpu"
+#: One small JSON per finished run (figures + the settings that made them), kept in the repository: run
+#: folders are scratch, these records carry a benchmark spread over several days of work.
+CPU_RECORDS = ROOT / "benchmarks" / "results" / "semi_cpu"
+
+
+def cpu_run_dir(root: Path, setting: str, method: str, seed: int) -> Path:
+    return Path(root) / setting / method / f"seed{seed}"
+
+
+def record_path(records: Path, setting: str, method: str, seed: int) -> Path:
+    return Path(records) / f"{setting}.{method}.seed{seed}.json"
+
+
+def _settings_of(cfg: SemiConfig) -> dict:
+    return json.loads(json.dumps({k: v for k, v in vars(cfg).items() if k not in ("out", "progress", "resume")}))
+
+
+def learning_curve(run: Path) -> list[list[float]]:
+    """[(iteration, validation score)] of a run from logs/metrics.csv: val/dice_fg (the foreground Dice of the
+    pooled validation voxels) for medical data, val/miou for natural images."""
+    import csv
+
+    path = run / "logs" / "metrics.csv"
+    if not path.exists():
+        return []
+    rows = list(csv.DictReader(path.open()))
+    key = "val/dice_fg" if any(r.get("val/dice_fg") for r in rows) else "val/miou"
+    return [[int(r["step"]), round(float(r[key]), 5)] for r in rows if r.get(key)]
+
+
+def cpu_child(setting: str, method: str, seed: int, root: Path, records: Path, threads: int) -> None:
+    """One run of the CPU protocol in this process; resumes its checkpoint if an earlier invocation was
+    killed; writes the run's record (figures + settings) next to it and prints it as the last line."""
+    import torch
+
+    from frugalseg.stages.semi import SEMI_METHODS
+
+    torch.set_num_threads(threads)
+    cfg = cpu_config(setting, method, seed)
+    out = cpu_run_dir(root, setting, method, seed)
+    cfg.out = str(out)
+    cfg.resume = (out / "checkpoints" / "last.ckpt").exists() and not (out / "stages" / "train.done").exists()
+    t0 = time.time()
+    res = SEMI_METHODS[cfg.semi][1](cfg)
+    val = res["val"]
+    figures = {"seed": seed, "split": val["split"], "cases": val["samples"], "wall_s": round(time.time() - t0, 1),
+               "resumed": cfg.resume, "iterations": res["iterations"],
+               "s_per_iteration": res.get("seconds_per_iteration"), "labelled": res["labelled"],
+               "unlabelled": res["unlabelled"], "threads": threads, "curve": learning_curve(out)}
+    if cfg.natural:
+        figures.update(miou=val["miou"], per_class_iou=val.get("per_class_iou"))
+    else:
+        figures.update(dice=val["case_mean_dice"], jaccard=val["case_mean_jaccard"], hd95=val["case_mean_hd95"],
+                       asd=val["case_mean_asd"], units=val["surface_units"],
+                       per_class={c: {k: v[k] for k in ("dice", "hd95", "empty_pred_cases")}
+                                  for c, v in val["surface"].items()})
+    write_json(record_path(records, setting, method, seed), {
+        "settings": _settings_of(cfg), "figures": figures, "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": git_commit(ROOT)})
+    print(json.dumps(figures))
+
+
+def read_record(records: Path, setting: str, method: str, seed: int) -> dict | None:
+    """A finished run's figures, if it was made with today's protocol (else None: it is rerun)."""
+    path = record_path(records, setting, method, seed)
+    if not path.exists():
+        return None
+    kept = json.loads(path.read_text())
+    return kept["figures"] if kept["settings"] == _settings_of(cpu_config(setting, method, seed)) else None
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    import statistics
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return round(statistics.fmean(values), 5), round(statistics.stdev(values), 5) if len(values) > 1 else None
+
+
+def aggregate_cpu(records: Path) -> dict:
+    """`cpu_protocol.<setting>.<method>` from every finished run on disk: mean ± sd over seeds, each seed, the
+    gain over supervised-only and whether it is beyond the spread (larger than both methods' seed sd)."""
+    out: dict = {}
+    for setting, methods in CPU_METHODS.items():
+        part: dict = {}
+        for method in methods:
+            runs = [r for seed in CPU_SEEDS if (r := read_record(records, setting, method, seed)) is not None]
+            if not runs:
+                continue
+            score = "miou" if setting.startswith("msrc") else "dice"
+            mean, sd = _mean_sd([r[score] for r in runs])
+            entry = {f"{score}_mean": mean, "sd": sd, "per_seed": [r[score] for r in runs],
+                     "seeds": [r["seed"] for r in runs], "wall_s": _mean_sd([r["wall_s"] for r in runs])[0],
+                     "s_per_iteration": _mean_sd([r["s_per_iteration"] for r in runs])[0], "split": runs[0]["split"],
+                     "cases": runs[0]["cases"], "labelled": runs[0]["labelled"], "unlabelled": runs[0]["unlabelled"],
+                     "curves": {str(r["seed"]): r["curve"] for r in runs}}
+            if score == "dice":
+                entry["hd95_mean"], entry["hd95_sd"] = _mean_sd([r["hd95"] for r in runs])
+                entry["hd95_per_seed"] = [r["hd95"] for r in runs]
+                entry["jaccard_mean"] = _mean_sd([r["jaccard"] for r in runs])[0]
+                entry["asd_mean"] = _mean_sd([r["asd"] for r in runs])[0]
+                entry["units"] = runs[0]["units"]
+            part[method] = entry
+        base = part.get("supervised_only")
+        score = "miou_mean" if setting.startswith("msrc") else "dice_mean"
+        for method, entry in part.items():
+            if method == "supervised_only" or base is None:
+                continue
+            gain = round(entry[score] - base[score], 5)
+            spread = max(x for x in (entry["sd"], base["sd"], 0.0) if x is not None)
+            entry["gain_over_supervised"] = gain
+            entry["beyond_spread"] = bool(len(entry["per_seed"]) >= 3 and len(base["per_seed"]) >= 3 and gain > spread)
+        if part:
+            out[setting] = part
+    return out
+
+
+def cpu_table(agg: dict) -> None:
+    rows = []
+    for setting, part in agg.items():
+        for method, e in part.items():
+            score = e.get("dice_mean", e.get("miou_mean"))
+            rows.append((setting, method, len(e["per_seed"]), f"{score:.4f}", _fmt(e["sd"], 4),
+                         " ".join(f"{v:.3f}" for v in e["per_seed"]),
+                         f"{e['gain_over_supervised']:+.4f}" if "gain_over_supervised" in e else "",
+                         "yes" if e.get("beyond_spread") else "", _fmt(e.get("hd95_mean")), f"{e['wall_s']:.0f}"))
+    print_table(rows, ("setting", "method", "seeds", "Dice/mIoU", "sd", "per seed", "gain", "beyond sd", "HD95",
+                       "wall s/run"))
+
+
+def run_cpu(settings: list[str], methods: list[str] | None, seeds: list[int], root: Path, records: Path,
+            parallel: int, started: float) -> Path | None:
+    """Every (setting, method, seed) of the CPU protocol not finished yet, `parallel` at a time (one torch
+    thread each), seed by seed; the results file is rewritten after each run, so a killed benchmark loses
+    at most the runs in flight (and those resume from their last checkpoint)."""
+    jobs = [(st, m, seed) for seed in seeds for st in settings for m in CPU_METHODS[st]
+            if (methods is None or m in methods) and read_record(records, st, m, seed) is None]
+    print(f"CPU protocol: {len(jobs)} runs to do in {root}", flush=True)
+    running: list[tuple[tuple, float, subprocess.Popen]] = []
+    path = None
+    root.mkdir(parents=True, exist_ok=True)
+    while jobs or running:
+        while jobs and len(running) < parallel:
+            job = jobs.pop(0)
+            st, m, seed = job
+            log_path = cpu_run_dir(root, st, m, seed).parent / f"seed{seed}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, __file__, "--cpu-child", st, m, str(seed), "--cpu-root", str(root),
+                   "--cpu-records", str(records), "--threads", "1"]
+            running.append((job, time.time(), subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log_path, "w"),
+                                                                  text=True, cwd=ROOT)))
+        time.sleep(2)
+        for item in list(running):
+            job, t_start, proc = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            out = proc.stdout.read()
+            if proc.returncode != 0:
+                print(f"  {job}: failed (exit {proc.returncode}); see its .log", flush=True)
+                continue
+            r = json.loads(out.strip().splitlines()[-1])
+            score = f"mIoU {r['miou']:.4f}" if "miou" in r else f"Dice {r['dice']:.4f}  HD95 {_fmt(r['hd95'])}"
+            print(f"  {job[0]} {job[1]} seed {job[2]}: {score}  ({r['wall_s']:.0f} s)", flush=True)
+            agg = aggregate_cpu(records)
+            path = save_results("semi", {"cpu_protocol": agg}, {"cpu_protocol": cpu_settings()}, started)
+    agg = aggregate_cpu(records)
+    cpu_table(agg)
+    return save_results("semi", {"cpu_protocol": agg}, {"cpu_protocol": cpu_settings()}, started) if agg else path
+
+
+def cpu_settings() -> dict:
+    """The protocol as run (per setting: one method's resolved-ready config; the others differ by method fields)."""
+    return {"acdc": CPU_ACDC, "la": CPU_LA, "msrc_10pct": {**CPU_MSRC, "labelled_ids": list(msrc_labelled_ids())},
+            "methods": {k: list(v) for k, v in CPU_METHODS.items()}, "seeds": list(CPU_SEEDS),
+            "threads_per_run": 1, "ramps": "stages.semi.scale_schedule: each ramp spans the protocol's fraction of "
+                                           "the run, in units of 1 iteration; poly / step lr over the run"}
+
+
 def _ramps(cls, iterations: int) -> dict:
     """Quick runs: ramps in units of one iteration, spanning the run as the protocols' do."""
     if cls.__name__ == "CoTrainConfig":
@@ -108,7 +370,7 @@ def _method(name: str) -> tuple[type, dict]:
     """Config class and method-specific fields of a run name such as 'cotrain_k3_noadv'."""
     from frugalseg.stages.semi import CoTrainConfig, DTCConfig, MeanTeacherConfig, SupervisedOnlyConfig
 
-    if name == "supervised":
+    if name in ("supervised", "supervised_only"):
         return SupervisedOnlyConfig, {}
     if name == "meanteacher":
         return MeanTeacherConfig, {}
@@ -371,7 +633,9 @@ def _schedule(cfg: SemiConfig, max_iterations: int | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="Short schedules (under 15 minutes on a 2-core CPU).")
-    ap.add_argument("--only", choices=["acdc", "la", "msrc"], action="append")
+    ap.add_argument("--only", choices=["cpu", "acdc", "la", "msrc"], action="append",
+                    help="cpu: the CPU protocol (resumable run by run); acdc / la / msrc: the papers' schedules "
+                         "(GPU work) or --quick.")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="Where run directories go.")
     ap.add_argument("--parallel", type=int, help="Runs at once (default: 4 beside a GPU, else 1).")
     ap.add_argument("--max-iterations", type=int, help="Cap every run's iterations (smoke test).")
@@ -381,12 +645,30 @@ def main() -> None:
     ap.add_argument("--msrc-scales", type=float, nargs="+",
                     help="AdvCAM scales of the msrc part (default: the schedule's; 1.0 alone makes the full schedule "
                          "CPU-sized, about an hour on 2 cores).")
+    ap.add_argument("--cpu-settings", nargs="+", choices=list(CPU_METHODS), default=list(CPU_METHODS),
+                    help="--only cpu: the settings to run (default: all).")
+    ap.add_argument("--cpu-methods", nargs="+", help="--only cpu: only these methods.")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(CPU_SEEDS), help="--only cpu: training seeds.")
+    ap.add_argument("--cpu-root", default=str(CPU_ROOT), help="--only cpu: where its run folders go (kept: a "
+                                                              "finished run is never redone).")
+    ap.add_argument("--cpu-records", default=str(CPU_RECORDS), help="--only cpu: where each finished run's record "
+                                                                    "goes (committed; read on resume).")
+    ap.add_argument("--cpu-child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.quick, args.runs, args.max_iterations, args.workers, args.threads)
+        return
+    if args.cpu_child:
+        setting, method, seed = args.cpu_child
+        cpu_child(setting, method, int(seed), Path(args.cpu_root), Path(args.cpu_records), args.threads or 1)
+        return
+    if args.only == ["cpu"]:
+        path = run_cpu(args.cpu_settings, args.cpu_methods, args.seeds, Path(args.cpu_root), Path(args.cpu_records),
+                       args.parallel or 2, time.time())
+        print(f"wrote {path}")
         return
     import torch
 

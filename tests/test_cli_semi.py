@@ -105,7 +105,8 @@ def test_finished_run_is_skipped_resume_continues_and_config_reruns(tmp_path):
      "choose the labelled set with --labelled-patients, --labelled-fraction"),
     (["--semi", "cotrain", "--labelled-patients", "2", "--models", "3"], "need at least 3 labelled patients"),
     (["--semi", "dtc", "--labelled-patients", "1", "--patch-size", "64,64,64"], "must give 1 or 2 sizes for 2D"),
-    (["--semi", "dtc", "--labelled-patients", "1", "--arch", "ocr"], "--arch ocr is not a choice of --semi dtc: unet, vnet"),
+    (["--semi", "dtc", "--labelled-patients", "1", "--arch", "ocr"],
+     "--arch ocr is not a choice of --semi dtc: DTC's level-set head"),
     (["--arch", "vnet"], "--arch vnet is not a choice of supervised training (no --semi): ocr, fcn, unet2d"),
 ])
 def test_semi_input_errors_give_one_clear_line(tmp_path, monkeypatch, args, message):

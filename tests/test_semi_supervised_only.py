@@ -114,7 +114,8 @@ def test_supervised_only_la_3d_run_with_dtc_network(tmp_path):
 def test_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, semi):
     """Exact resume (the one Lightning module every method's step runs in): optimiser, EMA teacher, the batches
     and the per-step noise / adversarial seeds continue where they stopped. The learning rate is constant here
-    (`step` schedule): a poly schedule depends on `iterations`, which the resumed run changes."""
+    (`step` schedule): a poly schedule depends on `iterations`, which the resumed run changes; so do the ramps
+    and the step length left to `scale_schedule`, which are given here."""
     from safetensors.torch import load_file
 
     from frugalseg.stages.semi import SEMI_METHODS
@@ -123,7 +124,8 @@ def test_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(t
     cls, train = SEMI_METHODS[semi]
     common = dict(data="acdc", labelled_patients=2, unlabelled_limit=4, patch_size=[32, 32], channels=[4, 8],
                   labelled_batch_size=1, unlabelled_batch_size=2, epoch_steps=2, lr_schedule="step", val_split=None,
-                  progress=False)
+                  progress=False, rampup_every=1, lr_step=1000)
+    common.update({"cotrain": {"ramp_epochs": 4.0}, "none": {}}.get(semi, {"consistency_rampup": 4.0}))
 
     def weights(out):
         return {p.relative_to(out).as_posix(): load_file(str(p)) for p in sorted(out.rglob("*.safetensors"))}

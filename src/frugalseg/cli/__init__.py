@@ -159,9 +159,10 @@ def _print_result(result: dict) -> None:
     line = f"run: {result['run']}"
     if result.get("method"):
         line += f"  (--semi {result['method']}, {result['labelled']} labelled / {result['unlabelled']} unlabelled)"
-    if val.get("miou") is not None and not result.get("method"):
+    natural = (val.get("model") or {}).get("arch") in ("ocr", "fcn")  # scored by mIoU, semi-supervised or not
+    if val.get("miou") is not None and (natural or not result.get("method")):
         line += f"  val mIoU {val['miou']:.4f}"
-    if (result.get("method") or val.get("kind") == "volume") and val.get("case_mean_dice") is not None:
+    elif (result.get("method") or val.get("kind") == "volume") and val.get("case_mean_dice") is not None:
         line += f"  val mean Dice {val['case_mean_dice']:.4f}"
     if result.get("method") and val.get("case_mean_hd95") is not None:
         line += f"  HD95 {val['case_mean_hd95']:.2f} {val.get('surface_units', '')}".rstrip()
@@ -416,6 +417,10 @@ def cli(verbose: int) -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # The semi-supervised batches split each epoch between workers and ranks themselves (`semi.batches`).
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*has `__len__` defined.*")
+    # Validation is off (--val-every 0 / no split): the step exists for when it is on.
+    warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
 
 
 def _quiet_lightning() -> None:

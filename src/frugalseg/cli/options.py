@@ -141,7 +141,7 @@ def merged_config_options(classes: dict[str, type]):
             choices = [c for k, _ in kinds if isinstance(k, click.Choice) for c in k.choices]
             if choices:
                 tp = click.Choice(list(dict.fromkeys(choices)))
-            elif any(k is not tp for k, _ in kinds):
+            elif any(not _same_type(k, tp) for k, _ in kinds):
                 tp = str if not all(k in (int, float) for k, _ in kinds) else float
             help_text = entry["help"]
             owners = list(entry["defaults"])
@@ -153,6 +153,11 @@ def merged_config_options(classes: dict[str, type]):
         return f
 
     return decorate
+
+
+def _same_type(a: Any, b: Any) -> bool:
+    """The same click type: the same class, or two instances of one ParamType class (e.g. BoolOrPath)."""
+    return a is b or (isinstance(a, click.ParamType) and type(a) is type(b))
 
 
 def _owners_label(owners: list[str], labels: list[str]) -> str:

@@ -3,6 +3,7 @@
 Two policies cover the product's data: `crop` for natural images (random rescale, pad with void, random
 crop, flip: the DeepLab/OCR recipe) and `resize` for medical slices (resize to a fixed size, random
 rot90/flip as SSL4MIS does). Masks are resampled with nearest neighbour so ids never blend.
+`ColourJitter` is photometric only (no mask): the strong view a semi-supervised student sees.
 """
 
 from __future__ import annotations
@@ -77,3 +78,41 @@ class ResizeTransform:
                 image, mask = image.flip(-1), mask.flip(-1)
         return image.contiguous(), mask.contiguous()
 
+
+
+@dataclass
+class ColourJitter:
+    """Strong photometric augmentation of an image in [0, 1] (no geometry: predictions stay pixel-aligned
+    with the unjittered view), the student's view of natural images in semi-supervised training.
+
+    Brightness, contrast and saturation factors drawn in [1 − strength, 1 + strength], a hue shift in
+    [−hue, hue] (RGB only), then greyscale with probability `grayscale` (RGB only): SimCLR's / FixMatch's
+    colour distortion at strength 0.4 / hue 0.1 / p 0.2. Single-channel images get brightness and contrast.
+    """
+
+    strength: float = 0.4
+    hue: float = 0.1
+    grayscale: float = 0.2
+
+    def __call__(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        def factor(spread: float) -> float:
+            return 1.0 + spread * (2.0 * torch.rand((), generator=gen).item() - 1.0)
+
+        x = image.clamp(0.0, 1.0)
+        brightness, contrast, saturation, hue = factor(self.strength), factor(self.strength), factor(
+            self.strength), self.hue * (2.0 * torch.rand((), generator=gen).item() - 1.0)
+        gray = torch.rand((), generator=gen).item() < self.grayscale
+        x = TF.adjust_brightness(x, brightness)
+        if x.shape[0] == 3:
+            x = TF.adjust_contrast(x, contrast)
+            x = TF.adjust_saturation(x, saturation)
+            if hue:
+                x = TF.adjust_hue(x, hue)
+            if gray:
+                x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        else:  # greyscale: contrast about the image mean
+            mean = x.mean()
+            x = ((x - mean) * contrast + mean).clamp(0.0, 1.0)
+        return x.contiguous()

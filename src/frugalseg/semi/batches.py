@@ -27,7 +27,13 @@ and randomly cropped to `patch_size` (UA-MT/DTC: 112×112×80 on LA). Augmentati
   (rot90 k∈0..3 in the first two axes, flip along one of them) before the random crop;
 - "rotflip": rot90 + horizontal flip (p 0.5) in 2D (what this module did before DTC joined it), the
   RandomRotFlip in 3D;
+- "crop" (natural images, 2D): the OCR/DeepLab recipe of `data.transforms.CropTransform`: random
+  rescale in `scale`, pad (image 0, mask void) to the patch, random crop of the (square) patch, flip;
 - "none": resize (2D) or centre crop (3D) only.
+
+`jitter` > 0 adds `image_strong` to each batch: the same patches, the unlabelled ones colour-jittered
+(`data.transforms.ColourJitter` at that strength), the labelled ones as they are: the student's view of
+natural images (the mean teacher's teacher sees `image`).
 
 `SemiBatches` is an `IterableDataset` that yields whole batches (use `DataLoader(..., batch_size=None)`).
 Batch b of epoch e is a pure function of (seed, e, rank, b): each stream walks through seeded
@@ -55,13 +61,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from frugalseg.data.hdf5 import patient_of
 from frugalseg.data.samples import SegDataset
-from frugalseg.data.transforms import to_tensor_image
+from frugalseg.data.transforms import ColourJitter, CropTransform, to_tensor_image
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.semi.sdf import compute_sdf
 
 __all__ = ["AUGMENTATIONS", "SemiBatches", "choice", "patch_shape", "select_labelled", "split_batch"]
 
-AUGMENTATIONS = ("ssl4mis", "rotflip", "none")
+AUGMENTATIONS = ("ssl4mis", "rotflip", "crop", "none")
 
 
 def _as_list(x) -> list:
@@ -181,6 +187,9 @@ class SemiBatches(IterableDataset):
         sdf_classes: int | None = None,
         seed: int = 0,
         cache: bool = True,
+        scale: Sequence[float] = (0.5, 2.0),
+        base_size: int | None = None,
+        jitter: float = 0.0,
     ):
         if ds.ndim not in (2, 3):
             raise DataError(f"{ds.name}: semi-supervised training needs 2D slices or 3D volumes, got {ds.ndim}D.")
@@ -204,6 +213,14 @@ class SemiBatches(IterableDataset):
         self.steps = int(steps)
         self.patch = tuple(patch_shape(patch_size, self.dims))
         self.augment = augment
+        if augment == "crop":
+            if self.dims != 2 or self.patch[0] != self.patch[1]:
+                raise ConfigError(f"augment 'crop' takes square 2D patches, got {list(self.patch)} for "
+                                  f"{self.dims}D data.")
+            self.crop = CropTransform(crop=self.patch[0], scale=tuple(scale), base_size=base_size)
+        if jitter < 0:
+            raise ConfigError(f"jitter must be >= 0, got {jitter}.")
+        self.jitter = ColourJitter(strength=jitter) if jitter > 0 else None
         self.sdf_classes = sdf_classes
         self.seed = int(seed)
         self.cache = cache
@@ -255,6 +272,12 @@ class SemiBatches(IterableDataset):
 
     # -- augmentation and patches --------------------------------------------------------------------
     def _patch_2d(self, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+        if self.augment == "crop":  # natural images: rescale, pad, crop, flip (torch generator from the slot's)
+            x = to_tensor_image(np.ascontiguousarray(image))
+            y = (torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)) if mask is not None
+                 else torch.full(x.shape[1:], self.ignore_index, dtype=torch.int64))
+            x, y = self.crop(x, y, torch.Generator().manual_seed(int(rng.integers(2**62))))
+            return x, (y if mask is not None else None)
         if self.augment == "ssl4mis":  # SSL4MIS RandomGenerator
             if rng.random() > 0.5:
                 k, axis = int(rng.integers(0, 4)), int(rng.integers(0, 2))
@@ -335,6 +358,12 @@ class SemiBatches(IterableDataset):
         }
         if self.sdf_classes:
             out["sdf"] = torch.stack(sdfs)
+        if self.jitter is not None:
+            strong = []
+            for slot, ((_, stream), x) in enumerate(zip(picks, images)):
+                gen = torch.Generator().manual_seed(_permutation_seed(self.seed, self.epoch, rank, b, slot, 1))
+                strong.append(x if stream >= 0 else self.jitter(x, gen))
+            out["image_strong"] = torch.stack(strong)
         return out
 
     def global_index(self, b: int) -> int:

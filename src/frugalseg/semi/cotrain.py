@@ -63,7 +63,7 @@ from frugalseg.export import load_export, save_export
 from frugalseg.models import first_output
 from frugalseg.semi.adversarial import fgsm, kl_divergence, vat
 from frugalseg.semi.batches import split_batch
-from frugalseg.semi.step import SemiStep, supervised_loss
+from frugalseg.semi.step import SemiStep, segment, supervised_with_aux
 
 __all__ = [
     "CoTrainStep", "EnsembleSegmenter", "adversarial_pairs", "assign_views", "cotrain_ramp", "cotraining_loss",
@@ -223,12 +223,13 @@ def cotraining_loss(
     loss_kind: str = "dice_ce",
     ignore_index: int = IGNORE_INDEX,
     generator: torch.Generator | None = None,
+    aux_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The co-training loss of one batch and its terms (loss, sup, jsd, dif).
 
     `stream[b]` is the model whose view labelled sample b belongs to; `x_unl` the unlabelled batch.
     The diversity term is computed only when `adversarial` and `w_dif > 0` (it costs one attack per
-    model and one forward/backward per pair).
+    model and one forward/backward per pair). `aux_weight` > 0 adds each model's auxiliary-head loss (ocr / fcn).
     """
     k = len(models)
     sup_terms, lab_logits = [], []
@@ -236,9 +237,9 @@ def cotraining_loss(
         sel = stream == m
         if not bool(sel.any()):
             raise ValueError(f"cotraining_loss: the labelled batch has no sample of model {m}'s view.")
-        logits = first_output(model(x_lab[sel]))
+        logits, aux = segment(model, x_lab[sel], aux_weight > 0)
         lab_logits.append(logits)
-        sup_terms.append(supervised_loss(logits, y_lab[sel], loss_kind, ignore_index))
+        sup_terms.append(supervised_with_aux(logits, aux, y_lab[sel], loss_kind, aux_weight, ignore_index))
     sup = torch.stack(sup_terms).sum()
     unl_logits = [first_output(model(x_unl)) for model in models]
     jsd = generalized_jsd([F.log_softmax(z.float(), 1) for z in unl_logits], log_probs=True)
@@ -287,7 +288,7 @@ class CoTrainStep(SemiStep):
                  adversarial: bool = True, pairs: str = "all", adv_source: str = "coin", fgsm_eps: float = 0.05,
                  vat_xi: float = 1e-3, vat_eps: float = 0.05, vat_power_iterations: int = 1,
                  clamp: Sequence[float] | None = (0.0, 1.0), attack_eval_mode: bool = True, loss: str = "dice_ce",
-                 seed: int = 0, ignore_index: int = IGNORE_INDEX):
+                 seed: int = 0, ignore_index: int = IGNORE_INDEX, aux_weight: float = 0.0):
         if len(models) < 2:
             raise ConfigError("co-training needs at least two models.")
         super().__init__()
@@ -297,7 +298,7 @@ class CoTrainStep(SemiStep):
         self.attack = dict(adversarial=adversarial, pairs=pairs, adv_source=adv_source, fgsm_eps=fgsm_eps,
                            vat_xi=vat_xi, vat_eps=vat_eps, vat_power_iterations=vat_power_iterations, clamp=clamp,
                            attack_eval_mode=attack_eval_mode)
-        self.loss, self.seed, self.ignore_index = loss, seed, ignore_index
+        self.loss, self.seed, self.ignore_index, self.aux_weight = loss, seed, ignore_index, aux_weight
 
     @property
     def predictor(self) -> nn.Module:
@@ -315,7 +316,7 @@ class CoTrainStep(SemiStep):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         out = cotraining_loss(list(self.models), lab["image"], lab["mask"], lab["stream"], unl["image"],
                               w_cot=w_cot, w_dif=w_dif, **self.attack, loss_kind=self.loss,
-                              ignore_index=self.ignore_index, generator=gen)
+                              ignore_index=self.ignore_index, generator=gen, aux_weight=self.aux_weight)
         return {**out, "w_cot": w_cot, "w_dif": w_dif}
 
     def export(self, folder: Path, spec: dict, labels: LabelSpec) -> None:

@@ -42,7 +42,7 @@ from frugalseg.export import save_export
 from frugalseg.models import first_output
 from frugalseg.semi.batches import split_batch
 from frugalseg.semi.ramps import RAMPUP_EVERY, SSL4MIS_CONSISTENCY, SSL4MIS_RAMPUP, consistency_weight
-from frugalseg.semi.step import SemiStep, supervised_loss
+from frugalseg.semi.step import SemiStep, segment, supervised_with_aux
 
 __all__ = ["MeanTeacherStep", "UAMT_RAMPUP", "ema_decay_at", "ema_update", "input_noise", "mean_teacher_loss"]
 
@@ -87,16 +87,23 @@ def mean_teacher_loss(
     loss_kind: str = "dice_ce",
     ignore_index: int = IGNORE_INDEX,
     generator: torch.Generator | None = None,
+    x_unl_student: torch.Tensor | None = None,
+    aux_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The mean-teacher loss of one batch and its terms (loss, sup, consistency).
 
     The student sees labelled and unlabelled images in one forward pass (as SSL4MIS: one batch for
     normalisation statistics); the teacher sees the noisy unlabelled images without gradient.
+    `x_unl_student`: the student's own view of the unlabelled images (natural images: colour-jittered,
+    pixel-aligned with `x_unl`); default `x_unl`. `aux_weight` > 0 adds the auxiliary head's supervised loss
+    (ocr / fcn students).
     """
     n_lab = x_lab.shape[0]
-    x_student = torch.cat([x_lab, x_unl + input_noise(x_unl, student_noise, noise_clip, generator)])
-    logits = first_output(student(x_student))
-    sup = supervised_loss(logits[:n_lab], y_lab, loss_kind, ignore_index)
+    x_s = x_unl if x_unl_student is None else x_unl_student
+    x_student = torch.cat([x_lab, x_s + input_noise(x_s, student_noise, noise_clip, generator)])
+    logits, aux = segment(student, x_student, aux_weight > 0)
+    sup = supervised_with_aux(logits[:n_lab], None if aux is None else aux[:n_lab], y_lab, loss_kind, aux_weight,
+                              ignore_index)
     with torch.no_grad():
         t_logits = first_output(teacher(x_unl + input_noise(x_unl, teacher_noise, noise_clip, generator)))
     s_prob = logits[n_lab:].float().softmax(1)
@@ -116,7 +123,7 @@ class MeanTeacherStep(SemiStep):
     def __init__(self, model: nn.Module, *, ema_decay: float = 0.99, consistency: float = SSL4MIS_CONSISTENCY,
                  rampup: float = SSL4MIS_RAMPUP, rampup_every: int = RAMPUP_EVERY, teacher_noise: float = 0.1,
                  noise_clip: float = 0.2, student_noise: float = 0.0, loss: str = "dice_ce",
-                 evaluate: str = "student", seed: int = 0, ignore_index: int = IGNORE_INDEX):
+                 evaluate: str = "student", seed: int = 0, ignore_index: int = IGNORE_INDEX, aux_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.teacher = copy.deepcopy(model)
@@ -124,7 +131,7 @@ class MeanTeacherStep(SemiStep):
         self.ema_decay, self.evaluate = ema_decay, evaluate
         self.consistency, self.rampup, self.rampup_every = consistency, rampup, rampup_every
         self.teacher_noise, self.noise_clip, self.student_noise = teacher_noise, noise_clip, student_noise
-        self.loss, self.seed, self.ignore_index = loss, seed, ignore_index
+        self.loss, self.seed, self.ignore_index, self.aux_weight = loss, seed, ignore_index, aux_weight
 
     @property
     def predictor(self) -> nn.Module:
@@ -141,6 +148,7 @@ class MeanTeacherStep(SemiStep):
             self.model, self.teacher, lab["image"], lab["mask"], unl["image"], weight=w,
             teacher_noise=self.teacher_noise, noise_clip=self.noise_clip, student_noise=self.student_noise,
             loss_kind=self.loss, ignore_index=self.ignore_index, generator=gen,
+            x_unl_student=unl.get("image_strong"), aux_weight=self.aux_weight,
         )
         return {**out, "w_consistency": w}
 

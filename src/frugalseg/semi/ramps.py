@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 
 __all__ = [
-    "DTC_CONSISTENCY", "DTC_RAMPUP", "RAMPUP_EVERY", "SSL4MIS_CONSISTENCY", "SSL4MIS_RAMPUP",
+    "COTRAIN_RAMP", "DTC_CONSISTENCY", "DTC_ITERATIONS", "DTC_LR_STEP", "DTC_RAMPUP", "RAMPUP_EVERY",
+    "SSL4MIS_CONSISTENCY", "SSL4MIS_ITERATIONS", "SSL4MIS_RAMPUP",
     "consistency_weight", "sigmoid_rampup",
 ]
 
@@ -23,6 +24,10 @@ DTC_RAMPUP = 40.0  # `--consistency_rampup`, in units of RAMPUP_EVERY iterations
 RAMPUP_EVERY = 150  # `get_current_consistency_weight(iter_num // 150)`
 SSL4MIS_CONSISTENCY = 0.1  # SSL4MIS 2D scripts (ACDC), `--consistency`
 SSL4MIS_RAMPUP = 200.0  # SSL4MIS 2D scripts, `--consistency_rampup`
+SSL4MIS_ITERATIONS = 30000  # SSL4MIS 2D scripts, `--max_iterations`
+COTRAIN_RAMP = 100.0  # deep co-training (official ACDC config): both weights ramped over 100 of its 200 epochs
+DTC_ITERATIONS = 6000  # train_la_dtc.py `--max_iterations`
+DTC_LR_STEP = 2500  # train_la_dtc.py: lr x 0.1 every 2500 iterations
 
 
 def sigmoid_rampup(current: float, rampup_length: float) -> float:

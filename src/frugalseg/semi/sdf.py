@@ -60,12 +60,18 @@ def signed_distance_map(mask: np.ndarray, spacing: Sequence[float] | None = None
     negmask = ~posmask
     posdis = distance_transform_edt(posmask, sampling=spacing)
     negdis = distance_transform_edt(negmask, sampling=spacing)
-    boundary = find_boundaries(posmask.astype(np.uint8), mode="inner")
-    # Both minima are 0 here (some pixel of each side exists); written as the reference writes it.
-    sdf = ((negdis - negdis.min()) / (negdis.max() - negdis.min())
-           - (posdis - posdis.min()) / (posdis.max() - posdis.min()))
+    if spacing is None:
+        # The inner boundary (object pixels with a face-connected background neighbour) is exactly where the
+        # distance to the background is 1: the same pixels as skimage's find_boundaries(mode="inner"), without
+        # its second pass over the image (a third of the map's cost; tests/test_semi_dtc.py checks the equality).
+        boundary = posdis == 1
+    else:
+        boundary = find_boundaries(posmask.astype(np.uint8), mode="inner")
+    # Both minima are 0 here (some pixel of each side exists), so min-max normalisation is division by the
+    # maximum, computed in float32 (the map is stored in float32 anyway).
+    sdf = negdis.astype(np.float32) / np.float32(negdis.max()) - posdis.astype(np.float32) / np.float32(posdis.max())
     sdf[boundary] = 0
-    return sdf.astype(np.float32)
+    return sdf
 
 
 def compute_sdf(

@@ -30,8 +30,9 @@ from torch import nn
 from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
 from frugalseg.export import load_export, save_export
 from frugalseg.losses import segmentation_loss, soft_dice_loss
+from frugalseg.models import first_output
 
-__all__ = ["SemiStep", "supervised_loss"]
+__all__ = ["SemiStep", "segment", "supervised_loss", "supervised_with_aux"]
 
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "dice_ce",
@@ -40,6 +41,25 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "dic
     if kind == "dice":
         return soft_dice_loss(logits, labels, ignore_index)
     return segmentation_loss(logits, labels, kind, ignore_index)
+
+
+def segment(model: nn.Module, x: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(main logits, auxiliary logits or None) of a training forward pass. With `aux`, networks that have an
+    auxiliary head (`models.segmenter.Segmenter.forward_train`: OCR's soft object regions, FCN's deep
+    supervision) return both; every other network returns its first output and None."""
+    if aux and hasattr(model, "forward_train"):
+        return model.forward_train(x)
+    return first_output(model(x)), None
+
+
+def supervised_with_aux(logits: torch.Tensor, aux: torch.Tensor | None, labels: torch.Tensor, kind: str,
+                        aux_weight: float, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The supervised term with the auxiliary head's loss added at `aux_weight` (OCR: 0.4), as `frugalseg
+    train` trains ocr / fcn."""
+    loss = supervised_loss(logits, labels, kind, ignore_index)
+    if aux is not None and aux_weight > 0:
+        loss = loss + aux_weight * supervised_loss(aux, labels, kind, ignore_index)
+    return loss
 
 
 class SemiStep(nn.Module):

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX
-from frugalseg.models import first_output
-from frugalseg.semi.step import SemiStep, supervised_loss
+from frugalseg.semi.step import SemiStep, segment, supervised_with_aux
 
 __all__ = ["SupervisedOnlyStep"]
 
@@ -36,11 +35,12 @@ class SupervisedOnlyStep(SemiStep):
     kind: ClassVar[str] = "supervised"
     uses_unlabelled: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, *, loss: str = "dice_ce", ignore_index: int = IGNORE_INDEX):
+    def __init__(self, model: nn.Module, *, loss: str = "dice_ce", ignore_index: int = IGNORE_INDEX,
+                 aux_weight: float = 0.0):
         super().__init__()
         self.model = model
-        self.loss, self.ignore_index = loss, ignore_index
+        self.loss, self.ignore_index, self.aux_weight = loss, ignore_index, aux_weight
 
     def terms(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        logits = first_output(self.model(batch["image"]))
-        return {"loss": supervised_loss(logits, batch["mask"], self.loss, self.ignore_index)}
+        logits, aux = segment(self.model, batch["image"], self.aux_weight > 0)
+        return {"loss": supervised_with_aux(logits, aux, batch["mask"], self.loss, self.aux_weight, self.ignore_index)}

@@ -454,7 +454,7 @@ class SemiModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         cfg = self.cfg
-        probs = predict_case(self.method.predictor, batch["input"], cfg.dims, cfg.patch_size, cfg.val_overlap,
+        probs = predict_case(self.method.predictor, batch["input"], cfg.dims, cfg.inference_size, cfg.val_overlap,
                              device=self.device)
         mask = batch["mask"]
         pred = probs.argmax(0)

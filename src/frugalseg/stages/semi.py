@@ -42,12 +42,16 @@ from frugalseg.errors import ConfigError, DataError
 from frugalseg.evaluation import evaluate
 from frugalseg.export import check_checkpoint
 from frugalseg.models import build_model
+from frugalseg.report import write_report
 from frugalseg.runs import RunDir
 from frugalseg.semi.batches import AUGMENTATIONS, SemiBatches, choice, patch_shape, select_labelled
 from frugalseg.semi.cotrain import CoTrainStep, adversarial_pairs, assign_views
 from frugalseg.semi.dtc import K_TRANSFORM, SDF_WEIGHT, DTCStep
 from frugalseg.semi.meanteacher import UAMT_RAMPUP, MeanTeacherStep
-from frugalseg.semi.ramps import DTC_CONSISTENCY, DTC_RAMPUP, RAMPUP_EVERY, SSL4MIS_CONSISTENCY, SSL4MIS_RAMPUP
+from frugalseg.semi.ramps import (
+    COTRAIN_RAMP, DTC_CONSISTENCY, DTC_ITERATIONS, DTC_LR_STEP, DTC_RAMPUP, RAMPUP_EVERY, SSL4MIS_CONSISTENCY,
+    SSL4MIS_ITERATIONS, SSL4MIS_RAMPUP,
+)
 from frugalseg.semi.step import SemiStep
 from frugalseg.semi.supervised_only import SupervisedOnlyStep
 from frugalseg.stages.options import RunOptions, ascending, device_of, option, option_like
@@ -97,8 +101,17 @@ class SemiConfig(RunOptions):
     unlabelled_limit: int | None = option(None, "Use only the first N unlabelled samples.", ge=0)
     # network
     dims: int | None = option(None, "2 (slices) or 3 (volumes) [default: the training split's].", choices=(2, 3))
-    arch: Literal["unet", "vnet"] | None = option(None, "unet (2D/3D) or vnet (3D) [default: U-Net in 2D, "
-                                                        "V-Net in 3D].")
+    arch: Literal["unet", "vnet", "ocr", "fcn"] | None = option(
+        None, "unet (2D/3D), vnet (3D), or ocr / fcn (a head on a timm backbone, 2D natural images) [default: U-Net "
+              "in 2D, V-Net in 3D].")
+    backbone: str = option("tf_efficientnet_lite0", "ocr/fcn: any timm model name; tf_efficientnet_lite0/1/2 have "
+                                                    "offline ImageNet weights.")
+    pretrained: bool | str = option(True, "ocr/fcn: true (ImageNet weights), false (random init), or a path to a "
+                                          "weight file.")
+    output_stride: int = option(16, "ocr/fcn: backbone output stride: 8, 16 or 32.", choices=(8, 16, 32))
+    aux_stage: Literal["last", "penultimate"] = option("penultimate", "ocr/fcn: backbone stage feeding the "
+                                                                      "auxiliary head.")
+    aux_weight: float = option(0.4, "ocr/fcn: weight of the auxiliary head's supervised loss (OCR: 0.4).", ge=0)
     channels: list[int] = option(help="U-Net channels per level, e.g. 16,32,64,128,256.",
                                  factory=lambda: [16, 32, 64, 128, 256], ge=1)
     dropout: float | None = option(None, "Dropout [default: 0 for the U-Net, 0.5 for the V-Net].", ge=0, lt=1)
@@ -109,12 +122,20 @@ class SemiConfig(RunOptions):
                                                    "[default: by dims and method].", ge=1)
     unlabelled_batch_size: int | None = option(None, "Unlabelled samples per batch [default: by dims and method; "
                                                      "0 for --semi none].", ge=0)
-    augment: Literal["ssl4mis", "rotflip", "none"] = option(
-        "ssl4mis", "ssl4mis (rot90/flip or ±20° rotation in 2D, RandomRotFlip in 3D), rotflip, or none.")
+    augment: Literal["ssl4mis", "rotflip", "crop", "none"] | None = option(
+        None, "ssl4mis (rot90/flip or ±20° rotation in 2D, RandomRotFlip in 3D), rotflip, crop (natural images: "
+              "random rescale, crop, flip), or none [default: crop for ocr/fcn, else ssl4mis].")
+    scale: tuple[float, float] = option((0.5, 2.0), "Random rescale range of --augment crop (min max).", gt=0,
+                                        check=ascending)
+    base_size: int | None = option(None, "--augment crop: longer image side before the random rescale (default: as "
+                                         "read).", ge=1)
+    jitter: float | None = option(None, "Strength of the colour jitter of the student's view of unlabelled images "
+                                        "(mean teacher) [default: 0.4 for ocr/fcn, 0 for medical images].", ge=0)
     iterations: int | None = option(None, "Training iterations [default: 30000 in 2D (SSL4MIS), 6000 in 3D (DTC)].",
                                     ge=1)
     epoch_steps: int = option(150, "Iterations per epoch: checkpoint and validation interval.", ge=1)
-    rampup_every: int = option(RAMPUP_EVERY, "Iterations per unit of the consistency ramps (SSL4MIS/DTC: 150).", ge=1)
+    rampup_every: int | None = option(None, "Iterations per unit of the ramps [default: 150 (SSL4MIS/DTC) at the "
+                                            "protocol's length, 1 when --iterations shortens or lengthens it].", ge=1)
     # optimisation
     optimizer: Literal["sgd", "adam"] = option("sgd", "sgd (momentum) or adam.")
     lr: float = option(0.01, "Base learning rate.", gt=0)
@@ -122,16 +143,21 @@ class SemiConfig(RunOptions):
     weight_decay: float = option(1e-4, "Weight decay.", ge=0)
     lr_schedule: Literal["poly", "step"] | None = option(None, "poly (power 0.9) or step (x0.1 every --lr-step) "
                                                                "[default: poly in 2D, step in 3D].")
-    lr_step: int = option(2500, "Step schedule: lr x 0.1 every this many iterations (DTC).", ge=1)
-    loss: Literal["dice_ce", "ce", "dice"] = option("dice_ce", "Supervised loss: dice_ce (0.5 CE + 0.5 soft Dice, "
-                                                               "SSL4MIS), ce, or dice.")
+    lr_step: int | None = option(None, "Step schedule: lr x 0.1 every this many iterations [default: DTC's 2500 of "
+                                       "6000, scaled with --iterations].", ge=1)
+    loss: Literal["dice_ce", "ce", "dice"] | None = option(
+        None, "Supervised loss: dice_ce (0.5 CE + 0.5 soft Dice, SSL4MIS), ce, or dice [default: ce for ocr/fcn (the "
+              "OCR recipe), else dice_ce].")
     # evaluation
     val_overlap: float = option(0.5, "Sliding-window overlap of 3D inference.", ge=0, lt=1)
     largest_component: bool = option(False, "Keep each class's largest connected component in evaluation "
                                             "(DTC's nms).")
     val_every: int = option(10, "Validate every N epochs during training (0: only at the end).", ge=0)
 
+    NATURAL_ARCHS: ClassVar[tuple[str, ...]] = ("ocr", "fcn")  # timm-backbone segmenters (`models.segmenter`)
+    STRONG_VIEW: ClassVar[bool] = False  # the method reads `image_strong` (colour-jittered unlabelled images)
     SEMI: ClassVar[str] = ""  # the value of `semi` for this config class
+    RAMP_FIELDS: ClassVar[tuple[str, ...]] = ()  # ramp lengths scaled with the run (`scale_schedule`)
     STEP: ClassVar[type[SemiStep]] = SemiStep  # the method's step module
 
     # -- how the method trains (each method's config) ------------------------------------------------------
@@ -139,6 +165,21 @@ class SemiConfig(RunOptions):
     def levelset(self) -> bool:
         """Whether the method trains DTC's dual-head (segmentation + level-set) network."""
         return False
+
+    @property
+    def natural(self) -> bool:
+        """Whether the network is a timm-backbone segmenter (ocr / fcn) for natural images."""
+        return self.arch in self.NATURAL_ARCHS
+
+    @property
+    def inference_size(self) -> list[int] | None:
+        """How cases are predicted (resolved config): 2D U-Nets on slices resized to the patch, 3D networks by
+        sliding windows of the patch, ocr/fcn on whole images as they are (as `frugalseg train` evaluates)."""
+        return None if self.natural else self.patch_size
+
+    def new_model(self, spec: dict) -> nn.Module:
+        """A new network of `spec`: ocr/fcn start from `pretrained` (ImageNet by default), U-/V-Nets from scratch."""
+        return build_model(spec, pretrained=self.pretrained if self.natural else False)
 
     def check(self, labels: LabelSpec) -> None:
         """Refuse data the method cannot train on (a clear error before anything is written)."""
@@ -157,9 +198,9 @@ class SemiConfig(RunOptions):
         """Values of the `None` fields for `dims`-D data (subclasses add their own)."""
         if dims == 3:
             return dict(arch="vnet", patch_size=[112, 112, 80], labelled_batch_size=2, unlabelled_batch_size=2,
-                        iterations=6000, lr_schedule="step")
+                        iterations=DTC_ITERATIONS, lr_schedule="step")
         return dict(arch="unet", patch_size=[256, 256], labelled_batch_size=12, unlabelled_batch_size=12,
-                    iterations=30000, lr_schedule="poly")
+                    iterations=SSL4MIS_ITERATIONS, lr_schedule="poly")
 
     def validate(self) -> "SemiConfig":
         if not self.data:
@@ -179,7 +220,8 @@ class SemiConfig(RunOptions):
         if self.patch_size is not None:
             given_sizes = len(self.patch_size) if isinstance(self.patch_size, (list, tuple)) else 1
             patch_shape(self.patch_size, self.dims or given_sizes)
-        choice("augment", self.augment, AUGMENTATIONS)
+        if self.augment is not None:
+            choice("augment", self.augment, AUGMENTATIONS)
         if len(self.channels) < 2:
             raise ConfigError(f"channels needs at least two U-Net levels, got {self.channels}.")
         return self
@@ -188,13 +230,25 @@ class SemiConfig(RunOptions):
         """A copy with every `None` default filled for `dims`-D data (patch_size as a list of `dims` sizes)."""
         if self.dims is not None and self.dims != dims:
             raise ConfigError(f"dims={self.dims} but the training split holds {dims}D samples.")
-        filled = {k: v for k, v in self.protocol(dims).items() if getattr(self, k, None) is None}
+        protocol = self.protocol(dims)
+        filled = {k: v for k, v in protocol.items() if getattr(self, k, None) is None}
         cfg = dataclasses.replace(self, dims=dims, **filled)
         cfg.patch_size = patch_shape(cfg.patch_size, dims)
+        scale_schedule(cfg, given=self, protocol_iterations=protocol["iterations"])
         if cfg.dropout is None:
             cfg.dropout = 0.5 if cfg.arch == "vnet" else 0.0
         if cfg.arch == "vnet" and dims != 3:
             raise ConfigError("The V-Net is 3D; use arch='unet' for 2D data.")
+        if cfg.natural and dims != 2:
+            raise ConfigError(f"--arch {cfg.arch} segments 2D images; use unet or vnet for volumes.")
+        if cfg.augment is None:
+            cfg.augment = "crop" if cfg.natural else "ssl4mis"
+        if cfg.augment == "crop" and (dims != 2 or cfg.patch_size[0] != cfg.patch_size[1]):
+            raise ConfigError(f"--augment crop takes a square 2D patch, got {cfg.patch_size}.")
+        if cfg.loss is None:
+            cfg.loss = "ce" if cfg.natural else "dice_ce"
+        if cfg.jitter is None:
+            cfg.jitter = 0.4 if cfg.natural and cfg.STRONG_VIEW else 0.0
         return cfg
 
     @property
@@ -208,6 +262,34 @@ class SemiConfig(RunOptions):
         return n
 
 
+def scale_schedule(cfg: SemiConfig, given: SemiConfig, protocol_iterations: int) -> None:
+    """Fill the ramp and step lengths `given` leaves open so they span the same *fraction* of `cfg.iterations`
+    as of the protocol's run (in place).
+
+    The reference constants count ramps in units of 150 iterations (`iter_num // 150`): SSL4MIS's 2D
+    consistency ramp is 200 units = its whole 30000-iteration run, DTC's and UA-MT's 40 units = their whole
+    6000, co-training's 100 units = half its run, DTC's learning rate drops ×0.1 every 2500 of 6000
+    iterations. Cut the iterations and keep those constants, and the semi-supervised terms stay near 0
+    (0.1·sigmoid_rampup(3000 // 150, 200) = 0.1·0.017). So, unless given:
+
+    - `rampup_every` is 150 at the protocol's length (the reference schedule exactly), else 1, so a short
+      run's ramps rise smoothly instead of in steps of 150 iterations;
+    - each ramp (`RAMP_FIELDS`) is the protocol's length × 150 / `rampup_every` × iterations / protocol
+      iterations: e.g. 1500 iterations in 2D give a consistency ramp of 1500 units of 1 iteration;
+    - `lr_step` is 2500/6000 of the run (poly decay follows `iterations` by itself).
+    The mean teacher's EMA (decay 0.99, warm-up min(1 − 1/(t+1), 0.99)) is in iterations and not scaled: its
+    horizon of about 100 iterations is short against either length. Explicit values are kept as given.
+    """
+    if given.rampup_every is None:
+        cfg.rampup_every = RAMPUP_EVERY if cfg.iterations == protocol_iterations else 1
+    factor = RAMPUP_EVERY / cfg.rampup_every * cfg.iterations / protocol_iterations
+    for name in cfg.RAMP_FIELDS:
+        if getattr(given, name) is None:
+            setattr(cfg, name, float(getattr(cfg, name)) * factor)
+    if given.lr_step is None:
+        cfg.lr_step = max(1, round(DTC_LR_STEP * cfg.iterations / DTC_ITERATIONS))
+
+
 # ---- the methods' configurations ------------------------------------------------------------------------
 @dataclass
 class DTCConfig(SemiConfig):
@@ -216,6 +298,7 @@ class DTCConfig(SemiConfig):
     ACDC constants; both ramps span the whole protocol run)."""
 
     SEMI: ClassVar[str] = "dtc"
+    RAMP_FIELDS: ClassVar[tuple[str, ...]] = ("consistency_rampup",)
     STEP: ClassVar[type[SemiStep]] = DTCStep
     semi: str = option("dtc", "The method.", cli=False)
     out: str = option_like(RunOptions, "out", "runs/dtc")
@@ -237,12 +320,19 @@ class DTCConfig(SemiConfig):
     def levelset(self) -> bool:
         return True
 
+    def validate(self) -> "DTCConfig":
+        if self.arch in self.NATURAL_ARCHS:
+            raise ConfigError(f"--arch {self.arch} is not a choice of --semi dtc: DTC's level-set head is built on the "
+                              "U-Net / V-Net (unet, vnet). Use --semi meanteacher or cotrain with ocr / fcn.")
+        super().validate()
+        return self
+
     def check(self, labels: LabelSpec) -> None:
         if labels.background != 0:
             raise ConfigError("DTC needs class 0 to be the background (level sets are per foreground class).")
 
     def build_step(self, spec: dict, labels: LabelSpec) -> DTCStep:
-        return DTCStep(build_model(spec), k=self.k, beta=self.beta, consistency=self.consistency,
+        return DTCStep(self.new_model(spec), k=self.k, beta=self.beta, consistency=self.consistency,
                        rampup=self.consistency_rampup, rampup_every=self.rampup_every, seg_loss=self.loss,
                        ignore_index=labels.ignore_index)
 
@@ -253,6 +343,8 @@ class MeanTeacherConfig(SemiConfig):
     constants on volumes)."""
 
     SEMI: ClassVar[str] = "meanteacher"
+    STRONG_VIEW: ClassVar[bool] = True
+    RAMP_FIELDS: ClassVar[tuple[str, ...]] = ("consistency_rampup",)
     STEP: ClassVar[type[SemiStep]] = MeanTeacherStep
     semi: str = option("meanteacher", "The method.", cli=False)
     out: str = option_like(RunOptions, "out", "runs/meanteacher")
@@ -280,10 +372,10 @@ class MeanTeacherConfig(SemiConfig):
 
     def build_step(self, spec: dict, labels: LabelSpec) -> MeanTeacherStep:
         return MeanTeacherStep(
-            build_model(spec), ema_decay=self.ema_decay, consistency=self.consistency, rampup=self.consistency_rampup,
-            rampup_every=self.rampup_every, teacher_noise=self.teacher_noise, noise_clip=self.noise_clip,
-            student_noise=self.student_noise, loss=self.loss, evaluate=self.evaluate, seed=self.seed,
-            ignore_index=labels.ignore_index)
+            self.new_model(spec), ema_decay=self.ema_decay, consistency=self.consistency,
+            rampup=self.consistency_rampup, rampup_every=self.rampup_every, teacher_noise=self.teacher_noise,
+            noise_clip=self.noise_clip, student_noise=self.student_noise, loss=self.loss, evaluate=self.evaluate,
+            seed=self.seed, ignore_index=labels.ignore_index, aux_weight=self.aux_weight if self.natural else 0.0)
 
 
 @dataclass
@@ -291,6 +383,7 @@ class CoTrainConfig(SemiConfig):
     """Deep co-training (`semi.cotrain`; defaults: the official ACDC config where it has one; K = `n_models`)."""
 
     SEMI: ClassVar[str] = "cotrain"
+    RAMP_FIELDS: ClassVar[tuple[str, ...]] = ("ramp_epochs",)
     STEP: ClassVar[type[SemiStep]] = CoTrainStep
     semi: str = option("cotrain", "The method.", cli=False)
     out: str = option_like(RunOptions, "out", "runs/cotrain")
@@ -312,8 +405,9 @@ class CoTrainConfig(SemiConfig):
                                           "training mode with frozen BatchNorm statistics.")
     lambda_cot: float = option(1.0, "Maximum weight of the agreement (Jensen-Shannon) term.", ge=0)
     lambda_dif: float = option(0.005, "Maximum weight of the diversity (adversarial) term.", ge=0)
-    ramp_epochs: float = option(100.0, "Ramp-up length of both weights in units of --rampup-every iterations (0: "
-                                       "none).", ge=0)
+    ramp_epochs: float | None = option(None, "Ramp-up length of both weights in units of --rampup-every iterations "
+                                             "(0: none) [default: half the run, the official 100 of 200 epochs].",
+                                       ge=0)
     ramp_mult: float = option(-5.0, "Ramp shape: weight = max * exp(mult * (1 - t/T)^2).", le=0)
     eval_members: bool = option(False, "Also evaluate each co-trained model alone (metrics under 'members').")
     # official: Adam lr 1e-3, weight decay 1e-4, 4 labelled (per model) + 4 unlabelled (2D)
@@ -323,6 +417,8 @@ class CoTrainConfig(SemiConfig):
     @classmethod
     def protocol(cls, dims: int) -> dict:
         base = super().protocol(dims)
+        # the official 100 of 200 epochs (of 150 iterations) in 2D: half the run, in 3D too
+        base["ramp_epochs"] = COTRAIN_RAMP * base["iterations"] / SSL4MIS_ITERATIONS
         if dims == 2:
             base.update(labelled_batch_size=4, unlabelled_batch_size=4)
         return base
@@ -344,12 +440,12 @@ class CoTrainConfig(SemiConfig):
 
     def build_step(self, spec: dict, labels: LabelSpec) -> CoTrainStep:
         return CoTrainStep(
-            [build_model(spec) for _ in range(self.n_models)], lambda_cot=self.lambda_cot, lambda_dif=self.lambda_dif,
+            [self.new_model(spec) for _ in range(self.n_models)], lambda_cot=self.lambda_cot, lambda_dif=self.lambda_dif,
             ramp_epochs=self.ramp_epochs, ramp_mult=self.ramp_mult, rampup_every=self.rampup_every,
             adversarial=self.adversarial, pairs=self.adv_pairs, adv_source=self.adv_source, fgsm_eps=self.fgsm_eps,
             vat_xi=self.vat_xi, vat_eps=self.vat_eps, vat_power_iterations=self.vat_power_iterations,
             clamp=self.adv_clamp, attack_eval_mode=self.attack_eval_mode, loss=self.loss, seed=self.seed,
-            ignore_index=labels.ignore_index)
+            ignore_index=labels.ignore_index, aux_weight=self.aux_weight if self.natural else 0.0)
 
 
 @dataclass
@@ -384,7 +480,8 @@ class SupervisedOnlyConfig(SemiConfig):
         return self
 
     def build_step(self, spec: dict, labels: LabelSpec) -> SupervisedOnlyStep:
-        return SupervisedOnlyStep(build_model(spec), loss=self.loss, ignore_index=labels.ignore_index)
+        return SupervisedOnlyStep(self.new_model(spec), loss=self.loss, ignore_index=labels.ignore_index,
+                                  aux_weight=self.aux_weight if self.natural else 0.0)
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -457,6 +554,10 @@ def network_spec(cfg: SemiConfig, labels: LabelSpec, in_chans: int) -> dict:
     Plain: unet2d / unet3d / vnet3d; DTC's dual-head versions when `cfg.levelset`. 2D specs carry
     `input_size` (slices are resized to the patch at inference, as in training)."""
     dims, patch = cfg.dims, list(cfg.patch_size)
+    if cfg.natural:  # as `frugalseg train` specs its segmenters; whole images at inference (no input_size)
+        return {"arch": cfg.arch, "num_classes": labels.num_classes, "in_chans": in_chans, "backbone": cfg.backbone,
+                "output_stride": cfg.output_stride, "aux_stage": cfg.aux_stage, "dims": 2, "patch_size": patch,
+                "method": cfg.semi}
     arch = "vnet3d" if cfg.arch == "vnet" else f"unet{dims}d"
     spec = {"arch": f"levelset_{arch}" if cfg.levelset else arch, "num_classes": labels.num_classes,
             "in_chans": in_chans, "dropout": cfg.dropout, "dims": dims, "patch_size": patch, "method": cfg.semi}
@@ -511,7 +612,7 @@ def evaluate_semi(model: nn.Module, ds: SegDataset, labels: LabelSpec, cfg: Semi
     """`frugalseg.evaluation.evaluate` as a semi-supervised run predicts its cases (resolved `cfg`: the
     network's dims, the patch as input size or sliding window, its overlap, largest component), on the
     device of `cfg.devices`."""
-    return evaluate(model, ds, labels, device=device_of(cfg.devices), dims=cfg.dims, size=cfg.patch_size,
+    return evaluate(model, ds, labels, device=device_of(cfg.devices), dims=cfg.dims, size=cfg.inference_size,
                     overlap=cfg.val_overlap, largest_component=cfg.largest_component, progress=cfg.progress,
                     **kwargs)
 
@@ -557,6 +658,7 @@ def train_semi(cfg: SemiConfig) -> dict:
             unlabelled_batch_size=cfg.unlabelled_batch_size if step_class.uses_unlabelled else 0,
             steps=_epoch_steps(cfg, run), patch_size=cfg.patch_size, augment=cfg.augment,
             sdf_classes=labels.num_classes if step_class.needs_sdf else None, seed=cfg.seed,
+            scale=cfg.scale, base_size=cfg.base_size, jitter=cfg.jitter,
         )
         trainer = fit_semi(module, cfg, run, batches, data.val)
         method.export(run.path, spec, labels)
@@ -570,10 +672,13 @@ def train_semi(cfg: SemiConfig) -> dict:
                     "labelled": len(data.labelled), "unlabelled": len(unlabelled),
                     "streams": [len(s) for s in streams]}
     if data.val is not None:
-        metrics = evaluate_semi(predictor, data.val, labels, cfg)
+        images = data.val.ndim == 2  # 2D images: predictions kept for the report's gallery
+        pred_dir = run / "predictions" / cfg.val_split if images else None
+        metrics = evaluate_semi(predictor, data.val, labels, cfg, pred_dir=pred_dir)
         metrics.update(split=cfg.val_split, model=spec, method=cfg.semi)
         run.write_metrics(cfg.val_split, metrics)
         result["val"] = metrics
+        write_report(run.path, ds=data.val if images else None, split=cfg.val_split)  # metrics, learning curves
     return result
 
 
