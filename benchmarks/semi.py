@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from common import ROOT, default_data_root, print_table, save_results
 from frugalseg.runs import git_commit, machine_info
 
@@ -110,10 +112,13 @@ CPU_COTRAIN_2D = dict(labelled_batch_size=4, unlabelled_batch_size=4)  # officia
 #: msrc-objects: the masks+tags benchmark's 10 % (the same 23 masked images, `msrc_labelled_ids`), the other
 #: training images unlabelled (no tags), OCR on EfficientNet-Lite0 with ImageNet weights as `frugalseg train`
 #: trains it (SGD 0.01, weight decay 5e-4, poly, aux 0.4, cross-entropy, crop/scale/flip), val mIoU on whole
-#: images. Sized by `benchmarks/semi_speed.py --setting msrc_10pct`.
+#: images. Sized with `benchmarks/semi_speed.py --setting msrc_10pct` (one thread, the CPU shared with two
+#: other runs): at 192² crops and batch 8 + 8 a step took 3.0 s (supervised-only), 7.1 s (mean teacher) and
+#: 15.5 s (co-training K=2, whose adversarial term runs every model twice more); so 160² crops, 4 labelled + 4
+#: unlabelled images per step (co-training: 2 per model) and 400 iterations.
 CPU_MSRC = dict(data="msrc-objects", val_split="val", arch="ocr", backbone="tf_efficientnet_lite0", pretrained=True,
-                patch_size=[192, 192], iterations=600, epoch_steps=100, val_every=1, labelled_batch_size=8,
-                unlabelled_batch_size=8, optimizer="sgd", lr=0.01, weight_decay=5e-4)
+                patch_size=[160, 160], iterations=400, epoch_steps=100, val_every=1, labelled_batch_size=4,
+                unlabelled_batch_size=4, optimizer="sgd", lr=0.01, weight_decay=5e-4)
 #: LA: 2 labelled + 6 unlabelled volumes, the 2 test volumes scored (the reference has no val split). A 3D
 #: U-Net of 8..128 channels on 64×64×48 patches (the V-Net at 112×112×80 costs about 100 s a step here), batch
 #: 2 + 2 as DTC, 1200 iterations (1/5 of DTC's 6000: DTC's step is the slowest at about 1 s, so a run stays
@@ -121,6 +126,33 @@ CPU_MSRC = dict(data="msrc-objects", val_split="val", arch="ocr", backbone="tf_e
 CPU_LA = dict(data="la2018", labelled_patients=2, val_split="test", arch="unet", patch_size=[64, 64, 48],
               channels=[8, 16, 32, 64, 128], iterations=1200, epoch_steps=150, val_every=1, labelled_batch_size=2,
               unlabelled_batch_size=2, optimizer="adam", lr=0.01)
+
+
+#: The papers' schedules (GPU work): each method's library defaults, i.e. the protocols themselves (ACDC: U-Net
+#: 16..256 at 256², 12 + 12 slices, 30000 iterations, SGD 0.01 poly for the SSL4MIS methods, co-training's Adam
+#: 1e-3 with 4 + 4; LA: V-Net at 112×112×80, 2 + 2, 6000 iterations, step decay), `fraction` of the iterations
+#: (ramps and learning-rate steps follow, `scale_schedule`), all runs at once on the one GPU, bf16 autocast.
+GPU_SETTINGS = {"acdc_l7": ("supervised_only", "meanteacher", "dtc", "cotrain_k2"), "la": ("supervised_only", "dtc")}
+
+
+def gpu_config(setting: str, method: str, seed: int, fraction: float = 1.0) -> SemiConfig:
+    cls, extra = _method(method)
+    if setting.startswith("acdc_l"):
+        common = dict(data="acdc", labelled_patients=int(setting[len("acdc_l"):]), val_split="val",
+                      iterations=max(1, round(30000 * fraction)), epoch_steps=150, val_every=20)
+    elif setting == "la":
+        common = dict(data="la2018", labelled_patients=2, val_split="test", iterations=max(1, round(6000 * fraction)),
+                      epoch_steps=150, val_every=10)
+        if method == "supervised_only":
+            extra = {"network": "levelset"}
+    else:
+        raise SystemExit(f"no GPU schedule for {setting} (acdc_l7, acdc_l3, la)")
+    return cls(**common, **extra, seed=seed, progress=False, num_workers=2)
+
+
+def protocol_config(protocol: str, setting: str, method: str, seed: int, fraction: float = 1.0) -> SemiConfig:
+    """A run of the CPU protocol (`cpu_config`) or of the papers' schedules on a GPU (`gpu_config`)."""
+    return gpu_config(setting, method, seed, fraction) if protocol == "gpu" else cpu_config(setting, method, seed)
 
 
 def cpu_config(setting: str, method: str, seed: int) -> SemiConfig:
@@ -141,7 +173,15 @@ def cpu_config(setting: str, method: str, seed: int) -> SemiConfig:
             common["labelled_batch_size"] = CPU_MSRC["labelled_batch_size"] // extra["n_models"]
     else:
         raise SystemExit(f"unknown setting {setting} (acdc_l7, acdc_l3, la, msrc_10pct)")
+    if QUICK:  # `--only cpu --quick`: the same runs, a path check in minutes (figures mean nothing)
+        common.update(iterations=8 if setting.startswith("msrc") else 24, epoch_steps=8 if setting.startswith(
+            "msrc") else 12, val_limit=2)
     return cls(**common, **extra, seed=seed, progress=False)
+
+
+#: `--quick` (set by main and passed to the child processes): `cpu_config` gives short runs, their records and
+#: results go to scratch / semi_quick.json.
+QUICK = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -167,6 +207,9 @@ def cpu_run_dir(root: Path, setting: str, method: str, seed: int) -> Path:
     return Path(root) / setting / method / f"seed{seed}"
 
 
+GPU_RECORDS = ROOT / "benchmarks" / "results" / "semi_gpu"
+
+
 def record_path(records: Path, setting: str, method: str, seed: int) -> Path:
     return Path(records) / f"{setting}.{method}.seed{seed}.json"
 
@@ -188,15 +231,16 @@ def learning_curve(run: Path) -> list[list[float]]:
     return [[int(r["step"]), round(float(r[key]), 5)] for r in rows if r.get(key)]
 
 
-def cpu_child(setting: str, method: str, seed: int, root: Path, records: Path, threads: int) -> None:
-    """One run of the CPU protocol in this process; resumes its checkpoint if an earlier invocation was
-    killed; writes the run's record (figures + settings) next to it and prints it as the last line."""
+def run_child(protocol: str, setting: str, method: str, seed: int, root: Path, records: Path, threads: int,
+              fraction: float = 1.0) -> None:
+    """One run of a protocol in this process; resumes its checkpoint if an earlier invocation was killed; writes
+    the run's record (figures + settings) and prints its figures as the last line."""
     import torch
 
     from frugalseg.stages.semi import SEMI_METHODS
 
     torch.set_num_threads(threads)
-    cfg = cpu_config(setting, method, seed)
+    cfg = protocol_config(protocol, setting, method, seed, fraction)
     out = cpu_run_dir(root, setting, method, seed)
     cfg.out = str(out)
     cfg.resume = (out / "checkpoints" / "last.ckpt").exists() and not (out / "stages" / "train.done").exists()
@@ -208,7 +252,7 @@ def cpu_child(setting: str, method: str, seed: int, root: Path, records: Path, t
                "s_per_iteration": res.get("seconds_per_iteration"), "labelled": res["labelled"],
                "unlabelled": res["unlabelled"], "threads": threads, "curve": learning_curve(out)}
     if cfg.natural:
-        figures.update(miou=val["miou"], per_class_iou=val.get("per_class_iou"))
+        figures.update(miou=val["miou"], per_class_iou={c: v["iou"] for c, v in val["per_class"].items()})
     else:
         figures.update(dice=val["case_mean_dice"], jaccard=val["case_mean_jaccard"], hd95=val["case_mean_hd95"],
                        asd=val["case_mean_asd"], units=val["surface_units"],
@@ -220,13 +264,23 @@ def cpu_child(setting: str, method: str, seed: int, root: Path, records: Path, t
     print(json.dumps(figures))
 
 
-def read_record(records: Path, setting: str, method: str, seed: int) -> dict | None:
+def same_settings(kept: dict, cfg: SemiConfig) -> bool:
+    """Whether a record was made with `cfg`'s settings. A field the record lacks (added to the configs since)
+    matches when `cfg` leaves it at its default: new options do not invalidate finished runs."""
+    now = _settings_of(cfg)
+    defaults = _settings_of(type(cfg)(data=cfg.data, labelled_ids=["x"]))
+    return all(kept[k] == v if k in kept else v == defaults.get(k) for k, v in now.items()) and set(kept) <= set(now)
+
+
+def read_record(records: Path, setting: str, method: str, seed: int, protocol: str = "cpu",
+                fraction: float = 1.0) -> dict | None:
     """A finished run's figures, if it was made with today's protocol (else None: it is rerun)."""
     path = record_path(records, setting, method, seed)
     if not path.exists():
         return None
     kept = json.loads(path.read_text())
-    return kept["figures"] if kept["settings"] == _settings_of(cpu_config(setting, method, seed)) else None
+    return kept["figures"] if same_settings(kept["settings"], protocol_config(protocol, setting, method, seed,
+                                                                                fraction)) else None
 
 
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -238,14 +292,15 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return round(statistics.fmean(values), 5), round(statistics.stdev(values), 5) if len(values) > 1 else None
 
 
-def aggregate_cpu(records: Path) -> dict:
-    """`cpu_protocol.<setting>.<method>` from every finished run on disk: mean ± sd over seeds, each seed, the
-    gain over supervised-only and whether it is beyond the spread (larger than both methods' seed sd)."""
+def aggregate(records: Path, protocol: str = "cpu", fraction: float = 1.0) -> dict:
+    """`<protocol>_protocol.<setting>.<method>` from every finished run on disk: mean ± sd over seeds, each seed,
+    the gain over supervised-only and whether it is beyond the spread (larger than both methods' seed sd)."""
     out: dict = {}
-    for setting, methods in CPU_METHODS.items():
+    for setting, methods in (GPU_SETTINGS if protocol == "gpu" else CPU_METHODS).items():
         part: dict = {}
         for method in methods:
-            runs = [r for seed in CPU_SEEDS if (r := read_record(records, setting, method, seed)) is not None]
+            runs = [r for seed in CPU_SEEDS
+                    if (r := read_record(records, setting, method, seed, protocol, fraction)) is not None]
             if not runs:
                 continue
             score = "miou" if setting.startswith("msrc") else "dice"
@@ -289,25 +344,38 @@ def cpu_table(agg: dict) -> None:
                        "wall s/run"))
 
 
-def run_cpu(settings: list[str], methods: list[str] | None, seeds: list[int], root: Path, records: Path,
-            parallel: int, started: float) -> Path | None:
-    """Every (setting, method, seed) of the CPU protocol not finished yet, `parallel` at a time (one torch
-    thread each), seed by seed; the results file is rewritten after each run, so a killed benchmark loses
-    at most the runs in flight (and those resume from their last checkpoint)."""
-    jobs = [(st, m, seed) for seed in seeds for st in settings for m in CPU_METHODS[st]
-            if (methods is None or m in methods) and read_record(records, st, m, seed) is None]
-    print(f"CPU protocol: {len(jobs)} runs to do in {root}", flush=True)
+def run_protocol(protocol: str, settings: list[str], methods: list[str] | None, seeds: list[int], root: Path,
+                 records: Path, parallel: int, threads: int, started: float, fraction: float = 1.0) -> Path | None:
+    """Every (setting, method, seed) of a protocol not finished yet, `parallel` at a time (`threads` torch
+    threads each), seed by seed; the results file is rewritten after each run, so a killed benchmark loses at
+    most the runs in flight (and those resume from their last checkpoint)."""
+    table = GPU_SETTINGS if protocol == "gpu" else CPU_METHODS
+    jobs = [(st, m, seed) for seed in seeds for st in settings if st in table for m in table[st]
+            if (methods is None or m in methods) and read_record(records, st, m, seed, protocol, fraction) is None]
+    print(f"{protocol} protocol: {len(jobs)} runs to do in {root}", flush=True)
     running: list[tuple[tuple, float, subprocess.Popen]] = []
+    key = f"{protocol}_protocol"
     path = None
     root.mkdir(parents=True, exist_ok=True)
+
+    def save() -> Path | None:
+        agg = aggregate(records, protocol, fraction)
+        if protocol == "cpu" and not QUICK:
+            plot_curves(agg, ROOT / "benchmarks" / "results" / "semi_cpu_curves.png")
+        extra = {"gpu_fraction": fraction} if protocol == "gpu" else {}
+        name = "semi_quick" if QUICK else "semi"
+        return save_results(name, {key: agg}, {key: {**protocol_settings(protocol), **extra}}, started) if agg \
+            else None
+
     while jobs or running:
         while jobs and len(running) < parallel:
             job = jobs.pop(0)
             st, m, seed = job
             log_path = cpu_run_dir(root, st, m, seed).parent / f"seed{seed}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, __file__, "--cpu-child", st, m, str(seed), "--cpu-root", str(root),
-                   "--cpu-records", str(records), "--threads", "1"]
+            cmd = [sys.executable, __file__, "--run-child", protocol, st, m, str(seed), "--cpu-root", str(root),
+                   "--cpu-records", str(records), "--threads", str(threads), "--gpu-fraction", str(fraction)] + (
+                       ["--quick"] if QUICK else [])
             running.append((job, time.time(), subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log_path, "w"),
                                                                   text=True, cwd=ROOT)))
         time.sleep(2)
@@ -323,11 +391,72 @@ def run_cpu(settings: list[str], methods: list[str] | None, seeds: list[int], ro
             r = json.loads(out.strip().splitlines()[-1])
             score = f"mIoU {r['miou']:.4f}" if "miou" in r else f"Dice {r['dice']:.4f}  HD95 {_fmt(r['hd95'])}"
             print(f"  {job[0]} {job[1]} seed {job[2]}: {score}  ({r['wall_s']:.0f} s)", flush=True)
-            agg = aggregate_cpu(records)
-            path = save_results("semi", {"cpu_protocol": agg}, {"cpu_protocol": cpu_settings()}, started)
-    agg = aggregate_cpu(records)
-    cpu_table(agg)
-    return save_results("semi", {"cpu_protocol": agg}, {"cpu_protocol": cpu_settings()}, started) if agg else path
+            path = save() or path
+    cpu_table(aggregate(records, protocol, fraction))
+    return save() or path
+
+
+def markdown_table(agg: dict) -> str:
+    """The README's table of the CPU protocol (`--markdown`): mean ± sd over seeds, each seed, the gain over
+    supervised-only and whether it is beyond the spread, HD95, wall time per run."""
+    lines = ["| setting (split) | method | seeds | Dice / mIoU mean ± sd | per seed | gain | beyond sd | HD95 | wall / run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for setting, part in agg.items():
+        for method, e in part.items():
+            score = e.get("dice_mean", e.get("miou_mean"))
+            sd = "" if e["sd"] is None else f" ± {e['sd']:.3f}"
+            gain = f"{e['gain_over_supervised']:+.3f}" if "gain_over_supervised" in e else ""
+            beyond = {True: "yes", False: "no"}.get(e.get("beyond_spread"), "")
+            hd = "" if e.get("hd95_mean") is None else f"{e['hd95_mean']:.1f}"
+            lines.append(f"| {setting} ({e['split']}) | {method} | {len(e['per_seed'])} | {score:.3f}{sd} | "
+                         f"{' / '.join(f'{v:.3f}' for v in e['per_seed'])} | {gain} | {beyond} | {hd} | "
+                         f"{e['wall_s'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def plot_curves(agg: dict, path: Path) -> Path | None:
+    """One panel per setting: each method's validation score against iteration, mean over its seeds (line) and
+    the seeds' range (band). The score is the one logged during training (ACDC / LA: foreground Dice of the
+    pooled validation voxels; msrc: mIoU), every `epoch_steps` iterations; the table's figures are the final
+    per-case means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [s for s in agg if any(e.get("curves") for e in agg[s].values())]
+    if not settings:
+        return None
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        for method, e in agg[setting].items():
+            curves = [c for c in e.get("curves", {}).values() if c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            steps = np.array([curves[0][i][0] + 1 for i in range(n)])
+            values = np.array([[c[i][1] for i in range(n)] for c in curves])
+            line, = ax.plot(steps, values.mean(0), marker=".", label=f"{method} ({len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+        ax.set_title(f"{setting} ({next(iter(agg[setting].values()))['split']})")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("val mIoU" if setting.startswith("msrc") else "val Dice (pooled)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def protocol_settings(protocol: str) -> dict:
+    if protocol == "gpu":
+        return {"settings": {k: list(v) for k, v in GPU_SETTINGS.items()}, "configs": "gpu_config: the library's "
+                "protocol defaults per method", "precision": "auto (bf16 mixed on GPU)"}
+    return cpu_settings()
 
 
 def cpu_settings() -> dict:
@@ -633,9 +762,9 @@ def _schedule(cfg: SemiConfig, max_iterations: int | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="Short schedules (under 15 minutes on a 2-core CPU).")
-    ap.add_argument("--only", choices=["cpu", "acdc", "la", "msrc"], action="append",
-                    help="cpu: the CPU protocol (resumable run by run); acdc / la / msrc: the papers' schedules "
-                         "(GPU work) or --quick.")
+    ap.add_argument("--only", choices=["cpu", "gpu", "acdc", "la", "msrc"], action="append",
+                    help="cpu: the CPU protocol (resumable run by run); gpu: the papers' schedules, every run at once "
+                         "on one GPU (benchmarks/semi_gpu.sh); acdc / la / msrc: the earlier full / --quick parts.")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench"), help="Where run directories go.")
     ap.add_argument("--parallel", type=int, help="Runs at once (default: 4 beside a GPU, else 1).")
     ap.add_argument("--max-iterations", type=int, help="Cap every run's iterations (smoke test).")
@@ -653,21 +782,44 @@ def main() -> None:
                                                               "finished run is never redone).")
     ap.add_argument("--cpu-records", default=str(CPU_RECORDS), help="--only cpu: where each finished run's record "
                                                                     "goes (committed; read on resume).")
-    ap.add_argument("--cpu-child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--gpu-settings", nargs="+", choices=list(GPU_SETTINGS), default=list(GPU_SETTINGS),
+                    help="--only gpu: the settings to run.")
+    ap.add_argument("--gpu-fraction", type=float, default=1.0,
+                    help="--only gpu: this fraction of the papers' iterations (ramps and lr steps follow).")
+    ap.add_argument("--markdown", action="store_true", help="Print the CPU protocol's table from the records on disk.")
+    ap.add_argument("--run-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global QUICK
+    QUICK = args.quick
     if args.child:
         child(args.child, args.quick, args.runs, args.max_iterations, args.workers, args.threads)
         return
-    if args.cpu_child:
-        setting, method, seed = args.cpu_child
-        cpu_child(setting, method, int(seed), Path(args.cpu_root), Path(args.cpu_records), args.threads or 1)
+    if args.run_child:
+        protocol, setting, method, seed = args.run_child
+        run_child(protocol, setting, method, int(seed), Path(args.cpu_root), Path(args.cpu_records),
+                  args.threads or 1, args.gpu_fraction)
+        return
+    if args.markdown:
+        print(markdown_table(aggregate(Path(args.cpu_records))))
         return
     if args.only == ["cpu"]:
-        path = run_cpu(args.cpu_settings, args.cpu_methods, args.seeds, Path(args.cpu_root), Path(args.cpu_records),
-                       args.parallel or 2, time.time())
+        root, records, seeds = Path(args.cpu_root), Path(args.cpu_records), args.seeds
+        if args.quick:  # scratch records: never mixed with the protocol's
+            root, records, seeds = Path(args.runs) / "semi_cpu_quick", Path(args.runs) / "semi_cpu_quick" / "records", [1]
+            shutil.rmtree(root, ignore_errors=True)
+        path = run_protocol("cpu", args.cpu_settings, args.cpu_methods, seeds, root, records, args.parallel or 2, 1,
+                            time.time())
+        print(f"wrote {path}")
+        return
+    if args.only == ["gpu"]:  # all runs at once on the one GPU, a few CPU threads each
+        runs = sum(len(GPU_SETTINGS[k]) for k in args.gpu_settings) * len(args.seeds)
+        records = Path(args.cpu_records) if args.cpu_records != str(CPU_RECORDS) else GPU_RECORDS
+        path = run_protocol("gpu", args.gpu_settings, args.cpu_methods, args.seeds, Path(args.runs) / "semi_gpu",
+                            records, args.parallel or runs, max(1, (os.cpu_count() or 2) // runs), time.time(),
+                            args.gpu_fraction)
         print(f"wrote {path}")
         return
     import torch

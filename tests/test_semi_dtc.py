@@ -292,7 +292,8 @@ def test_train_dtc_la_3d_tiny_patch(tmp_path):
                     progress=False)
     result = train_semi(cfg)
     assert _finite(result["losses"])
-    assert result["losses"]["consistency_weight"] == pytest.approx(math.exp(-5))  # 3D: DTC constants
+    # 3D: DTC's weight 1.0, its ramp scaled to the 2-iteration run (2 units of 1): λ at the last step (1)
+    assert result["losses"]["consistency_weight"] == pytest.approx(math.exp(-5 * 0.5 ** 2))
     assert "val" not in result
 
 
