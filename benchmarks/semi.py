@@ -86,6 +86,9 @@ CPU_METHODS = {
     "la": ("supervised_only", "dtc"),
     "msrc_10pct": ("supervised_only", "meanteacher", "cotrain_k2"),
 }
+#: Diagnostics (run after every main run, reported beside them as such, never used to choose anything): where
+#: DTC's result comes from: its dual-head network alone, + the level-set regression, + the consistency (= dtc).
+CPU_DIAGNOSTICS = {"acdc_l7": ("supervised_levelset", "dtc_no_consistency")}
 CPU_SEEDS = (1, 2, 3)
 #: Why each value (measured on this CPU, one torch thread per run, two runs at once):
 #: - ACDC: 128×128 patches (the slices are zoomed to the patch, as SSL4MIS zooms them to 256²) and a U-Net of
@@ -296,7 +299,8 @@ def aggregate(records: Path, protocol: str = "cpu", fraction: float = 1.0) -> di
     """`<protocol>_protocol.<setting>.<method>` from every finished run on disk: mean ± sd over seeds, each seed,
     the gain over supervised-only and whether it is beyond the spread (larger than both methods' seed sd)."""
     out: dict = {}
-    for setting, methods in (GPU_SETTINGS if protocol == "gpu" else CPU_METHODS).items():
+    table = GPU_SETTINGS if protocol == "gpu" else {k: v + CPU_DIAGNOSTICS.get(k, ()) for k, v in CPU_METHODS.items()}
+    for setting, methods in table.items():
         part: dict = {}
         for method in methods:
             runs = [r for seed in CPU_SEEDS
@@ -316,6 +320,8 @@ def aggregate(records: Path, protocol: str = "cpu", fraction: float = 1.0) -> di
                 entry["jaccard_mean"] = _mean_sd([r["jaccard"] for r in runs])[0]
                 entry["asd_mean"] = _mean_sd([r["asd"] for r in runs])[0]
                 entry["units"] = runs[0]["units"]
+            if method in CPU_DIAGNOSTICS.get(setting, ()):
+                entry["diagnostic"] = True
             part[method] = entry
         base = part.get("supervised_only")
         score = "miou_mean" if setting.startswith("msrc") else "dice_mean"
@@ -350,8 +356,11 @@ def run_protocol(protocol: str, settings: list[str], methods: list[str] | None, 
     threads each), seed by seed; the results file is rewritten after each run, so a killed benchmark loses at
     most the runs in flight (and those resume from their last checkpoint)."""
     table = GPU_SETTINGS if protocol == "gpu" else CPU_METHODS
+    extra = {} if protocol == "gpu" else CPU_DIAGNOSTICS
     jobs = [(st, m, seed) for seed in seeds for st in settings if st in table for m in table[st]
             if (methods is None or m in methods) and read_record(records, st, m, seed, protocol, fraction) is None]
+    jobs += [(st, m, seed) for seed in seeds for st in settings for m in extra.get(st, ())  # diagnostics last
+             if (methods is None or m in methods) and read_record(records, st, m, seed, protocol, fraction) is None]
     print(f"{protocol} protocol: {len(jobs)} runs to do in {root}", flush=True)
     running: list[tuple[tuple, float, subprocess.Popen]] = []
     key = f"{protocol}_protocol"
@@ -463,6 +472,7 @@ def cpu_settings() -> dict:
     """The protocol as run (per setting: one method's resolved-ready config; the others differ by method fields)."""
     return {"acdc": CPU_ACDC, "la": CPU_LA, "msrc_10pct": {**CPU_MSRC, "labelled_ids": list(msrc_labelled_ids())},
             "methods": {k: list(v) for k, v in CPU_METHODS.items()}, "seeds": list(CPU_SEEDS),
+            "diagnostics": {k: list(v) for k, v in CPU_DIAGNOSTICS.items()},
             "threads_per_run": 1, "ramps": "stages.semi.scale_schedule: each ramp spans the protocol's fraction of "
                                            "the run, in units of 1 iteration; poly / step lr over the run"}
 
@@ -505,6 +515,10 @@ def _method(name: str) -> tuple[type, dict]:
         return MeanTeacherConfig, {}
     if name == "dtc":
         return DTCConfig, {}
+    if name == "supervised_levelset":  # diagnostic: DTC's dual-head network, its level-set head unused
+        return SupervisedOnlyConfig, {"network": "levelset"}
+    if name == "dtc_no_consistency":  # diagnostic: DTC's network and level-set regression, no unlabelled term
+        return DTCConfig, {"consistency": 0.0}
     if name.startswith("cotrain_k"):
         k = int(name.split("_")[1][1:])
         # K = 3 on 3 labelled patients: one patient per model (disjoint views, the default).
