@@ -88,7 +88,9 @@ CPU_METHODS = {
 }
 #: Diagnostics (run after every main run, reported beside them as such, never used to choose anything): where
 #: DTC's result comes from: its dual-head network alone, + the level-set regression, + the consistency (= dtc).
-CPU_DIAGNOSTICS = {"acdc_l7": ("supervised_levelset", "dtc_no_consistency")}
+#: And co-training's: its models each see a share of the labelled patients (the method's views); with every
+#: model on every labelled patient, diversity comes from initialisation and the adversarial term alone.
+CPU_DIAGNOSTICS = {"acdc_l7": ("supervised_levelset", "dtc_no_consistency", "cotrain_k2_allviews")}
 CPU_SEEDS = (1, 2, 3)
 #: Why each value (measured on this CPU, one torch thread per run, two runs at once):
 #: - ACDC: 128×128 patches (the slices are zoomed to the patch, as SSL4MIS zooms them to 256²) and a U-Net of
@@ -522,8 +524,10 @@ def _method(name: str) -> tuple[type, dict]:
     if name.startswith("cotrain_k"):
         k = int(name.split("_")[1][1:])
         # K = 3 on 3 labelled patients: one patient per model (disjoint views, the default).
-        return CoTrainConfig, {"n_models": k, "adversarial": not name.endswith("_noadv"),
-                               "adv_pairs": "all"}
+        extra = {"n_models": k, "adversarial": not name.endswith("_noadv"), "adv_pairs": "all"}
+        if name.endswith("_allviews"):  # diagnostic: every model sees every labelled patient (no split views)
+            extra["view_overlap"] = 1.0
+        return CoTrainConfig, extra
     raise SystemExit(f"unknown method {name}")
 
 
