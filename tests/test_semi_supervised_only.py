@@ -141,3 +141,23 @@ def test_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(t
     prefix, folder = ("models.0.", "models/members/0") if semi == "cotrain" else ("model.", "model")
     exported = straight[f"{folder}/model.safetensors"]
     assert all(torch.equal(ckpt["state_dict"][prefix + k], v) for k, v in exported.items())
+
+
+def test_step_terms_are_logged_on_the_logger_steps_and_the_epoch_loss_once_an_epoch(tmp_path):
+    """The training step logs only on the steps the CSV logger writes (every 10th): the file has a row of every
+    term at steps 9 and 19, and the epoch's mean loss (summed in the module, without a host sync per step)."""
+    import csv
+
+    from frugalseg.stages.semi import MeanTeacherConfig, train_semi
+
+    data_path("acdc")
+    cfg = MeanTeacherConfig(data="acdc", out=str(tmp_path / "mt"), labelled_patients=1, unlabelled_limit=4,
+                            patch_size=[32, 32], channels=[4, 8], labelled_batch_size=1, unlabelled_batch_size=1,
+                            iterations=20, epoch_steps=20, val_split=None, progress=False)
+    train_semi(cfg)
+    rows = list(csv.DictReader((tmp_path / "mt" / "logs" / "metrics.csv").open()))
+    step_rows = [r for r in rows if r.get("train/loss_step")]
+    assert [int(r["step"]) for r in step_rows] == [9, 19]
+    assert all(r["train/consistency"] and r["train/sup"] and r["train/w_consistency"] for r in step_rows)
+    epoch = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert len(epoch) == 1 and 0 < epoch[0] < 10
