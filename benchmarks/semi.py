@@ -242,15 +242,25 @@ def run_child(protocol: str, setting: str, method: str, seed: int, root: Path, r
     the run's record (figures + settings) and prints its figures as the last line."""
     import torch
 
+    from frugalseg.errors import ConfigError
     from frugalseg.stages.semi import SEMI_METHODS
 
     torch.set_num_threads(threads)
     cfg = protocol_config(protocol, setting, method, seed, fraction)
     out = cpu_run_dir(root, setting, method, seed)
     cfg.out = str(out)
+    if record_path(records, setting, method, seed).exists():
+        shutil.rmtree(out, ignore_errors=True)  # its record is stale (other settings): the run is redone
     cfg.resume = (out / "checkpoints" / "last.ckpt").exists() and not (out / "stages" / "train.done").exists()
     t0 = time.time()
-    res = SEMI_METHODS[cfg.semi][1](cfg)
+    try:
+        res = SEMI_METHODS[cfg.semi][1](cfg)
+    except ConfigError as exc:  # the folder holds a run of other settings (an older protocol): start it over
+        if "made with other settings" not in str(exc):
+            raise
+        shutil.rmtree(out)
+        cfg.resume = False
+        res = SEMI_METHODS[cfg.semi][1](cfg)
     val = res["val"]
     figures = {"seed": seed, "split": val["split"], "cases": val["samples"], "wall_s": round(time.time() - t0, 1),
                "resumed": cfg.resume, "iterations": res["iterations"],

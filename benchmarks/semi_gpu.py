@@ -8,7 +8,9 @@ for a few minutes. Two steps:
    device image lacks (monai, nibabel). A device call carries at most 64 MiB: ACDC's float32 slices compress to
    73 MB (67 MB as float16), so its images travel as uint8 (intensities in [0, 1] quantised to 1/255, an error
    of at most 0.002) with gzip, about 44 MB; labels, LA (23 MB) and the lists as they are; one dataset a call.
-   The runs then read `.gpu/data` (FRUGALSEG_DATA).
+   On the device `semi_gpu.py unpack` writes them back as float32 in [0, 1] (÷ 255) to /tmp/frugalseg_data,
+   which the runs read (FRUGALSEG_DATA): the intensity range every method's constants assume (co-training's
+   clamp to [0, 1], the mean teacher's noise, the FGSM / VAT steps).
 2. On the GPU: `PART=acdc bash benchmarks/semi_gpu.sh` (run(command="PART=acdc bash benchmarks/semi_gpu.sh",
    carry=[".gpu"], timeout_s=570)): installs the wheels (no download), then `benchmarks/semi.py --only gpu
    --gpu-settings acdc_l7 --seeds 1 --gpu-fraction $FRACTION`: ACDC at 7 patients (supervised-only, mean
@@ -74,13 +76,33 @@ def pack(data_root: Path, part: str) -> None:
     print(f"wrote {PACK}: {size / 2**20:.1f} MiB (the device call carries at most 64 MiB with the working tree)")
 
 
+def unpack(dest: Path) -> None:
+    """On the device: `.gpu/data` back to the layout and dtype the loaders read (ACDC images float32 ÷ 255)."""
+    import h5py
+
+    src = PACK / "data"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.h5") if (src / "acdc").exists() else None)
+    for f in sorted((src / "acdc").rglob("*.h5")) if (src / "acdc").exists() else []:
+        with h5py.File(f) as h, h5py.File(dest / f.relative_to(src), "w") as g:
+            image = h["image"][:]
+            g.create_dataset("image", data=image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image)
+            g.create_dataset("label", data=h["label"][:])
+    print(f"unpacked {src} to {dest}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["pack"])
+    ap.add_argument("action", choices=["pack", "unpack"])
     ap.add_argument("--part", choices=["acdc", "la"], default="acdc", help="The dataset of one device call.")
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="pack: the datasets' folder; "
+                                                                               "unpack: where to write them.")
     args = ap.parse_args()
-    pack(Path(args.data), args.part)
+    if args.action == "unpack":
+        unpack(Path(args.data))
+    else:
+        pack(Path(args.data), args.part)
 
 
 if __name__ == "__main__":

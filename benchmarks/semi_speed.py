@@ -73,7 +73,8 @@ def build(setting: str, method: str, seed: int = 1):
         train, [[index[i] for i in s] for s in streams], data.unlabelled if uses else [],
         labelled_batch_size=cfg.labelled_batch_size, unlabelled_batch_size=cfg.unlabelled_batch_size if uses else 0,
         steps=cfg.epoch_length, patch_size=cfg.patch_size, augment=cfg.augment,
-        sdf_classes=labels.num_classes if cfg.STEP.needs_sdf else None, seed=cfg.seed)
+        sdf_classes=labels.num_classes if cfg.STEP.needs_sdf else None, seed=cfg.seed, scale=cfg.scale,
+        base_size=cfg.base_size, jitter=cfg.jitter or 0.0)
     return cfg, step, batches, make_optimizer(step.trainable_parameters(), cfg)
 
 

@@ -123,3 +123,19 @@ def test_unknown_method_and_config_of_another_method(tmp_path, monkeypatch):
     cfg.write_text(yaml.safe_dump({"semi": "dtc", "data": "acdc", "labelled_patients": 1}))
     code, err = _main(["train", "--config", str(cfg), "--semi", "cotrain"], monkeypatch)
     assert code == 2 and "is a --semi dtc run; it cannot be re-run with --semi cotrain" in err
+
+
+def test_a_run_written_before_the_natural_image_options_is_still_its_own_run(tmp_path):
+    """config.yaml files written before --arch ocr/fcn, --jitter, --scale ... existed lack those keys: the same
+    command finds the finished run and skips it (the new options at their defaults change nothing)."""
+    data_path("acdc")
+    out = tmp_path / "old"
+    args = _tiny("meanteacher", out, "--labelled-patients", "1")
+    assert CliRunner().invoke(cli, args, catch_exceptions=False).exit_code == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    for key in ("backbone", "pretrained", "output_stride", "aux_stage", "aux_weight", "scale", "base_size", "jitter"):
+        saved.pop(key)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    again = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert "val mean Dice" in again.output

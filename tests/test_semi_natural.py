@@ -83,9 +83,15 @@ def test_config_resolves_natural_image_defaults_and_spec():
     cfg = MeanTeacherConfig(data="x", labelled_fraction=0.1, arch="ocr").resolved(2)
     assert (cfg.augment, cfg.loss, cfg.jitter, cfg.inference_size) == ("crop", "ce", 0.4, None)
     co = CoTrainConfig(data="x", labelled_fraction=0.1, arch="fcn").resolved(2)
-    assert co.jitter == 0.0 and co.augment == "crop"
+    assert co.jitter is None and co.augment == "crop"
     unet = MeanTeacherConfig(data="x", labelled_fraction=0.1).resolved(2)
-    assert (unet.augment, unet.loss, unet.jitter, unet.inference_size) == ("ssl4mis", "dice_ce", 0.0, [256, 256])
+    assert (unet.augment, unet.loss, unet.jitter, unet.inference_size) == ("ssl4mis", "dice_ce", None, [256, 256])
+    with pytest.raises(ConfigError, match="does not use it"):
+        CoTrainConfig(data="x", labelled_fraction=0.1, arch="ocr", jitter=0.3).resolved(2)
+    with pytest.raises(ConfigError, match="3D data has no colour view"):
+        MeanTeacherConfig(data="x", labelled_fraction=0.1, jitter=0.3).resolved(3)
+    with pytest.raises(ConfigError, match="jitter"):
+        MeanTeacherConfig(data="x", labelled_fraction=0.1, jitter=1.5)
     from frugalseg.data.labels import LabelSpec
 
     spec = network_spec(cfg, LabelSpec(names=("background", "cow")), 3)

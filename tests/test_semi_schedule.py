@@ -22,7 +22,7 @@ def _resolved(cls, dims: int, **kw):
 def test_protocol_length_keeps_the_reference_constants(cls, dims, ramp_field, reference):
     cfg = _resolved(cls, dims)
     assert cfg.rampup_every == 150 and getattr(cfg, ramp_field) == reference
-    assert cfg.lr_step == (2500 if dims == 3 else 12500)  # 2500 of DTC's 6000 iterations: the same share
+    assert cfg.lr_step == 2500  # DTC's 2500 of 6000 (3D, step schedule); 2D's poly decay does not read it
 
 
 @pytest.mark.parametrize("cls, dims, ramp_field, share", [
@@ -34,7 +34,7 @@ def test_short_run_ramps_span_the_same_share_in_single_iterations(cls, dims, ram
     cfg = _resolved(cls, dims, iterations=1500)
     assert cfg.rampup_every == 1
     assert getattr(cfg, ramp_field) == pytest.approx(1500 * share)
-    assert cfg.lr_step == 625  # 1500 · 2500 / 6000
+    assert cfg.lr_step == (625 if dims == 3 else 2500)  # the step schedule (3D): 1500 · 2500 / 6000
 
 
 def test_unscaled_short_run_would_switch_consistency_off_and_scaled_one_reaches_full_weight():
@@ -56,3 +56,22 @@ def test_explicit_values_are_kept_as_given():
     cfg = _resolved(MeanTeacherConfig, 2, iterations=1500, rampup_every=10)
     assert cfg.consistency_rampup == pytest.approx(150.0)
     assert _resolved(SupervisedOnlyConfig, 2, iterations=1500).rampup_every == 1
+
+
+def test_a_lengthened_resume_keeps_the_runs_own_ramps_and_steps(tmp_path):
+    """`keep_saved_schedule`: extending a 1200-iteration DTC run to 2400 with --resume keeps its lr step (500)
+    and ramp (1200), instead of re-deriving 1000 / 2400 and raising the learning rate ×10 at iteration 500."""
+    import yaml
+
+    from frugalseg.stages.semi import keep_saved_schedule
+
+    first = _resolved(DTCConfig, 3, iterations=1200)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"rampup_every": first.rampup_every, "lr_step": first.lr_step,
+                                                         "consistency_rampup": first.consistency_rampup}))
+    given = DTCConfig(data="acdc", labelled_patients=7, iterations=2400, resume=True)
+    longer = keep_saved_schedule(given.resolved(3), given, tmp_path)
+    assert (longer.iterations, longer.lr_step, longer.consistency_rampup, longer.rampup_every) == (2400, 500, 1200.0, 1)
+    fresh = DTCConfig(data="acdc", labelled_patients=7, iterations=2400)  # no --resume: the new length's own
+    assert keep_saved_schedule(fresh.resolved(3), fresh, tmp_path).lr_step == 1000
+    explicit = DTCConfig(data="acdc", labelled_patients=7, iterations=2400, resume=True, lr_step=700)
+    assert keep_saved_schedule(explicit.resolved(3), explicit, tmp_path).lr_step == 700

@@ -162,7 +162,7 @@ def _print_result(result: dict) -> None:
     natural = (val.get("model") or {}).get("arch") in ("ocr", "fcn")  # scored by mIoU, semi-supervised or not
     if val.get("miou") is not None and (natural or not result.get("method")):
         line += f"  val mIoU {val['miou']:.4f}"
-    elif (result.get("method") or val.get("kind") == "volume") and val.get("case_mean_dice") is not None:
+    if ((result.get("method") and not natural) or val.get("kind") == "volume") and val.get("case_mean_dice") is not None:
         line += f"  val mean Dice {val['case_mean_dice']:.4f}"
     if result.get("method") and val.get("case_mean_hd95") is not None:
         line += f"  HD95 {val['case_mean_hd95']:.2f} {val.get('surface_units', '')}".rstrip()

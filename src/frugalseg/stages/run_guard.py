@@ -36,9 +36,6 @@ EVALUATION_FIELDS = frozenset({"val_split", "eval_split", "val_every", "eval_bat
 #: Schedule lengths a `--resume` may increase (a shorter schedule would export the longer run's model
 #: under the shorter run's settings). -1 means no limit.
 SCHEDULE_FIELDS = frozenset({"epochs", "max_steps", "iterations"})
-#: Lengths the semi-supervised stage derives from `iterations` (`stages.semi.scale_schedule`: ramps and the
-#: step learning-rate schedule keep their share of the run): they follow a schedule a `--resume` lengthens.
-SCHEDULE_DERIVED_FIELDS = frozenset({"lr_step", "consistency_rampup", "ramp_epochs", "rampup_every"})
 #: Paths that point into the run's own tree (a pipeline's segmenter reads its round's masks and the previous
 #: round's model): compared relative to the run folder, so a moved or copied tree is the same run.
 RUN_TREE_PATHS = frozenset({"mask_dir", "init_from", "classifier", "init_classifier"})
@@ -60,16 +57,12 @@ def setting_differences(run: RunDir, cfg: Any, free: Collection[str] = ()) -> di
     defaults = json.loads(json.dumps(jsonable({f.name: _default(f) for f in dataclasses.fields(cfg)})))
     free = _free_fields(cfg) | set(free)
     resume = bool(getattr(cfg, "resume", False))
-    lengthened = resume and any(saved.get(n, defaults.get(n)) != given[n] and _not_shorter(saved.get(n), given[n])
-                                for n in SCHEDULE_FIELDS if n in given)
     diff = {}
     for name, value in given.items():
         there = saved.get(name, defaults.get(name))
         if name in free or there == value or _same_path(there, value):
             continue
         if resume and name in SCHEDULE_FIELDS and _not_shorter(there, value):
-            continue
-        if lengthened and name in SCHEDULE_DERIVED_FIELDS:
             continue
         if name in RUN_TREE_PATHS and _same_place(there, value, saved.get("out"), given.get("out")):
             continue

@@ -54,7 +54,7 @@ from frugalseg.semi.ramps import (
 )
 from frugalseg.semi.step import SemiStep
 from frugalseg.semi.supervised_only import SupervisedOnlyStep
-from frugalseg.stages.options import RunOptions, ascending, device_of, option, option_like
+from frugalseg.stages.options import RunOptions, ascending, device_of, option, option_like, read_config_file
 from frugalseg.stages.run_guard import claim_run_dir
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,9 @@ class SemiConfig(RunOptions):
                                         check=ascending)
     base_size: int | None = option(None, "--augment crop: longer image side before the random rescale (default: as "
                                          "read).", ge=1)
-    jitter: float | None = option(None, "Strength of the colour jitter of the student's view of unlabelled images "
-                                        "(mean teacher) [default: 0.4 for ocr/fcn, 0 for medical images].", ge=0)
+    jitter: float | None = option(None, "Mean teacher, 2D: strength of the colour jitter of the student's view of "
+                                        "unlabelled images (intensities in [0, 1]) [default: 0.4 for ocr/fcn, none "
+                                        "for medical images].", ge=0, le=1)
     iterations: int | None = option(None, "Training iterations [default: 30000 in 2D (SSL4MIS), 6000 in 3D (DTC)].",
                                     ge=1)
     epoch_steps: int = option(150, "Iterations per epoch: checkpoint and validation interval.", ge=1)
@@ -247,8 +248,12 @@ class SemiConfig(RunOptions):
             raise ConfigError(f"--augment crop takes a square 2D patch, got {cfg.patch_size}.")
         if cfg.loss is None:
             cfg.loss = "ce" if cfg.natural else "dice_ce"
-        if cfg.jitter is None:
-            cfg.jitter = 0.4 if cfg.natural and cfg.STRONG_VIEW else 0.0
+        if cfg.jitter is None and cfg.natural and cfg.STRONG_VIEW:
+            cfg.jitter = 0.4  # None (no strong view) otherwise: what configs saved before the option hold
+        if cfg.jitter and not cfg.STRONG_VIEW:
+            raise ConfigError(f"--jitter is the mean teacher's student view; --semi {cfg.semi or 'none'} does not use it.")
+        if cfg.jitter and dims != 2:
+            raise ConfigError(f"--jitter colours 2D images; {dims}D data has no colour view.")
         return cfg
 
     @property
@@ -276,7 +281,9 @@ def scale_schedule(cfg: SemiConfig, given: SemiConfig, protocol_iterations: int)
       run's ramps rise smoothly instead of in steps of 150 iterations;
     - each ramp (`RAMP_FIELDS`) is the protocol's length × 150 / `rampup_every` × iterations / protocol
       iterations: e.g. 1500 iterations in 2D give a consistency ramp of 1500 units of 1 iteration;
-    - `lr_step` is 2500/6000 of the run (poly decay follows `iterations` by itself).
+    - `lr_step` is 2500/6000 of the run with the step schedule (poly decay follows `iterations` by itself).
+    A `--resume` that lengthens a run keeps the lengths its config.yaml holds (`keep_saved_schedule`): the run
+    continues its own schedule rather than jumping to the longer run's.
     The mean teacher's EMA (decay 0.99, warm-up min(1 − 1/(t+1), 0.99)) is in iterations and not scaled: its
     horizon of about 100 iterations is short against either length. Explicit values are kept as given.
     """
@@ -286,8 +293,27 @@ def scale_schedule(cfg: SemiConfig, given: SemiConfig, protocol_iterations: int)
     for name in cfg.RAMP_FIELDS:
         if getattr(given, name) is None:
             setattr(cfg, name, float(getattr(cfg, name)) * factor)
-    if given.lr_step is None:
-        cfg.lr_step = max(1, round(DTC_LR_STEP * cfg.iterations / DTC_ITERATIONS))
+    if given.lr_step is None:  # only the step schedule reads it (poly runs keep DTC's 2500, as saved before)
+        cfg.lr_step = (max(1, round(DTC_LR_STEP * cfg.iterations / DTC_ITERATIONS)) if cfg.lr_schedule == "step"
+                       else DTC_LR_STEP)
+
+
+SCHEDULE_DERIVED = ("rampup_every", "lr_step", "consistency_rampup", "ramp_epochs")
+
+
+def keep_saved_schedule(cfg: SemiConfig, given: SemiConfig, run: str | Path) -> SemiConfig:
+    """On `--resume`, the ramp and step lengths the user left open are the run's own (its config.yaml), not
+    re-derived from a new `iterations`: a lengthened DTC run would otherwise see its learning rate jump ×10
+    where the new step falls later than the old one. Only `iterations` (and the poly decay that follows it)
+    changes. Returns `cfg` (resolved), updated."""
+    path = Path(run) / "config.yaml"
+    if not (given.resume and path.exists()):
+        return cfg
+    saved = read_config_file(path)
+    for name in SCHEDULE_DERIVED:
+        if hasattr(cfg, name) and getattr(given, name) is None and saved.get(name) is not None:
+            setattr(cfg, name, type(getattr(cfg, name))(saved[name]))
+    return cfg
 
 
 # ---- the methods' configurations ------------------------------------------------------------------------
@@ -476,6 +502,8 @@ class SupervisedOnlyConfig(SemiConfig):
     def validate(self) -> "SupervisedOnlyConfig":
         if self.network not in ("plain", "levelset"):
             raise ConfigError(f"network must be plain or levelset, got '{self.network}'.")
+        if self.network == "levelset" and self.arch in self.NATURAL_ARCHS:
+            raise ConfigError(f"--network levelset is DTC's U-Net / V-Net; --arch {self.arch} has no level-set head.")
         super().validate()
         return self
 
@@ -631,7 +659,7 @@ def train_semi(cfg: SemiConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     step_class = cfg.STEP
     data = open_semi_data(cfg, require_unlabelled=step_class.uses_unlabelled)
-    cfg, train, labels = data.cfg, data.train, data.train.labels
+    cfg, train, labels = keep_saved_schedule(data.cfg, cfg, cfg.out), data.train, data.train.labels
     cfg.check(labels)
     streams = cfg.streams(data.labelled)
     unlabelled = data.unlabelled if step_class.uses_unlabelled else []
@@ -658,7 +686,7 @@ def train_semi(cfg: SemiConfig) -> dict:
             unlabelled_batch_size=cfg.unlabelled_batch_size if step_class.uses_unlabelled else 0,
             steps=_epoch_steps(cfg, run), patch_size=cfg.patch_size, augment=cfg.augment,
             sdf_classes=labels.num_classes if step_class.needs_sdf else None, seed=cfg.seed,
-            scale=cfg.scale, base_size=cfg.base_size, jitter=cfg.jitter,
+            scale=cfg.scale, base_size=cfg.base_size, jitter=cfg.jitter or 0.0,
         )
         trainer = fit_semi(module, cfg, run, batches, data.val)
         method.export(run.path, spec, labels)
