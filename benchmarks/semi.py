@@ -436,8 +436,8 @@ def markdown_table(agg: dict) -> str:
 
 
 def plot_curves(agg: dict, path: Path) -> Path | None:
-    """One panel per setting: each method's validation score against iteration, mean over its seeds (line) and
-    the seeds' range (band). The score is the one logged during training (ACDC / LA: foreground Dice of the
+    """One panel per setting: each method's validation score against iteration, mean over its seeds (line;
+    dashed: diagnostics) and the seeds' range (band); the legend gives the number of seeds. The score is the one logged during training (ACDC / LA: foreground Dice of the
     pooled validation voxels; msrc: mIoU), every `epoch_steps` iterations; the table's figures are the final
     per-case means."""
     import matplotlib
@@ -457,7 +457,8 @@ def plot_curves(agg: dict, path: Path) -> Path | None:
             n = min(len(c) for c in curves)
             steps = np.array([curves[0][i][0] + 1 for i in range(n)])
             values = np.array([[c[i][1] for i in range(n)] for c in curves])
-            line, = ax.plot(steps, values.mean(0), marker=".", label=f"{method} ({len(curves)})")
+            line, = ax.plot(steps, values.mean(0), marker=".", label=f"{method} ({len(curves)})",
+                            linestyle="--" if e.get("diagnostic") else "-")
             if len(curves) > 1:
                 ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
         ax.set_title(f"{setting} ({next(iter(agg[setting].values()))['split']})")
@@ -815,6 +816,8 @@ def main() -> None:
     ap.add_argument("--gpu-fraction", type=float, default=1.0,
                     help="--only gpu: this fraction of the papers' iterations (ramps and lr steps follow).")
     ap.add_argument("--markdown", action="store_true", help="Print the CPU protocol's table from the records on disk.")
+    ap.add_argument("--aggregate", action="store_true", help="Write semi.json's cpu_protocol and its figure from the "
+                                                             "records on disk, running nothing.")
     ap.add_argument("--run-child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
@@ -832,6 +835,10 @@ def main() -> None:
         return
     if args.markdown:
         print(markdown_table(aggregate(Path(args.cpu_records))))
+        return
+    if args.aggregate:  # semi.json's cpu_protocol and the figure from the records on disk, nothing run
+        path = run_protocol("cpu", [], None, [], Path(args.cpu_root), Path(args.cpu_records), 1, 1, time.time())
+        print(f"wrote {path}")
         return
     if args.only == ["cpu"]:
         root, records, seeds = Path(args.cpu_root), Path(args.cpu_records), args.seeds

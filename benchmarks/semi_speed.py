@@ -124,7 +124,7 @@ def measure(setting: str, method: str, steps: int, variant: str, warmup: int = 3
             continue
         data_s.append(t1 - t0)
         compute_s.append(t2 - t1)
-        losses.append(round(float(terms["loss"]), 6))
+        losses.append(round(float(terms["loss"].detach()), 6))
     data, compute = statistics.median(data_s), statistics.median(compute_s)
     images = batches.batch_size
     return {"method": method, "variant": variant, "batch_images": images, "data_s": round(data, 4),
