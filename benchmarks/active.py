@@ -1,0 +1,405 @@
+"""Active learning with geometric priors, measured with a simulated oracle on this CPU (issue 19).
+
+    python benchmarks/active.py               # everything still missing (resumable run by run, round by round)
+    python benchmarks/active.py --quick       # a path check in minutes (figures mean nothing): active_quick.json
+    python benchmarks/active.py --only isbi2012 --seeds 0 1
+    python benchmarks/active.py --aggregate   # active.json, its figure and the table from the records on disk
+
+Settings (chosen before any run, from the papers' setting and this CPU's budget, never from the test
+sections; nothing here is tuned on the scored split):
+
+- **isbi2012** (2D): the 30 EM sections at half resolution (256², mean-pooled; labels subsampled).
+  Pool = sections 0-19 (what can be queried), scored on sections 20-29 (held out, never queried):
+  membrane Dice / Jaccard pooled over their pixels. SLIC superpixels (n_segments 300 → about 150
+  regions of ~440 px per section). Start: 20 random regions (the same for every strategy of a repeat);
+  10 rounds of 40 regions. The U-Net of the semi-supervised CPU protocol's width (8..64, 4 levels,
+  dropout 0.1 so MC-dropout has samples), Adam 1e-3, batch 8 of 128² crops centred on annotated pixels,
+  200 steps on the start then 100 fine-tuning steps per round. MC-dropout: 8 passes.
+- **volume3d**: the same 30 sections as one volume at quarter resolution in-plane (30×128×128; EM voxels
+  are 4×4×50 nm, so the z spacing is 50/16 ≈ 3.1 pixels), sections 0-19 the pool volume, 20-29 scored.
+  SLIC supervoxels (n_segments 1500, physical spacing); start 20 random supervoxels; 8 rounds of at
+  least 3000 voxels each: `plane` (planar patches, r = 3, patch radius 20 px, 10 candidate centres,
+  a 24×24 orientation grid, branch-and-bound), `top_supervoxels` (the same combined criterion, free
+  supervoxels up to the same voxels) and `random_plane`. The same 2D U-Net trained slice by slice.
+- Repeats: seeds 0-4 (5) in 2D, 0-2 (3) in 3D: a repeat changes the start regions, the network's
+  initialisation and the batches; every strategy of a repeat shares its start.
+- AULC: area under Dice against the annotated fraction of the pool's pixels (voxels), over the range every
+  run of the setting covers, divided by that range (the mean Dice over one common budget); also against
+  annotated regions (the same x for every strategy in 2D). `geometry_region` is a diagnostic: the
+  combined criterion with superpixels as instances (see `frugalseg.active.acquisition`).
+- `plane_search`: branch-and-bound against exhaustive search on the real supervoxel graph with the
+  trained model's uncertainties: evaluations and wall time per query, several grid sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, default_data_root, print_table, save_results  # noqa: E402
+
+RECORDS = RESULTS / "active"
+RUN_ROOT = ROOT / "runs" / "bench" / "active"
+QUICK = False
+
+STRATEGIES = {"isbi2012": ("random", "entropy", "geometry", "mc_dropout", "geometry_region"),
+              "volume3d": ("plane", "top_supervoxels", "random_plane")}
+SEEDS = {"isbi2012": (0, 1, 2, 3, 4), "volume3d": (0, 1, 2)}
+ISBI_2D = dict(downsample=2, pool=(0, 20), test=(20, 30), n_segments=300)
+ISBI_3D = dict(downsample=4, pool=(0, 20), test=(20, 30), n_segments=1500, z_spacing=50 / 16)
+LOOP_2D = dict(rounds=10, initial_regions=20, per_round=40, iterations_first=200, iterations_per_round=100,
+               batch_size=8, crop=128, lr=1e-3, mc_passes=8)
+LOOP_3D = dict(rounds=8, initial_regions=20, per_round=3000, iterations_first=200, iterations_per_round=100,
+               batch_size=8, crop=96, lr=1e-3, plane_r=3.0, plane_radius=20.0, plane_candidates=10, plane_grid=24)
+UNET = dict(channels=(8, 16, 32, 64), dropout=0.1)
+
+
+def loop_settings(setting: str, strategy: str, seed: int) -> dict:
+    base = dict(LOOP_2D if setting == "isbi2012" else LOOP_3D)
+    if QUICK:
+        base.update(rounds=2, iterations_first=30, iterations_per_round=20, mc_passes=2)
+    return {**base, "strategy": strategy, "seed": seed}
+
+
+def _load_isbi(downsample: int) -> tuple[np.ndarray, np.ndarray]:
+    from skimage.transform import downscale_local_mean
+
+    from frugalseg.data.isbi import load_isbi, read_stack
+
+    vol, gt = read_stack(load_isbi(default_data_root() / "isbi2012"))
+    f = downsample
+    return (downscale_local_mean(vol.astype(np.float32) / 255.0, (1, f, f)).astype(np.float32),
+            np.ascontiguousarray(gt[:, f // 2::f, f // 2::f]))
+
+
+def build_problem(setting: str):
+    """(pool, test images, test truths) of a setting."""
+    from frugalseg.active.loop import RegionPool
+
+    if setting == "isbi2012":
+        s = ISBI_2D
+        v, g = _load_isbi(s["downsample"])
+        a, b = s["pool"]
+        c, d = s["test"]
+        pool = RegionPool.build(list(v[a:b]), list(g[a:b]), n_segments=s["n_segments"])
+        return pool, list(v[c:d]), list(g[c:d])
+    s = ISBI_3D
+    v, g = _load_isbi(s["downsample"])
+    a, b = s["pool"]
+    c, d = s["test"]
+    pool = RegionPool.build([v[a:b]], [g[a:b]], n_segments=s["n_segments"], spacing=(s["z_spacing"], 1.0, 1.0))
+    return pool, [v[c:d]], [g[c:d]]
+
+
+def record_path(records: Path, setting: str, strategy: str, seed: int) -> Path:
+    return records / f"{setting}.{strategy}.seed{seed}.json"
+
+
+def read_record(records: Path, setting: str, strategy: str, seed: int) -> dict | None:
+    path = record_path(records, setting, strategy, seed)
+    if not path.exists():
+        return None
+    rec = json.loads(path.read_text())
+    return rec if rec.get("settings") == expected_settings(setting, strategy, seed) else None  # stale: redo
+
+
+def expected_settings(setting: str, strategy: str, seed: int) -> dict:
+    from dataclasses import asdict
+
+    from frugalseg.active.loop import LoopSettings
+
+    return json.loads(json.dumps(asdict(LoopSettings(**loop_settings(setting, strategy, seed)))))
+
+
+def run_child(setting: str, strategy: str, seed: int, records: Path, run_root: Path) -> dict:
+    import torch
+
+    from frugalseg.active.loop import LoopSettings, run_loop
+    from frugalseg.data.io import write_json
+    from frugalseg.models.medical import unet2d
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    pool, test_x, test_y = build_problem(setting)
+    settings = LoopSettings(**loop_settings(setting, strategy, seed))
+    result = run_loop(pool, test_x, test_y, settings, lambda: unet2d(1, 2, UNET["channels"], UNET["dropout"]),
+                      state_dir=run_root / setting / strategy / f"seed{seed}",
+                      progress=lambda m: print(m, file=sys.stderr, flush=True))
+    record = {"setting": setting, "strategy": strategy, "seed": seed, "split": "sections 20-29 (held out)",
+              "pool_pixels": pool.total_pixels, "wall_s": round(time.time() - t0, 1), **result}
+    write_json(record_path(records, setting, strategy, seed), record)
+    return record
+
+
+def run_all(settings: list[str], seeds: list[int] | None, records: Path, run_root: Path, parallel: int) -> None:
+    jobs = [(st, m, s) for st in settings for s in (seeds if seeds is not None else SEEDS[st])
+            for m in STRATEGIES[st] if read_record(records, st, m, s) is None]
+    print(f"active: {len(jobs)} runs to do", flush=True)
+    running: list[tuple[tuple, subprocess.Popen]] = []
+    while jobs or running:
+        while jobs and len(running) < parallel:
+            job = jobs.pop(0)
+            log = run_root / job[0] / job[1] / f"seed{job[2]}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, __file__, "--run-child", job[0], job[1], str(job[2]), "--records", str(records),
+                   "--run-root", str(run_root)] + (["--quick"] if QUICK else [])
+            running.append((job, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), cwd=ROOT)))
+        time.sleep(2)
+        for item in list(running):
+            job, proc = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0:
+                print(f"  {job}: failed (exit {proc.returncode}); see its .log", flush=True)
+                continue
+            rec = read_record(records, *job)
+            print(f"  {job[0]} {job[1]} seed {job[2]}: AULC {rec['aulc']:.4f}, final Dice "
+                  f"{rec['curve'][-1]['dice']:.4f} ({rec['wall_s']:.0f} s)", flush=True)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    a = np.asarray(values, float)
+    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
+
+
+def common_range_aulc(runs: dict, lo: float, hi: float, key: str = "dice") -> float:
+    """Mean score over [lo, hi] of annotated fraction (linear interpolation between rounds)."""
+    grid = np.linspace(lo, hi, 101)
+    x = [c["fraction"] for c in runs["curve"]]
+    y = [c[key] for c in runs["curve"]]
+    return float(np.trapezoid(np.interp(grid, x, y), grid) / (hi - lo))
+
+
+def aggregate(records: Path) -> dict:
+    """Per setting and strategy: AULC against annotated pixels (voxels) over the range every run of the
+    setting covers (strategies annotate slightly different pixel counts per round, so each is integrated
+    over the same budget), AULC against annotated regions, the mean ± sd curve, timings."""
+    agg: dict = {}
+    for setting, strategies in STRATEGIES.items():
+        by_strategy = {m: [r for s in range(20) if (r := read_record(records, setting, m, s)) is not None]
+                       for m in strategies}
+        all_runs = [r for recs in by_strategy.values() for r in recs]
+        if not all_runs:
+            continue
+        lo = max(r["curve"][0]["fraction"] for r in all_runs)
+        hi = min(r["curve"][-1]["fraction"] for r in all_runs)
+        for strategy, recs in by_strategy.items():
+            if not recs:
+                continue
+            aulcs = [common_range_aulc(r, lo, hi) for r in recs]
+            aulcs_regions = [r["aulc_regions"] for r in recs]
+            n = min(len(r["curve"]) for r in recs)
+            frac = np.array([[r["curve"][i]["fraction"] for i in range(n)] for r in recs])
+            dice = np.array([[r["curve"][i]["dice"] for i in range(n)] for r in recs])
+            jac = np.array([[r["curve"][i]["jaccard"] for i in range(n)] for r in recs])
+            regions = np.array([[r["curve"][i]["regions"] for i in range(n)] for r in recs])
+            m, sd = _mean_sd(aulcs)
+            mr, sdr = _mean_sd(aulcs_regions)
+            entry = {
+                "aulc_mean": round(m, 4), "aulc_sd": None if sd is None else round(sd, 4), "repeats": len(recs),
+                "per_seed": {str(r["seed"]): round(a, 4) for r, a in zip(recs, aulcs)},
+                "aulc_range": [round(lo, 5), round(hi, 5)],
+                "aulc_regions_mean": round(mr, 4), "aulc_regions_sd": None if sdr is None else round(sdr, 4),
+                "final_dice_mean": round(float(dice[:, -1].mean()), 4),
+                "curve": {"fraction_mean": frac.mean(0).round(5).tolist(), "regions_mean": regions.mean(0).tolist(),
+                          "pixels_mean": np.array([[r["curve"][i]["pixels"] for i in range(n)] for r in recs]
+                                                  ).mean(0).round(1).tolist(),
+                          "dice_mean": dice.mean(0).round(4).tolist(),
+                          "dice_sd": (dice.std(0, ddof=1) if len(recs) > 1 else 0 * dice[0]).round(4).tolist(),
+                          "jaccard_mean": jac.mean(0).round(4).tolist()},
+                "query_s_mean": round(float(np.mean([c["query_s"] for r in recs for c in r["curve"][1:]])), 3),
+                "train_s_mean": round(float(np.mean([c["train_s"] for r in recs for c in r["curve"][1:]])), 3),
+                "wall_s_mean": round(float(np.mean([r["wall_s"] for r in recs])), 1),
+                "split": recs[0]["split"],
+            }
+            if setting == "volume3d" and strategy == "plane":
+                tot = {k: int(sum(c.get(k, 0) for r in recs for c in r["curve"])) for k in ("bounds", "exact",
+                                                                                          "exhaustive")}
+                entry["plane_search"] = {**tot, "planes": int(sum(c.get("planes", 0) for r in recs
+                                                                  for c in r["curve"]))}
+            agg.setdefault(setting, {})[strategy] = entry
+    for setting, pairs in (("isbi2012", (("geometry", "entropy"), ("entropy", "random"), ("geometry", "random"),
+                                         ("geometry", "mc_dropout"))),
+                           ("volume3d", (("plane", "random_plane"), ("plane", "top_supervoxels")))):
+        for a, b in pairs:
+            ea, eb = agg.get(setting, {}).get(a), agg.get(setting, {}).get(b)
+            if not ea or not eb:
+                continue
+            gain = ea["aulc_mean"] - eb["aulc_mean"]
+            beyond = (ea["repeats"] >= 3 and eb["repeats"] >= 3 and ea["aulc_sd"] is not None
+                      and eb["aulc_sd"] is not None and abs(gain) > max(ea["aulc_sd"], eb["aulc_sd"]))
+            agg[setting].setdefault("comparisons", {})[f"{a}_vs_{b}"] = {"aulc_gain": round(gain, 4),
+                                                                        "beyond_spread": bool(beyond)}
+    return agg
+
+
+def plot(agg: dict, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [s for s in ("isbi2012", "volume3d") if s in agg]
+    if not settings:
+        return None
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 3.6), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        for strategy, e in agg[setting].items():
+            if strategy == "comparisons":
+                continue
+            x = 100 * np.asarray(e["curve"]["fraction_mean"])
+            y, sd = np.asarray(e["curve"]["dice_mean"]), np.asarray(e["curve"]["dice_sd"])
+            line, = ax.plot(x, y, marker=".", label=f"{strategy} (AULC {e['aulc_mean']:.3f}, n={e['repeats']})")
+            ax.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.15)
+        ax.set_title(f"{setting}: test {next(v for k, v in agg[setting].items() if k != 'comparisons')['split']}",
+                     fontsize=9)
+        ax.set_xlabel("annotated % of the pool's " + ("voxels" if setting == "volume3d" else "pixels"))
+        ax.set_ylabel("membrane Dice (mean ± sd over repeats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plane_search_benchmark(grids: tuple[int, ...] = (12, 24, 48), candidates: int = 10) -> dict:
+    """Branch-and-bound vs exhaustive on the volume3d supervoxels with a trained model's uncertainty."""
+    import torch
+
+    from frugalseg.active.acquisition import region_uncertainty
+    from frugalseg.active.geometry import region_means
+    from frugalseg.active.loop import fit_partial, predict_probabilities
+    from frugalseg.active.planes import best_planar_query
+    from frugalseg.models.medical import unet2d
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    pool, _, _ = build_problem("volume3d")
+    labelled = pool.empty()
+    rng = np.random.default_rng(0)
+    labelled[0][rng.choice(pool.graphs[0].n_regions, 40, replace=False)] = True
+    model = unet2d(1, 2, UNET["channels"], UNET["dropout"])
+    fit_partial(model, pool.images, pool.partial_masks(labelled), 30 if QUICK else 200, rng, crop=96)
+    probs, _ = predict_probabilities(model, pool.images)
+    g = pool.graphs[0]
+    u = np.where(labelled[0], 0.0, region_uncertainty(region_means(probs[0], pool.regions[0], g.n_regions), g))
+    out = {"supervoxels": g.n_regions, "candidates": candidates, "r": LOOP_3D["plane_r"],
+           "radius": LOOP_3D["plane_radius"]}
+    for n in grids:
+        t = time.perf_counter()
+        qb = best_planar_query(g.centroids, u, LOOP_3D["plane_r"], LOOP_3D["plane_radius"], candidates, n, n)
+        tb = time.perf_counter() - t
+        t = time.perf_counter()
+        qe = best_planar_query(g.centroids, u, LOOP_3D["plane_r"], LOOP_3D["plane_radius"], candidates, n, n,
+                               exhaustive=True)
+        te = time.perf_counter() - t
+        out[f"grid{n}"] = {"orientations": n * n, "bnb_bounds": qb.stats.bounds, "bnb_exact": qb.stats.exact,
+                           "bnb_evaluations": qb.stats.bounds + qb.stats.exact,
+                           "exhaustive_evaluations": qe.stats.exact, "candidates_pruned": qb.stats.candidates_pruned,
+                           "same_optimum": bool(abs(qb.score - qe.score) <= 1e-9 * max(1.0, qe.score)),
+                           "score": round(qb.score, 4), "bnb_s": round(tb, 4), "exhaustive_s": round(te, 4)}
+    return out
+
+
+def table(agg: dict) -> None:
+    rows = []
+    for setting, strategies in agg.items():
+        if setting == "plane_search":
+            continue
+        for strategy, e in strategies.items():
+            if strategy == "comparisons":
+                continue
+            sd = "-" if e["aulc_sd"] is None else f"{e['aulc_sd']:.4f}"
+            rows.append((setting, strategy, e["repeats"], f"{e['aulc_mean']:.4f}", sd,
+                         " ".join(f"{v:.3f}" for v in e["per_seed"].values()), f"{e['final_dice_mean']:.4f}",
+                         f"{100 * e['curve']['fraction_mean'][-1]:.1f}%", e["query_s_mean"], e["wall_s_mean"]))
+    print_table(rows, ("setting", "strategy", "n", "AULC", "sd", "per seed", "final Dice", "annotated", "query s",
+                       "wall s"))
+    for setting, strategies in agg.items():
+        for name, c in strategies.get("comparisons", {}).items() if isinstance(strategies, dict) else ():
+            print(f"{setting} {name}: AULC {c['aulc_gain']:+.4f} ({'beyond' if c['beyond_spread'] else 'within'} "
+                  "the spread)")
+
+
+def markdown(agg: dict) -> str:
+    lines = ["| setting (test split) | strategy | repeats | AULC mean ± sd | per seed | final Dice | annotated "
+             "| query s / round |", "|---|---|---|---|---|---|---|---|"]
+    for setting, strategies in agg.items():
+        if setting == "plane_search":
+            continue
+        for strategy, e in strategies.items():
+            if strategy == "comparisons":
+                continue
+            sd = "" if e["aulc_sd"] is None else f" ± {e['aulc_sd']:.3f}"
+            lines.append(f"| {setting} ({e['split']}) | {strategy} | {e['repeats']} | {e['aulc_mean']:.3f}{sd} | "
+                         + " / ".join(f"{v:.3f}" for v in e["per_seed"].values())
+                         + f" | {e['final_dice_mean']:.3f} | {100 * e['curve']['fraction_mean'][-1]:.1f}% | "
+                         f"{e['query_s_mean']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global QUICK
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="Minutes: 1 repeat, 2 short rounds (figures mean nothing).")
+    ap.add_argument("--only", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    ap.add_argument("--seeds", type=int, nargs="+", help="Repeats to run (default: 0-4 in 2D, 0-2 in 3D).")
+    ap.add_argument("--parallel", type=int, default=1, help="Runs at once (one torch thread each).")
+    ap.add_argument("--records", default=str(RECORDS), help="Where each finished run's record goes (kept).")
+    ap.add_argument("--run-root", default=str(RUN_ROOT), help="Where runs keep their round-by-round state.")
+    ap.add_argument("--no-plane-search", action="store_true", help="Skip the branch-and-bound timing.")
+    ap.add_argument("--aggregate", action="store_true", help="Only aggregate the records on disk.")
+    ap.add_argument("--markdown", action="store_true", help="Print the README table from the records.")
+    ap.add_argument("--run-child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    QUICK = args.quick
+    started = time.time()
+    records, run_root = Path(args.records), Path(args.run_root)
+    if QUICK and args.records == str(RECORDS):  # scratch: quick records never mix with the real ones
+        records = RUN_ROOT.parent / "active_quick" / "records"
+    if QUICK and args.run_root == str(RUN_ROOT):
+        run_root = RUN_ROOT.parent / "active_quick" / "runs"
+    if args.run_child:
+        setting, strategy, seed = args.run_child
+        run_child(setting, strategy, int(seed), records, run_root)
+        return
+    if args.markdown:
+        print(markdown(aggregate(records)))
+        return
+    if not args.aggregate:
+        run_all(args.only, args.seeds if not QUICK else [0], records, run_root, args.parallel)
+    agg = aggregate(records)
+    figures: dict = {k: v for k, v in agg.items()}
+    if not args.aggregate and not args.no_plane_search:
+        figures["plane_search"] = plane_search_benchmark(grids=(12, 24) if QUICK else (12, 24, 48))
+    name = "active_quick" if QUICK else "active"
+    settings = {"isbi2012": {**ISBI_2D, **LOOP_2D, "unet": UNET, "seeds": list(SEEDS["isbi2012"])},
+                "volume3d": {**ISBI_3D, **LOOP_3D, "unet": UNET, "seeds": list(SEEDS["volume3d"])},
+                "quick": QUICK}
+    if figures:
+        path = save_results(name, figures, settings, started)
+        print(f"wrote {path}")
+    if not QUICK and agg:
+        plot(agg, RESULTS / "active_curves.png")
+    table(agg)
+    if "plane_search" in figures:
+        ps = figures["plane_search"]
+        print_table([(k, v["orientations"], v["bnb_evaluations"], v["exhaustive_evaluations"], v["same_optimum"],
+                      v["bnb_s"], v["exhaustive_s"]) for k, v in ps.items() if k.startswith("grid")],
+                    ("grid", "orientations", "B&B evaluations", "exhaustive", "same optimum", "B&B s",
+                     "exhaustive s"))
+
+
+if __name__ == "__main__":
+    main()
