@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench-quick clean
+.PHONY: setup browser demo test bench-quick clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/frugalseg demo --out runs/demo
 
-test: $(STAMP)
+# The annotation page is tested in a real headless browser: Debian's chromium and its driver (selenium
+# then downloads nothing). Installed when apt is there and we may; otherwise that one test is skipped.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null) \
+	      || echo "could not install chromium-driver: the browser test will be skipped"; \
+	  else echo "chromium-driver not installed (needs apt as root): the browser test will be skipped"; fi; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest tests
 
 bench-quick: $(STAMP)

@@ -385,6 +385,46 @@ def _data_command() -> click.Command:
     return data
 
 
+# ---- active learning: query / annotate ------------------------------------------------------------------
+def _query_command() -> click.Command:
+    from frugalseg.cli.options import config_options
+    from frugalseg.stages.query import QueryConfig
+
+    @click.command()
+    @click.argument("run", type=click.Path(exists=True, file_okay=False))
+    @config_options(QueryConfig)
+    def query(run: str, **options) -> None:
+        """What to annotate next: rank the superpixels of a dataset's images by the run's uncertainty (with
+        the geometric prior of Konyushkova et al. by default) and write queries.json and queries.html."""
+        from frugalseg.cli.options import build_config
+        from frugalseg.stages.options import load_config
+        from frugalseg.stages.query import query as run_query
+
+        result = run_query(build_config(QueryConfig, {**options, "run": run}, None, load_config))
+        click.echo(f"{result['queries']} queries from {result['images_scored']} images: "
+                   f"{Path(result['out']) / 'queries.html'}")
+        click.echo(f"answer them: {result['annotate']}   (answers go to {result['masks']})")
+
+    return query
+
+
+def _annotate_command() -> click.Command:
+    @click.command()
+    @click.argument("queries", type=click.Path(exists=True, file_okay=False))
+    @click.option("--port", default=8765, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
+    @click.option("--masks", default=None, type=click.Path(file_okay=False),
+                  help="Write answers here instead of the folder queries.json names.")
+    @click.option("--open-browser/--no-open-browser", default=False, show_default=True)
+    def annotate(queries: str, port: int, masks: str | None, open_browser: bool) -> None:
+        """Serve the annotation page for a queries folder on 127.0.0.1: paint or correct each queried
+        region with the dataset's classes and save; answers become partial masks (255 outside them)."""
+        from frugalseg.stages.annotate import serve
+
+        serve(Path(queries), port=port, masks=masks, open_browser=open_browser, echo=click.echo)
+
+    return annotate
+
+
 # name -> (builder, one-line summary shown by `frugalseg --help` without building the command)
 COMMANDS: dict[str, tuple[Callable[[], click.Command], str]] = {
     "train": (_train_command, "Train a segmentation model with masks, or semi-supervised with --semi."),
@@ -397,6 +437,8 @@ COMMANDS: dict[str, tuple[Callable[[], click.Command], str]] = {
     "datasets": (_datasets_command, "Public datasets: list and download (with checksums)."),
     "data": (_data_command, "Inspect datasets (validate)."),
     "demo": (_demo_command, "Train and evaluate on a generated shapes dataset (no download)."),
+    "query": (_query_command, "What to annotate next: queries.json and a page of regions, from a trained run."),
+    "annotate": (_annotate_command, "Serve a local page to answer queries; answers become partial masks."),
 }
 
 

@@ -1,0 +1,294 @@
+"""`frugalseg query`: what to annotate next, from a trained run and a dataset.
+
+For every image of the split the run's model predicts class probabilities; the image is cut into SLIC
+superpixels; each superpixel is scored by the chosen strategy (`frugalseg.active`: the combined feature
++ geometric criterion by default) and the best regions over all images are chosen, no two adjacent.
+Regions that are already fully annotated (a mask without void there) are never asked again, so running
+`query` after `annotate` asks for new regions.
+
+Writes, into `--out` (default `<run>/queries`), atomically:
+- `queries.json`: one entry per query (image, region id, its box and size, score, why, the prediction
+  in it), plus the classes and palette and where `annotate` writes answers;
+- `regions/<image>.npz`: the superpixels of each queried image (what "region 7" means);
+- `predictions/<image>.png`: the predicted labels (what `annotate` starts the painting from);
+- `queries.html`: each query over its image (region outlined, prediction tinted), best first.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from frugalseg.active.acquisition import pixel_uncertainty
+from frugalseg.active.geometry import region_graph, region_means, superpixels
+from frugalseg.active.selection import random_regions, select_regions
+from frugalseg.data.io import make_folder, sample_file, write_json, write_label_png, write_text
+from frugalseg.data.labels import LabelSpec
+from frugalseg.errors import ConfigError, DataError
+from frugalseg.inference import predict_images
+from frugalseg.stages.options import option
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QUERY_STRATEGIES", "QueryConfig", "query"]
+
+QUERY_STRATEGIES = ("geometry", "entropy", "mc_dropout", "random")
+QUERIES_FORMAT = 1
+
+
+@dataclass
+class QueryConfig:
+    """What `frugalseg query` reads and how it ranks regions."""
+
+    run: str = option("", "A trained run directory (frugalseg train / train --semi).", cli=False)
+    data: str | None = option(None, "Dataset to query (default: the one the run was trained on).")
+    split: str = option("train", "Split whose images are candidates.")
+    strategy: str = option("geometry", "geometry (classifier + neighbours, Konyushkova et al.), entropy, "
+                                       "mc_dropout (needs dropout in the model) or random.", choices=QUERY_STRATEGIES)
+    regions: int = option(20, "How many regions to ask for.", ge=1)
+    n_segments: int = option(300, "SLIC superpixels per image (about; fewer for small images).", ge=2)
+    compactness: float | None = option(None, "SLIC compactness (default: 0.1 greyscale, 10 colour).", gt=0)
+    max_images: int | None = option(None, "Consider only the first N images of the split.", ge=1)
+    mc_passes: int = option(8, "MC-dropout passes (strategy mc_dropout).", ge=2)
+    masks: str | None = option(None, "Where annotate writes answers (partial masks, 255 = void). Default: the "
+                                     "dataset's masks/ folder for a folders dataset, else <out>/answers.")
+    out: str | None = option(None, "Folder for queries.json, queries.html (default <run>/queries).")
+    seed: int = option(0, "Seed of the random strategy.", ge=0)
+    devices: str = option("auto", "cpu, or auto (a GPU when there is one).")
+
+
+def _model_of(run: Path):
+    """(model, spec, labels, run config) of a finished supervised or semi-supervised run."""
+    from frugalseg.export import load_export
+    from frugalseg.runs import RunDir
+    from frugalseg.stages import semi as semi_stage
+    from frugalseg.stages.train import saved_config
+
+    rd = RunDir(run)
+    cfg = saved_config(rd)
+    if isinstance(cfg, semi_stage.SemiConfig):
+        meta = semi_stage.saved_export(rd)
+        return cfg.STEP.load_predictor(rd.path), meta["model"], LabelSpec.from_dict(meta["labels"]), cfg
+    if not (run / "model" / "config.json").exists():
+        raise DataError(f"{run}: no exported model (model/config.json); has training finished?")
+    model, spec, labels = load_export(run / "model")
+    return model, spec, labels, cfg
+
+
+def _answers_folder(cfg: QueryConfig, ds, out: Path) -> Path:
+    """`--masks`, else the dataset's own masks/ folder when it is a folders dataset read without a class
+    map (the answers are then simply more masks of that dataset: `train` and `train --semi` read them
+    as labelled images, void outside the answered regions), else `<out>/answers`."""
+    if cfg.masks:
+        return Path(cfg.masks)
+    parents = {Path(s.image).parent for s in ds.samples}
+    n = ds.labels.num_classes
+    identity = (tuple(ds.class_map.source.names) == tuple(ds.labels.names)
+                and np.array_equal(ds.class_map.lut[:n], np.arange(n)))
+    if len(parents) == 1 and next(iter(parents)).name == "images" and identity:
+        return next(iter(parents)).parent / "masks"
+    return out / "answers"
+
+
+def _as_input(image: np.ndarray, in_chans: int) -> tuple[torch.Tensor, np.ndarray, int | None]:
+    """(network input (C, H, W), the image SLIC sees, its channel axis)."""
+    from frugalseg.data.transforms import to_tensor_image
+
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise DataError(f"query works on 2D images (H, W, 3); got shape {image.shape}. Volumes: see "
+                        "frugalseg.active.planes.")
+    x = to_tensor_image(image)
+    if in_chans == 1:
+        grey = image.astype(np.float32).mean(-1) / 255.0
+        return x.mean(0, keepdim=True), grey, None
+    return x, image.astype(np.float32), -1
+
+
+def _why(strategy: str, feat: float, comb: float, probs: np.ndarray, names: tuple[str, ...]) -> str:
+    top = np.argsort(-probs)[:2]
+    pred = ", ".join(f"{names[k]} {100 * probs[k]:.0f}%" for k in top)
+    if strategy == "geometry":
+        extra = ("the neighbours disagree with it" if comb > 1.5 * feat + 1e-3 else
+                 "the classifier is unsure" if feat >= comb else "both are unsure")
+        return f"combined uncertainty {comb:.3f} (classifier alone {feat:.3f}: {extra}); predicted {pred}"
+    if strategy == "entropy":
+        return f"classifier entropy {feat:.3f}; predicted {pred}"
+    if strategy == "mc_dropout":
+        return f"MC-dropout mutual information {comb:.4f} (classifier entropy {feat:.3f}); predicted {pred}"
+    return f"random baseline; predicted {pred}"
+
+
+def query(cfg: QueryConfig) -> dict:
+    """Rank regions, write queries.json / queries.html / regions / predictions; returns the summary."""
+    from frugalseg.active.acquisition import mc_dropout_probabilities
+    from frugalseg.stages.options import device_of
+    from frugalseg.stages.train import _open
+
+    if not cfg.run:
+        raise ConfigError("query needs a trained run: frugalseg query RUN [--data ...].")
+    run = Path(cfg.run)
+    if not run.is_dir():
+        raise DataError(f"{run}: no such run directory.")
+    t0 = time.time()
+    model, spec, labels, run_cfg = _model_of(run)
+    if cfg.data:
+        run_cfg.data = cfg.data
+    ds = _open(run_cfg, cfg.split)
+    if tuple(ds.labels.names) != tuple(labels.names):
+        raise DataError(f"{run_cfg.data}: classes {list(ds.labels.names)} differ from the run's "
+                        f"{list(labels.names)}; query a dataset with the classes the model was trained on.")
+    samples = ds.samples[: cfg.max_images] if cfg.max_images else ds.samples
+    if not samples:
+        raise DataError(f"{run_cfg.data}:{cfg.split}: no images to query.")
+    out = Path(cfg.out) if cfg.out else run / "queries"
+    make_folder(out)
+    device = device_of(cfg.devices)
+    model = model.to(device).eval()
+    in_chans = int(spec.get("in_chans", 3))
+    graphs, scores, feats, combs, labelled, region_maps, probs_by_image = [], [], [], [], [], [], []
+    rng = np.random.default_rng(cfg.seed)
+    from tqdm.auto import tqdm
+
+    for s in tqdm(samples, desc="query: scoring", unit="image", disable=len(samples) < 4):
+        image = ds.read_image(s)
+        x, seen, channel_axis = _as_input(image, in_chans)
+        with torch.no_grad():
+            probs = predict_images(model, x[None], spec.get("input_size"), device=device)[0].numpy()
+            info = None
+            if cfg.strategy == "mc_dropout":
+                _, mi = mc_dropout_probabilities(model, x[None].to(device), passes=cfg.mc_passes)
+                info = mi[0].cpu().numpy()
+        regions = superpixels(seen, cfg.n_segments, cfg.compactness, channel_axis=channel_axis)
+        grey = seen if channel_axis is None else seen.mean(-1) / 255.0
+        graph = region_graph(regions, grey)
+        n = graph.n_regions
+        feat = region_means(pixel_uncertainty(probs, source="feature"), regions, n)
+        comb = region_means(pixel_uncertainty(probs, grey, source="combined"), regions, n)
+        score = {"geometry": comb, "entropy": feat, "random": np.zeros(n),
+                 "mc_dropout": region_means(info, regions, n) if info is not None else None}[cfg.strategy]
+        done = np.zeros(n, bool)
+        if s.mask is not None:
+            mask = ds.read_mask(s)
+            ds.check_sizes(s, image, mask)
+            annotated = region_means((mask != labels.ignore_index).astype(np.float32), regions, n)
+            done = annotated >= 1.0  # fully annotated regions are never asked again
+        graphs.append(graph)
+        scores.append(score)
+        feats.append(feat)
+        combs.append(score if cfg.strategy == "mc_dropout" else comb)
+        labelled.append(done)
+        region_maps.append(regions)
+        probs_by_image.append(region_means(probs, regions, n))
+        _keep_prediction(out, s.id, probs, labels)
+    if all(d.all() for d in labelled):
+        raise DataError(f"{run_cfg.data}:{cfg.split}: every region is already annotated; nothing left to ask.")
+    picked = (random_regions(graphs, cfg.regions, rng, labelled) if cfg.strategy == "random"
+              else select_regions(scores, graphs, cfg.regions, labelled))
+    queries = []
+    for k, q in enumerate(picked):
+        s = samples[q.image]
+        reg = region_maps[q.image] == q.region
+        ys, xs = np.nonzero(reg)
+        queries.append({
+            "id": f"q{k:03d}", "kind": "region", "sample": s.id, "image": str(s.image), "region": q.region,
+            "score": round(q.score, 6), "pixels": int(reg.sum()),
+            "bbox": [int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1],
+            "regions_file": str(sample_file("regions", s.id, ".npz")),
+            "prediction_file": str(sample_file("predictions", s.id, ".png")),
+            "why": _why(cfg.strategy, float(feats[q.image][q.region]), float(combs[q.image][q.region]),
+                        probs_by_image[q.image][q.region], labels.names),
+        })
+    for i in sorted({q.image for q in picked}):
+        with _atomic_npz(sample_file(out / "regions", samples[i].id, ".npz")) as fh:
+            np.savez_compressed(fh, regions=region_maps[i].astype(np.int32))
+    doc = {
+        "format": QUERIES_FORMAT, "run": str(run.resolve()), "data": str(run_cfg.data), "split": cfg.split,
+        "strategy": cfg.strategy, "classes": list(labels.names), "palette": [list(c) for c in labels.palette],
+        "ignore_index": labels.ignore_index, "masks": str(_answers_folder(cfg, ds, out).resolve()),
+        "images_scored": len(samples), "seconds": round(time.time() - t0, 1), "queries": queries,
+    }
+    write_json(out / "queries.json", doc)
+    write_text(out / "queries.html", _page(doc, out, ds, samples, region_maps, labels))
+    return {"out": str(out), "queries": len(queries), "images_scored": len(samples), "masks": doc["masks"],
+            "seconds": doc["seconds"], "annotate": f"frugalseg annotate {out}"}
+
+
+class _atomic_npz:
+    """np.savez_compressed into a temporary file renamed on success."""
+
+    def __init__(self, path: Path):
+        from frugalseg.data.io import atomic_path
+
+        self._ctx = atomic_path(path)
+
+    def __enter__(self):
+        self._tmp = self._ctx.__enter__()
+        self._fh = open(self._tmp, "wb")
+        return self._fh
+
+    def __exit__(self, *exc):
+        self._fh.close()
+        return self._ctx.__exit__(*exc)
+
+
+def _keep_prediction(out: Path, sample_id: str, probs: np.ndarray, labels: LabelSpec) -> None:
+    write_label_png(sample_file(out / "predictions", sample_id, ".png"), probs.argmax(0).astype(np.uint8),
+                    labels.palette_bytes())
+
+
+def _thumb(image: np.ndarray, region: np.ndarray, pred: np.ndarray, labels: LabelSpec, bbox: list[int],
+           margin: int = 24, size: int = 220) -> str:
+    """A base64 JPEG: the region's neighbourhood, prediction tinted, the region outlined in yellow."""
+    y0, x0, y1, x1 = bbox
+    y0, x0 = max(0, y0 - margin), max(0, x0 - margin)
+    y1, x1 = min(image.shape[0], y1 + margin), min(image.shape[1], x1 + margin)
+    crop = image[y0:y1, x0:x1].astype(np.float32)
+    pal = np.array(labels.palette, dtype=np.float32)
+    tint = pal[np.clip(pred[y0:y1, x0:x1], 0, len(pal) - 1)]
+    mixed = (0.7 * crop + 0.3 * tint).astype(np.uint8)
+    reg = region[y0:y1, x0:x1]
+    edge = reg & ~(np.roll(reg, 1, 0) & np.roll(reg, -1, 0) & np.roll(reg, 1, 1) & np.roll(reg, -1, 1))
+    mixed[edge] = (255, 230, 0)
+    img = Image.fromarray(mixed)
+    scale = size / max(img.size)
+    img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=88)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _page(doc: dict, out: Path, ds, samples, region_maps, labels: LabelSpec) -> str:
+    by_id = {s.id: (i, s) for i, s in enumerate(samples)}
+    cards = []
+    for q in doc["queries"]:
+        i, s = by_id[q["sample"]]
+        image = ds.read_image(s)
+        pred = np.array(Image.open(out / q["prediction_file"]))
+        thumb = _thumb(image, region_maps[i] == q["region"], pred, labels, q["bbox"])
+        cards.append(f"""<figure><img src="data:image/jpeg;base64,{thumb}" alt="{html.escape(q['id'])}">
+<figcaption><b>{html.escape(q['id'])}</b> · {html.escape(str(q['sample']))} · region {q['region']} ·
+{q['pixels']} px<br>score {q['score']:.4f}<br><small>{html.escape(q['why'])}</small></figcaption></figure>""")
+    legend = " ".join(f'<span class="sw" style="background:rgb{tuple(c)}"></span>{html.escape(n)}'
+                      for n, c in zip(doc["classes"], doc["palette"]))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>frugalseg queries</title>
+<style>body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}} figure{{display:inline-block;width:230px;
+margin:6px;vertical-align:top}} img{{width:220px;border:1px solid #ccc}} .sw{{display:inline-block;width:12px;
+height:12px;margin:0 4px 0 10px;border:1px solid #888}} figcaption{{font-size:12px}}</style></head><body>
+<h1>What to annotate next</h1>
+<p>{len(doc['queries'])} regions from {doc['images_scored']} images of <code>{html.escape(doc['data'])}</code>
+({html.escape(doc['split'])}), strategy <b>{html.escape(doc['strategy'])}</b>, best first. Yellow outline: the
+region; tint: the model's prediction ({legend}).</p>
+<p>Answer them: <code>frugalseg annotate {html.escape(str(out))}</code> (answers go to
+<code>{html.escape(doc['masks'])}</code>).</p>
+{''.join(cards)}
+</body></html>"""
+
