@@ -137,3 +137,49 @@ def test_annotate_page_in_a_headless_browser(queried, tmp_path):
     region = np.load(queried / q["regions_file"])["regions"] == q["region"]
     assert (mask[region] == 3).all() and (mask[~region] == 255).all()
     assert json.loads((queried / "answers.json").read_text())[first]["pixels"] == {"triangle": int(region.sum())}
+
+
+def test_plane_queries_of_a_volume_and_their_answers(tmp_path):
+    """Volumes: the best planar patches (no supervoxel twice), each resampled as a slice; an answer painted
+    on the slice lands in the nearest voxels of a NIfTI partial mask, void elsewhere."""
+    import torch
+
+    from frugalseg.data.labels import LabelSpec
+    from frugalseg.data.nifti import write_nifti
+    from frugalseg.data.samples import Sample, SegDataset
+    from frugalseg.stages.annotate import read_volume_mask
+    from frugalseg.stages.query import QueryConfig, _query_volumes
+
+    rng = np.random.default_rng(0)
+    vol = (rng.normal(size=(10, 32, 32)) * 0.05).astype(np.float32)
+    vol[3:7, 8:24, 8:24] += 1.0
+    write_nifti(tmp_path / "case.nii.gz", vol, (2.0, 1.0, 1.0))
+    labels = LabelSpec(names=("background", "organ"))
+    ds = SegDataset(name="toy", samples=[Sample(id="case", image=tmp_path / "case.nii.gz", spacing=(2.0, 1.0, 1.0))],
+                    labels=labels, ndim=3)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1)).eval()
+    out = tmp_path / "queries"
+    cfg = QueryConfig(run=str(tmp_path), planes=2, supervoxels=60, plane_r=2.0, plane_radius=10.0)
+
+    class RunCfg:
+        data = "toy"
+
+    res = _query_volumes(cfg, tmp_path, RunCfg, ds, ds.samples, model, {"dims": 2, "in_chans": 1}, labels, out,
+                         "cpu", 0.0)
+    assert res["queries"] == 2
+    doc = json.loads((out / "queries.json").read_text())
+    q = doc["queries"][0]
+    assert q["kind"] == "plane" and abs(np.linalg.norm(q["normal"]) - 1) < 1e-4 and q["volume_shape"] == [10, 32, 32]
+    assert doc["queries"][0]["score"] >= doc["queries"][1]["score"] and "<figure>" in (out / "queries.html").read_text()
+    session = AnnotationSession(out)
+    task = session.task(q["id"])
+    patch = np.array(task["region"], bool)
+    assert patch.sum() == q["pixels"] > 0 and len(task["start"]) == task["width"] * task["height"]
+    assert session.crop_png(q["id"]).startswith(b"\x89PNG")
+    painted = np.where(patch, 1, 0)
+    result = session.answer(q["id"], painted.tolist())
+    mask = read_volume_mask(Path(result["mask"]))
+    assert mask.shape == (10, 32, 32)
+    assert (mask == 1).sum() == result["voxels"] > 0 and set(np.unique(mask)) == {1, 255}
+    assert session.task(q["id"])["start"] == np.where(patch, 1, task["start"]).tolist()  # the saved answer returns

@@ -116,7 +116,9 @@ function draw() {
       || !task.region[k - w] || !task.region[k + w];
     for (let dy = 0; dy < scale; dy++) for (let dx = 0; dx < scale; dx++) {
       const p = ((y * scale + dy) * canvas.width + x * scale + dx) * 4;
-      if (edge && (dx === 0 || dy === 0)) { over.data[p] = 255; over.data[p + 1] = 230; over.data[p + 2] = 0; continue; }
+      if (edge && (dx === 0 || dy === 0)) {
+        over.data[p] = 255; over.data[p + 1] = 230; over.data[p + 2] = 0; continue;
+      }
       for (let c = 0; c < 3; c++) over.data[p + c] = 0.55 * over.data[p + c] + 0.45 * rgb[c];
     }
   }
@@ -148,7 +150,10 @@ document.getElementById('save').onclick = save;
 window.addEventListener('keydown', e => {
   if (e.key === 'Enter') save();
   const n = parseInt(e.key, 10);
-  if (!isNaN(n)) { const c = CONFIG.classes[n === 0 ? CONFIG.classes.length - 1 : n - 1]; if (c) { cls = c.id; markClass(); } }
+  if (!isNaN(n)) {
+    const c = CONFIG.classes[n === 0 ? CONFIG.classes.length - 1 : n - 1];
+    if (c) { cls = c.id; markClass(); }
+  }
 });
 
 async function save() {

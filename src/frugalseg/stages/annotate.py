@@ -27,16 +27,25 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from frugalseg.data.io import read_json, read_label_png, read_rgb, write_json, write_label_png, write_text
+from frugalseg.data.io import (
+    read_json, read_label_png, read_rgb, sample_file, write_json, write_label_png, write_text,
+)
 from frugalseg.data.labels import LabelSpec
 from frugalseg.errors import DataError
 from frugalseg.report.annotate_page import annotate_page
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AnnotationSession", "make_server", "serve"]
+__all__ = ["AnnotationSession", "make_server", "read_volume_mask", "serve"]
 
 MARGIN = 24  # pixels of context around a queried region
+
+
+def read_volume_mask(path: Path) -> np.ndarray:
+    """A partial volume mask written by `annotate` (uint8 ids, 255 = void), in (z, y, x) order."""
+    from frugalseg.data.volume_io import _array
+
+    return np.asarray(_array(path)).astype(np.uint8)
 
 
 class AnnotationSession:
@@ -73,11 +82,19 @@ class AnnotationSession:
         with np.load(self.dir / q["regions_file"]) as z:
             return z["regions"] == q["region"]
 
+    def _slice(self, q: dict) -> dict:
+        with np.load(self.dir / q["slice_file"]) as z:
+            return {k: z[k] for k in z.files}
+
     def crop_png(self, qid: str) -> bytes:
         q = self.query(qid)
+        buf = io.BytesIO()
+        if q.get("kind") == "plane":  # the plane resampled as a 2D slice, in [0, 1]
+            grey = (255 * np.clip(self._slice(q)["image"], 0, 1)).astype(np.uint8)
+            Image.fromarray(np.repeat(grey[..., None], 3, -1)).save(buf, format="PNG")
+            return buf.getvalue()
         image = read_rgb(Path(q["image"]))
         y0, x0, y1, x1 = self.crop_box(q, image.shape[:2])
-        buf = io.BytesIO()
         Image.fromarray(image[y0:y1, x0:x1]).save(buf, format="PNG")
         return buf.getvalue()
 
@@ -85,6 +102,17 @@ class AnnotationSession:
         """The crop's size, the region (0/1 per pixel), and the labels to start painting from: the saved
         answer where the mask has one, else the model's prediction."""
         q = self.query(qid)
+        if q.get("kind") == "plane":
+            sl = self._slice(q)
+            start = sl["prediction"].copy()
+            path = self.mask_path(q)
+            if path.exists():
+                saved = self._voxels(q, sl, read_volume_mask(path))
+                start = np.where(sl["patch"] & (saved != self.labels.ignore_index), saved, start)
+            h, w = start.shape
+            return {"id": qid, "width": w, "height": h, "box": [0, 0, h, w],
+                    "region": sl["patch"].astype(np.uint8).ravel().tolist(), "start": start.ravel().tolist(),
+                    "answered": qid in self.answers}
         region = self._region(q)
         y0, x0, y1, x1 = self.crop_box(q, region.shape)
         start = np.array(Image.open(self.dir / q["prediction_file"]), dtype=np.uint8)
@@ -99,24 +127,56 @@ class AnnotationSession:
 
     def mask_path(self, q: dict) -> Path:
         """The partial mask of the query's image: answers/<image stem>.png (a folders dataset pairs images
-        and masks by stem)."""
+        and masks by stem); for a volume, answers/<sample id>.nii.gz."""
+        if q.get("kind") == "plane":
+            return sample_file(self.masks, q["sample"], ".nii.gz")
         return self.masks / f"{Path(q['image']).stem}.png"
+
+    @staticmethod
+    def _nearest(q: dict, sl: dict) -> tuple[np.ndarray, ...]:
+        """Voxel indices (z, y, x) nearest to each slice pixel, clipped into the volume."""
+        shape = q["volume_shape"]
+        return tuple(np.clip(np.rint(sl["coords"][a]), 0, shape[a] - 1).astype(np.int64) for a in range(3))
+
+    def _voxels(self, q: dict, sl: dict, volume: np.ndarray) -> np.ndarray:
+        return volume[self._nearest(q, sl)]
+
+    def _answer_plane(self, qid: str, q: dict, painted: np.ndarray) -> dict:
+        """Write a painted slice into the volume's partial mask: each patch pixel's nearest voxel."""
+        from frugalseg.data.nifti import write_nifti
+
+        sl = self._slice(q)
+        if painted.size != sl["patch"].size:
+            raise DataError(f"answer for {qid}: {painted.size} labels for a {sl['patch'].shape} slice.")
+        painted = painted.reshape(sl["patch"].shape)
+        path = self.mask_path(q)
+        shape = tuple(q["volume_shape"])
+        volume = read_volume_mask(path) if path.exists() else np.full(shape, self.labels.ignore_index, np.uint8)
+        if volume.shape != shape:
+            raise DataError(f"{path}: mask size {volume.shape} differs from the volume's {shape}.")
+        idx = tuple(a[sl["patch"]] for a in self._nearest(q, sl))
+        volume[idx] = painted[sl["patch"]].astype(np.uint8)
+        write_nifti(path, volume, q.get("spacing"))
+        return {"mask": str(path), "values": painted[sl["patch"]], "voxels": int(len(set(zip(*idx))))}
 
     # ---- what the page writes --------------------------------------------------------------------
     def answer(self, qid: str, labels: list[int]) -> dict:
         """Merge a painted crop into the image's partial mask; only the queried region's pixels change."""
         q = self.query(qid)
-        region = self._region(q)
-        y0, x0, y1, x1 = self.crop_box(q, region.shape)
+        if q.get("kind") == "plane":
+            region, (y0, x0, y1, x1) = None, (0, 0, 0, 0)
+        else:
+            region = self._region(q)
+            y0, x0, y1, x1 = self.crop_box(q, region.shape)
         painted = np.asarray(labels, dtype=np.int64)
+        self._check_ids(qid, painted)
+        if q.get("kind") == "plane":
+            with self._lock:
+                done = self._answer_plane(qid, q, painted)
+                return self._log(qid, q, done["mask"], done["values"], voxels=done["voxels"])
         if painted.size != (y1 - y0) * (x1 - x0):
             raise DataError(f"answer for {qid}: {painted.size} labels for a {y1 - y0}×{x1 - x0} crop.")
         painted = painted.reshape(y1 - y0, x1 - x0)
-        valid = (painted >= 0) & (painted < self.labels.num_classes) | (painted == self.labels.ignore_index)
-        if not valid.all():
-            bad = sorted(set(painted[~valid].tolist()))[:5]
-            raise DataError(f"answer for {qid}: unknown class ids {bad} (classes 0..{self.labels.num_classes - 1},"
-                            f" {self.labels.ignore_index} = void).")
         with self._lock:
             path = self.mask_path(q)
             if path.exists():
@@ -131,12 +191,22 @@ class AnnotationSession:
             classes_txt = self.masks.parent / "classes.txt"
             if self.masks.name == "masks" and (self.masks.parent / "images").is_dir() and not classes_txt.exists():
                 write_text(classes_txt, "\n".join(self.labels.names) + "\n")  # masks need named ids
-            counts = np.bincount(painted[sub].ravel(), minlength=256)
-            entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "sample": q["sample"], "mask": str(path),
-                     "pixels": {self.labels.names[k] if k < self.labels.num_classes else "void": int(c)
-                                for k, c in enumerate(counts) if c}}
-            self.answers[qid] = entry
-            write_json(self.log_path, self.answers)
+            return self._log(qid, q, str(path), painted[sub])
+
+    def _check_ids(self, qid: str, painted: np.ndarray) -> None:
+        valid = (painted >= 0) & (painted < self.labels.num_classes) | (painted == self.labels.ignore_index)
+        if not valid.all():
+            bad = sorted(set(painted[~valid].tolist()))[:5]
+            raise DataError(f"answer for {qid}: unknown class ids {bad} (classes 0..{self.labels.num_classes - 1},"
+                            f" {self.labels.ignore_index} = void).")
+
+    def _log(self, qid: str, q: dict, mask: str, values: np.ndarray, **extra) -> dict:
+        counts = np.bincount(np.asarray(values, np.int64).ravel(), minlength=256)
+        entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "sample": q["sample"], "mask": mask,
+                 "pixels": {self.labels.names[k] if k < self.labels.num_classes else "void": int(c)
+                            for k, c in enumerate(counts) if c}, **extra}
+        self.answers[qid] = entry
+        write_json(self.log_path, self.answers)
         return {"ok": True, **entry}
 
 
@@ -197,7 +267,8 @@ def serve(queries_dir: Path, port: int = 8765, masks: str | None = None, open_br
     try:
         server = make_server(session, port)
     except OSError as exc:
-        raise DataError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); try --port 0 for any free port.") from None
+        raise DataError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); "
+                        "try --port 0 for any free port.") from None
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     echo(f"annotate: {len(session.doc['queries'])} queries at {url} (answers to {session.masks}); Ctrl-C to stop")
     if open_browser:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from frugalseg.active.acquisition import pixel_uncertainty
 from frugalseg.active.geometry import region_graph, region_means, superpixels
@@ -59,6 +59,10 @@ class QueryConfig:
     compactness: float | None = option(None, "SLIC compactness (default: 0.1 greyscale, 10 colour).", gt=0)
     max_images: int | None = option(None, "Consider only the first N images of the split.", ge=1)
     mc_passes: int = option(8, "MC-dropout passes (strategy mc_dropout).", ge=2)
+    planes: int = option(3, "Volumes: planar patches to ask for (each shown as one 2D slice).", ge=1)
+    supervoxels: int = option(2000, "Volumes: SLIC supervoxels per volume (about).", ge=2)
+    plane_r: float = option(3.0, "Volumes: a supervoxel is on the plane within this distance (mm or voxels).", gt=0)
+    plane_radius: float = option(24.0, "Volumes: the planar patch's radius (mm or voxels).", gt=0)
     masks: str | None = option(None, "Where annotate writes answers (partial masks, 255 = void). Default: the "
                                      "dataset's masks/ folder for a folders dataset, else <out>/answers.")
     out: str | None = option(None, "Folder for queries.json, queries.html (default <run>/queries).")
@@ -153,6 +157,8 @@ def query(cfg: QueryConfig) -> dict:
     make_folder(out)
     device = device_of(cfg.devices)
     model = model.to(device).eval()
+    if ds.ndim == 3:
+        return _query_volumes(cfg, run, run_cfg, ds, samples, model, spec, labels, out, device, t0)
     in_chans = int(spec.get("in_chans", 3))
     graphs, scores, feats, combs, labelled, region_maps, probs_by_image = [], [], [], [], [], [], []
     rng = np.random.default_rng(cfg.seed)
@@ -292,3 +298,125 @@ region; tint: the model's prediction ({legend}).</p>
 {''.join(cards)}
 </body></html>"""
 
+
+
+# ---- volumes: planar patches -------------------------------------------------------------------------
+def volume_planes(volume: np.ndarray, probs: np.ndarray, n_planes: int, n_segments: int, r: float, radius: float,
+                  spacing=None, done: np.ndarray | None = None, grid: int = 24, candidates: int = 10):
+    """The `n_planes` best planar patches of one volume, one after the other (a patch's supervoxels count
+    no more for the next one), by the combined criterion averaged per supervoxel.
+
+    volume: (D, H, W); probs: (C, D, H, W); done: voxels already annotated (their supervoxels count 0 when
+    fully annotated). Returns (supervoxel labels, [(PlaneQuery, feature score, combined score)]).
+    """
+    from frugalseg.active.geometry import supervoxels
+    from frugalseg.active.planes import best_planar_query
+
+    spacing = tuple(float(v) for v in (spacing or (1.0, 1.0, 1.0)))
+    regions = supervoxels(volume, n_segments, spacing=spacing)
+    graph = region_graph(regions, volume, spacing=spacing)
+    n = graph.n_regions
+    feat = region_means(pixel_uncertainty(probs, source="feature"), regions, n)
+    comb = region_means(pixel_uncertainty(probs, volume, source="combined", spacing=spacing), regions, n)
+    taken = np.zeros(n, bool) if done is None else region_means(done.astype(np.float32), regions, n) >= 1.0
+    picked = []
+    for _ in range(n_planes):
+        if taken.all():
+            break
+        q = best_planar_query(graph.centroids, np.where(taken, 0.0, comb), r, radius, candidates, grid, grid,
+                              exclude=taken)
+        if q.score <= 0:
+            break
+        picked.append((q, float(feat[list(q.regions)].mean()), float(comb[list(q.regions)].mean())))
+        taken[list(q.regions)] = True
+    return regions, picked
+
+
+def _query_volumes(cfg: QueryConfig, run: Path, run_cfg, ds, samples, model, spec, labels: LabelSpec, out: Path,
+                   device, t0: float) -> dict:
+    """Plane queries for volume datasets: per volume the best patches, then the best over all volumes."""
+    from frugalseg.active.planes import plane_slice
+    from frugalseg.inference import predict_volume_slices, predict_volume_sliding
+
+    found = []
+    for s in samples:
+        volume = np.asarray(ds.read_image(s), dtype=np.float32)
+        if volume.ndim != 3:
+            raise DataError(f"{run_cfg.data}/{s.id}: expected a (D, H, W) volume, got shape {volume.shape}.")
+        x = torch.from_numpy(volume)
+        with torch.no_grad():
+            if int(spec.get("dims", 2)) == 3:
+                probs = predict_volume_sliding(model, x, spec["patch_size"], device=device).numpy()
+            else:
+                probs = predict_volume_slices(model, x, size=spec.get("input_size"), device=device).numpy()
+                probs = probs.transpose(1, 0, 2, 3)
+        done = None
+        if s.mask is not None:
+            done = ds.read_mask(s) != labels.ignore_index
+        spacing = s.spacing or (1.0, 1.0, 1.0)
+        lo, hi = float(np.percentile(volume, 0.5)), float(np.percentile(volume, 99.5))
+        unit = np.clip((volume - lo) / max(hi - lo, 1e-6), 0, 1)
+        regions, picked = volume_planes(unit, probs, cfg.planes, cfg.supervoxels, cfg.plane_r, cfg.plane_radius,
+                                        spacing, done)
+        for q, feat, comb in picked:
+            found.append((q.score, s, q, feat, comb, unit, probs, regions, spacing))
+    found.sort(key=lambda f: -f[0])
+    queries = []
+    for k, (score, s, q, feat, comb, unit, probs, regions, spacing) in enumerate(found[: cfg.planes]):
+        qid = f"q{k:03d}"
+        image, coords = plane_slice(unit, q.center, q.normal, cfg.plane_radius, spacing, order=1)
+        pred, _ = plane_slice(probs.argmax(0).astype(np.float32), q.center, q.normal, cfg.plane_radius, spacing,
+                              order=0, cval=labels.ignore_index)
+        sv, _ = plane_slice(regions.astype(np.float32), q.center, q.normal, cfg.plane_radius, spacing, order=0,
+                            cval=-1)
+        inside = np.isin(sv.astype(np.int64), list(q.regions)) & (pred != labels.ignore_index)
+        with _atomic_npz(out / "slices" / f"{qid}.npz") as fh:
+            np.savez_compressed(fh, image=image.astype(np.float32), coords=coords.astype(np.float32),
+                                patch=inside, prediction=pred.astype(np.uint8))
+        center_vox = [round(c / sp, 2) for c, sp in zip(q.center, spacing)]
+        queries.append({
+            "id": qid, "kind": "plane", "sample": s.id, "image": str(s.image), "score": round(score, 6),
+            "volume_shape": list(unit.shape), "center_voxel": center_vox, "normal": [round(v, 5) for v in q.normal], "spacing": list(spacing),
+            "radius": cfg.plane_radius, "r": cfg.plane_r, "supervoxels": len(q.regions),
+            "pixels": int(inside.sum()), "slice_file": f"slices/{qid}.npz",
+            "why": (f"plane through the supervoxels with the most combined uncertainty: sum {score:.2f} over "
+                    f"{len(q.regions)} supervoxels (mean {comb:.3f}; classifier alone {feat:.3f})"),
+        })
+    doc = {
+        "format": QUERIES_FORMAT, "run": str(run.resolve()), "data": str(run_cfg.data), "split": cfg.split,
+        "strategy": "geometry (planes)", "classes": list(labels.names), "palette": [list(c) for c in labels.palette],
+        "ignore_index": labels.ignore_index,
+        "masks": str(Path(cfg.masks).resolve() if cfg.masks else (out / "answers").resolve()),
+        "images_scored": len(samples), "seconds": round(time.time() - t0, 1), "queries": queries,
+    }
+    write_json(out / "queries.json", doc)
+    write_text(out / "queries.html", _plane_page(doc, out, labels))
+    return {"out": str(out), "queries": len(queries), "images_scored": len(samples), "masks": doc["masks"],
+            "seconds": doc["seconds"], "annotate": f"frugalseg annotate {out}"}
+
+
+def _plane_page(doc: dict, out: Path, labels: LabelSpec) -> str:
+    cards = []
+    pal = np.array(labels.palette + ((0, 0, 0),) * (256 - len(labels.palette)), dtype=np.float32)
+    for q in doc["queries"]:
+        with np.load(out / q["slice_file"]) as z:
+            grey = (255 * z["image"]).astype(np.uint8)
+            patch, pred = z["patch"], z["prediction"]
+        rgb = np.repeat(grey[..., None], 3, -1).astype(np.float32)
+        rgb[patch] = 0.6 * rgb[patch] + 0.4 * pal[pred[patch]]
+        inner = np.roll(patch, 1, 0) & np.roll(patch, -1, 0) & np.roll(patch, 1, 1) & np.roll(patch, -1, 1)
+        edge = patch & ~inner
+        rgb[edge] = (255, 230, 0)
+        img = Image.fromarray(rgb.astype(np.uint8)).resize((220, 220), Image.NEAREST)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=88)
+        thumb = base64.b64encode(buf.getvalue()).decode()
+        cards.append(f"""<figure><img src="data:image/jpeg;base64,{thumb}" alt="{html.escape(q['id'])}">
+<figcaption><b>{html.escape(q['id'])}</b> · {html.escape(str(q['sample']))} · centre {q['center_voxel']} ·
+normal {q['normal']}<br>{html.escape(q['why'])}</figcaption></figure>""")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>frugalseg plane queries</title>
+<style>body{{font-family:system-ui,sans-serif;margin:1.5em}} figure{{display:inline-block;width:230px;margin:6px;
+vertical-align:top}} img{{width:220px;border:1px solid #ccc}} figcaption{{font-size:12px}}</style></head><body>
+<h1>Planes to annotate next</h1><p>{len(doc['queries'])} planar patches from {doc['images_scored']} volumes of
+<code>{html.escape(doc['data'])}</code>, each resampled as one 2D slice (yellow: the patch). Answer them:
+<code>frugalseg annotate {html.escape(str(out))}</code>.</p>{''.join(cards)}</body></html>"""
