@@ -376,7 +376,8 @@ def _query_volumes(cfg: QueryConfig, run: Path, run_cfg, ds, samples, model, spe
         center_vox = [round(c / sp, 2) for c, sp in zip(q.center, spacing)]
         queries.append({
             "id": qid, "kind": "plane", "sample": s.id, "image": str(s.image), "score": round(score, 6),
-            "volume_shape": list(unit.shape), "center_voxel": center_vox, "normal": [round(v, 5) for v in q.normal], "spacing": list(spacing),
+            "volume_shape": list(unit.shape), "center_voxel": center_vox,
+            "normal": [round(v, 5) for v in q.normal], "spacing": list(spacing),
             "radius": cfg.plane_radius, "r": cfg.plane_r, "supervoxels": len(q.regions),
             "pixels": int(inside.sum()), "slice_file": f"slices/{qid}.npz",
             "why": (f"plane through the supervoxels with the most combined uncertainty: sum {score:.2f} over "
