@@ -217,18 +217,40 @@ def _demo_command() -> click.Command:
     @click.command()
     @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
     @click.option("--epochs", default=20, show_default=True)
-    def demo(out: str, epochs: int) -> None:
-        """Generate a small shapes dataset and train/evaluate an OCR model on it (no download needed)."""
+    @click.option("--masks", "n_masks", default=24, show_default=True,
+                  help="Training images that keep their masks; the others are unlabelled.")
+    def demo(out: str, epochs: int, n_masks: int) -> None:
+        """The product's loop on a generated shapes dataset (no download): a model from masks for a few
+        images, then what to annotate next among the unlabelled ones, and the command that opens the page."""
         from frugalseg.data.synthetic import make_shapes_dataset
+        from frugalseg.stages.query import QueryConfig, query
         from frugalseg.stages.train import TrainConfig, train
 
         data_dir = make_shapes_dataset(Path(out).parent / "demo-data", n_train=96, n_val=16)
+        unlabelled = _keep_few_masks(data_dir, n_masks)
         cfg = TrainConfig(data=str(data_dir), out=out, arch="ocr", epochs=epochs, crop_size=128, scale=(0.75, 1.25),
                           batch_size=8, lr=0.01)
-        click.echo(f"demo: training OCR on {data_dir} ({epochs} epochs, CPU-sized)")
+        click.echo(f"demo: training OCR on {data_dir}: masks for {n_masks} images, {unlabelled} unlabelled "
+                   f"({epochs} epochs, CPU-sized)")
         _print_result(train(cfg))
+        click.echo("demo: ranking the unlabelled images' superpixels (uncertainty + geometric prior)")
+        result = query(QueryConfig(run=out, regions=12, n_segments=150))
+        click.echo(f"demo: {result['queries']} regions to annotate next: {Path(result['out']) / 'queries.html'}")
+        click.echo(f"demo: answer them in your browser: frugalseg annotate {result['out']}  "
+                   f"(answers become masks in {result['masks']}; then train again)")
 
     return demo
+
+
+def _keep_few_masks(data_dir: Path, n_masks: int) -> int:
+    """Remove the masks of all training images but the first `n_masks` (once): the demo's cheap labels."""
+    marker = data_dir / "demo_labelled.txt"
+    train_ids = (data_dir / "splits" / "train.txt").read_text().split()
+    if not marker.exists():
+        for stem in train_ids[n_masks:]:
+            (data_dir / "masks" / f"{stem}.png").unlink(missing_ok=True)
+        marker.write_text("\n".join(train_ids[:n_masks]) + "\n")
+    return sum(not (data_dir / "masks" / f"{stem}.png").exists() for stem in train_ids)
 
 
 # ---- tags: classify / cams / eval-seeds / run ----------------------------------------------------------
@@ -436,7 +458,7 @@ COMMANDS: dict[str, tuple[Callable[[], click.Command], str]] = {
     "run": (_run_command, "Tags to a segmentation model: classifier, seeds, CRF, mining rounds; resumable."),
     "datasets": (_datasets_command, "Public datasets: list and download (with checksums)."),
     "data": (_data_command, "Inspect datasets (validate)."),
-    "demo": (_demo_command, "Train and evaluate on a generated shapes dataset (no download)."),
+    "demo": (_demo_command, "The whole loop on generated data: few masks, a model, what to annotate next."),
     "query": (_query_command, "What to annotate next: queries.json and a page of regions, from a trained run."),
     "annotate": (_annotate_command, "Serve a local page to answer queries; answers become partial masks."),
 }
