@@ -359,6 +359,7 @@ def main() -> None:
     ap.add_argument("--records", default=str(RECORDS), help="Where each finished run's record goes (kept).")
     ap.add_argument("--run-root", default=str(RUN_ROOT), help="Where runs keep their round-by-round state.")
     ap.add_argument("--no-plane-search", action="store_true", help="Skip the branch-and-bound timing.")
+    ap.add_argument("--plane-search-only", action="store_true", help="Only the branch-and-bound timing.")
     ap.add_argument("--aggregate", action="store_true", help="Only aggregate the records on disk.")
     ap.add_argument("--markdown", action="store_true", help="Print the README table from the records.")
     ap.add_argument("--run-child", nargs=3, help=argparse.SUPPRESS)
@@ -377,12 +378,12 @@ def main() -> None:
     if args.markdown:
         print(markdown(aggregate(records)))
         return
-    if not args.aggregate:
+    if not args.aggregate and not args.plane_search_only:
         run_all(args.only, args.seeds if not QUICK else [0], records, run_root, args.parallel)
     agg = aggregate(records)
     figures: dict = {k: v for k, v in agg.items()}
     if not args.aggregate and not args.no_plane_search:
-        figures["plane_search"] = plane_search_benchmark(grids=(12, 24) if QUICK else (12, 24, 48))
+        figures["plane_search"] = plane_search_benchmark(grids=(12, 24) if QUICK else (12, 24, 48, 96, 180))
     name = "active_quick" if QUICK else "active"
     settings = {"isbi2012": {**ISBI_2D, **LOOP_2D, "unet": UNET, "seeds": list(SEEDS["isbi2012"])},
                 "volume3d": {**ISBI_3D, **LOOP_3D, "unet": UNET, "seeds": list(SEEDS["volume3d"])},

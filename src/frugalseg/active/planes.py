@@ -96,18 +96,23 @@ class _Ball:
         v = v[keep]
         return cls(v=v, norm=np.sqrt((v * v).sum(1)), u=np.asarray(u, float)[keep])
 
-    def exact(self, normals: np.ndarray, r: float) -> np.ndarray:
-        """Scores of (k, 3) normals."""
-        inside = np.abs(normals @ self.v.T) <= r
-        return np.where(inside, self.u[None], 0.0).sum(1)  # row sums, the same order for any k
+    def exact(self, normals: np.ndarray, r: float, chunk: int = 2048) -> np.ndarray:
+        """Scores of (k, 3) normals (in chunks: a fine grid times many points would not fit in memory)."""
+        out = np.empty(len(normals))
+        for a in range(0, len(normals), chunk):
+            inside = np.abs(normals[a:a + chunk] @ self.v.T) <= r
+            out[a:a + chunk] = np.where(inside, self.u[None], 0.0).sum(1)  # row sums: the same order for any k
+        return out
 
-    def bound(self, n_c: np.ndarray, delta: float, r: float) -> float:
+    def bounds(self, n_c: np.ndarray, delta: np.ndarray, r: float) -> np.ndarray:
+        """Upper bounds of k boxes at once: central normals (k, 3), angular radii (k,)."""
         safe = np.maximum(self.norm, 1e-300)
-        alpha = np.arccos(np.clip((self.v @ n_c) / safe, -1.0, 1.0))
-        lo, hi = np.maximum(alpha - delta, 0.0), np.minimum(alpha + delta, math.pi)
+        alpha = np.arccos(np.clip((n_c @ self.v.T) / safe, -1.0, 1.0))
+        lo = np.maximum(alpha - delta[:, None], 0.0)
+        hi = np.minimum(alpha + delta[:, None], math.pi)
         min_cos = np.where((lo <= math.pi / 2) & (hi >= math.pi / 2), 0.0,
                            np.minimum(np.abs(np.cos(lo)), np.abs(np.cos(hi))))
-        return float(self.u[self.norm * min_cos <= r + _TOL].sum())
+        return np.where(self.norm * min_cos <= r + _TOL, self.u, 0.0).sum(1)
 
 
 def exhaustive_plane(points: np.ndarray, u: np.ndarray, center: np.ndarray, r: float, radius: float,
@@ -123,12 +128,14 @@ def exhaustive_plane(points: np.ndarray, u: np.ndarray, center: np.ndarray, r: f
 
 
 def branch_and_bound_plane(points: np.ndarray, u: np.ndarray, center: np.ndarray, r: float, radius: float,
-                           n_theta: int = 36, n_phi: int = 36, lower: float = -math.inf,
+                           n_theta: int = 36, n_phi: int = 36, lower: float = -math.inf, batch: int = 32,
                            ) -> tuple[tuple[int, int, float] | None, PlaneSearchStats]:
     """((i, j, score) of the exhaustive optimum over the same grid, cost), found by branch-and-bound.
 
     `lower`: a score already reached elsewhere (another centre); the result is None when no normal here
-    beats it, which is how `best_planar_query` prunes whole candidates. u must be ≥ 0.
+    beats it, which is how `best_planar_query` prunes whole candidates. u must be ≥ 0. Boxes are taken
+    from the best-bound-first queue `batch` at a time and their children bounded in one vectorised call
+    (the bound is the per-box work; Python's per-box overhead would otherwise dominate it).
     """
     u = np.asarray(u, float)
     if (u < 0).any():
@@ -137,42 +144,54 @@ def branch_and_bound_plane(points: np.ndarray, u: np.ndarray, center: np.ndarray
     ball = _Ball.around(points, u, center, radius)
     stats = PlaneSearchStats(exhaustive=n_theta * n_phi)
 
-    def bound(i0: int, i1: int, j0: int, j1: int) -> float:
-        stats.bounds += 1
-        t_lo, t_hi, p_lo, p_hi = thetas[i0], thetas[i1], phis[j0], phis[j1]
-        s_max = 1.0 if t_lo <= math.pi / 2 <= t_hi else max(math.sin(t_lo), math.sin(t_hi))
-        delta = min((t_hi - t_lo) / 2 + s_max * (p_hi - p_lo) / 2, math.pi)
-        n_c = plane_normal((t_lo + t_hi) / 2, (p_lo + p_hi) / 2)
-        return ball.bound(n_c, delta, r)
+    def bound_boxes(boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+        stats.bounds += len(boxes)
+        b = np.asarray(boxes, dtype=np.int64)
+        t_lo, t_hi, p_lo, p_hi = thetas[b[:, 0]], thetas[b[:, 1]], phis[b[:, 2]], phis[b[:, 3]]
+        s_max = np.where((t_lo <= math.pi / 2) & (t_hi >= math.pi / 2), 1.0,
+                         np.maximum(np.sin(t_lo), np.sin(t_hi)))
+        delta = np.minimum((t_hi - t_lo) / 2 + s_max * (p_hi - p_lo) / 2, math.pi)
+        return ball.bounds(plane_normal((t_lo + t_hi) / 2, (p_lo + p_hi) / 2), delta, r)
 
     best_score, best_index = lower, None
-    heap = [(-bound(0, n_theta - 1, 0, n_phi - 1), 0, (0, n_theta - 1, 0, n_phi - 1))]
+    root = (0, n_theta - 1, 0, n_phi - 1)
+    heap = [(-float(bound_boxes([root])[0]), 0, root)]
     counter = 1
     while heap:
-        neg, _, (i0, i1, j0, j1) = heapq.heappop(heap)
-        b = -neg
-        if b < best_score:
-            break  # best-first: no box left can beat the best
-        first = i0 * n_phi + j0
-        if best_index is not None and b == best_score and first >= best_index:
-            continue  # could only tie at a higher grid index (argmax keeps the lowest)
-        if i0 == i1 and j0 == j1:
-            stats.exact += 1
-            s = float(ball.exact(plane_normal(thetas[i0], phis[j0])[None], r)[0])
-            if s > best_score or (s == best_score and (best_index is None or first < best_index)):
-                best_score, best_index = s, first
-            continue
-        if i1 - i0 >= j1 - j0:
-            mid = (i0 + i1) // 2
-            children = [(i0, mid, j0, j1), (mid + 1, i1, j0, j1)]
-        else:
-            mid = (j0 + j1) // 2
-            children = [(i0, i1, j0, mid), (i0, i1, mid + 1, j1)]
-        for box in children:
-            cb = bound(*box)
-            if cb >= best_score:
-                heapq.heappush(heap, (-cb, counter, box))
-                counter += 1
+        taken = []
+        while heap and len(taken) < batch:
+            neg, _, box = heapq.heappop(heap)
+            if -neg < best_score:
+                heap.clear()  # best-first: nothing left can beat the best
+                break
+            taken.append((-neg, box))
+        leaves, inner = [], []
+        for b, (i0, i1, j0, j1) in taken:
+            first = i0 * n_phi + j0
+            if best_index is not None and (b < best_score or (b == best_score and first >= best_index)):
+                continue  # cannot beat the best (or only tie it at a higher grid index: argmax keeps the lowest)
+            (leaves if i0 == i1 and j0 == j1 else inner).append((i0, i1, j0, j1))
+        if leaves:
+            stats.exact += len(leaves)
+            idx = np.array([i0 for i0, _, _, _ in leaves]), np.array([j0 for _, _, j0, _ in leaves])
+            scores = ball.exact(plane_normal(thetas[idx[0]], phis[idx[1]]), r)
+            for k in np.lexsort((idx[0] * n_phi + idx[1], -scores)):
+                s, first = float(scores[k]), int(idx[0][k] * n_phi + idx[1][k])
+                if s > best_score or (s == best_score and (best_index is None or first < best_index)):
+                    best_score, best_index = s, first
+        children = []
+        for i0, i1, j0, j1 in inner:
+            if i1 - i0 >= j1 - j0:
+                mid = (i0 + i1) // 2
+                children += [(i0, mid, j0, j1), (mid + 1, i1, j0, j1)]
+            else:
+                mid = (j0 + j1) // 2
+                children += [(i0, i1, j0, mid), (i0, i1, mid + 1, j1)]
+        if children:
+            for cb, box in zip(bound_boxes(children), children):
+                if cb >= best_score:
+                    heapq.heappush(heap, (-float(cb), counter, box))
+                    counter += 1
     if best_index is None:
         return None, stats
     return (best_index // n_phi, best_index % n_phi, best_score), stats
