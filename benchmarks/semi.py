@@ -326,6 +326,7 @@ def aggregate(records: Path, protocol: str = "cpu", fraction: float = 1.0) -> di
                      "s_per_iteration": _mean_sd([r["s_per_iteration"] for r in runs])[0], "split": runs[0]["split"],
                      "cases": runs[0]["cases"], "labelled": runs[0]["labelled"], "unlabelled": runs[0]["unlabelled"],
                      "curves": {str(r["seed"]): r["curve"] for r in runs}}
+            entry.update(curve_shape([r["curve"] for r in runs]))
             if score == "dice":
                 entry["hd95_mean"], entry["hd95_sd"] = _mean_sd([r["hd95"] for r in runs])
                 entry["hd95_per_seed"] = [r["hd95"] for r in runs]
@@ -347,6 +348,19 @@ def aggregate(records: Path, protocol: str = "cpu", fraction: float = 1.0) -> di
         if part:
             out[setting] = part
     return out
+
+
+def curve_shape(curves: list[list]) -> dict:
+    """Where each seed's validation curve peaked and where it ended (a diagnosis, not a result: the peak is
+    picked on the validation curve). A method that learns and then unlearns (co-training once its agreement
+    term reaches full weight) shows a peak well above its end."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return {}
+    peaks = [max(c, key=lambda p: p[1]) for c in curves]
+    return {"curve_peak_mean": round(float(np.mean([p[1] for p in peaks])), 4),
+            "curve_peak_iterations": [int(p[0]) + 1 for p in peaks],
+            "curve_final_mean": round(float(np.mean([c[-1][1] for c in curves])), 4)}
 
 
 def cpu_table(agg: dict) -> None:
@@ -419,9 +433,11 @@ def run_protocol(protocol: str, settings: list[str], methods: list[str] | None, 
 
 def markdown_table(agg: dict) -> str:
     """The README's table of the CPU protocol (`--markdown`): mean ± sd over seeds, each seed, the gain over
-    supervised-only and whether it is beyond the spread, HD95, wall time per run."""
-    lines = ["| setting (split) | method | seeds | Dice / mIoU mean ± sd | per seed | gain | beyond sd | HD95 | wall / run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    supervised-only and whether it is beyond the spread, HD95, the training-time validation curve's peak
+    and end (a diagnosis), wall time per run."""
+    lines = ["| setting (split) | method | seeds | Dice / mIoU mean ± sd | per seed | gain | beyond sd | HD95 "
+             "| val curve: peak (iteration) → end | wall / run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for setting, part in agg.items():
         for method, e in part.items():
             score = e.get("dice_mean", e.get("miou_mean"))
@@ -429,8 +445,10 @@ def markdown_table(agg: dict) -> str:
             gain = f"{e['gain_over_supervised']:+.3f}" if "gain_over_supervised" in e else ""
             beyond = {True: "yes", False: "no"}.get(e.get("beyond_spread"), "")
             hd = "" if e.get("hd95_mean") is None else f"{e['hd95_mean']:.1f}"
+            shape = (f"{e['curve_peak_mean']:.3f} ({'/'.join(map(str, e['curve_peak_iterations']))}) → "
+                     f"{e['curve_final_mean']:.3f}") if "curve_peak_mean" in e else ""
             lines.append(f"| {setting} ({e['split']}) | {method} | {len(e['per_seed'])} | {score:.3f}{sd} | "
-                         f"{' / '.join(f'{v:.3f}' for v in e['per_seed'])} | {gain} | {beyond} | {hd} | "
+                         f"{' / '.join(f'{v:.3f}' for v in e['per_seed'])} | {gain} | {beyond} | {hd} | {shape} | "
                          f"{e['wall_s'] / 60:.1f} min |")
     return "\n".join(lines)
 
