@@ -137,6 +137,7 @@ def test_annotate_page_in_a_headless_browser(queried, tmp_path):
     region = np.load(queried / q["regions_file"])["regions"] == q["region"]
     assert (mask[region] == 3).all() and (mask[~region] == 255).all()
     assert json.loads((queried / "answers.json").read_text())[first]["pixels"] == {"triangle": int(region.sum())}
+    assert Path(q["image"]).stem in (queried / "labelled_ids.txt").read_text().split()
 
 
 def test_plane_queries_of_a_volume_and_their_answers(tmp_path):

@@ -36,10 +36,12 @@ def _cli_configs() -> dict[str, type]:
     from frugalseg.stages.classify import ClassifyConfig
     from frugalseg.stages.maps import MapsConfig
     from frugalseg.stages.pipeline import PipelineConfig
+    from frugalseg.stages.query import QueryConfig
     from frugalseg.stages.semi import SEMI_METHODS
     from frugalseg.stages.train import TrainConfig
 
-    configs = {"train": TrainConfig, "classify": ClassifyConfig, "cams": MapsConfig, "run": PipelineConfig}
+    configs = {"train": TrainConfig, "classify": ClassifyConfig, "cams": MapsConfig, "run": PipelineConfig,
+               "query": QueryConfig}
     configs.update({f"train --semi {name}": cls for name, (cls, _) in SEMI_METHODS.items()})
     return configs
 

@@ -9,7 +9,9 @@ answered region's pixels get the painted ids, every other pixel keeps what it ha
 image without a mask). For a folders dataset that folder is the dataset's own masks/, so the next
 `frugalseg train` or `train --semi` reads the answered images as labelled data. Answers are also logged
 in `answers.json` beside queries.json (query, time, mask file, pixels per class); a query answered again
-replaces its region's pixels.
+replaces its region's pixels. `labelled_ids.txt` lists every image that now has a mask there, for the
+semi-supervised methods (`frugalseg train --semi meanteacher ... --labelled-ids @<queries>/labelled_ids.txt`:
+those images labelled, the rest of the split unlabelled).
 """
 
 from __future__ import annotations
@@ -191,7 +193,14 @@ class AnnotationSession:
             classes_txt = self.masks.parent / "classes.txt"
             if self.masks.name == "masks" and (self.masks.parent / "images").is_dir() and not classes_txt.exists():
                 write_text(classes_txt, "\n".join(self.labels.names) + "\n")  # masks need named ids
+            self._write_labelled_ids()
             return self._log(qid, q, str(path), painted[sub])
+
+    def _write_labelled_ids(self) -> None:
+        """labelled_ids.txt beside queries.json: every image with a mask in the answers folder (answered
+        now or before), for `frugalseg train --semi ... --labelled-ids @<queries>/labelled_ids.txt`."""
+        stems = sorted(p.name[:-4] for p in self.masks.glob("*.png") if not p.name.startswith("."))
+        write_text(self.dir / "labelled_ids.txt", "".join(f"{s}\n" for s in stems))
 
     def _check_ids(self, qid: str, painted: np.ndarray) -> None:
         valid = (painted >= 0) & (painted < self.labels.num_classes) | (painted == self.labels.ignore_index)
