@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"inference", "export"},
     {"evaluation"},
-    {"weak", "semi"},
+    {"weak", "semi", "active"},
     {"report"},
     {"runs"},
     {"stages"},
