@@ -184,3 +184,41 @@ def test_plane_queries_of_a_volume_and_their_answers(tmp_path):
     assert mask.shape == (10, 32, 32)
     assert (mask == 1).sum() == result["voxels"] > 0 and set(np.unique(mask)) == {1, 255}
     assert session.task(q["id"])["start"] == np.where(patch, 1, task["start"]).tolist()  # the saved answer returns
+
+
+def test_only_this_page_may_write(queried, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    server = make_server(AnnotationSession(queried, masks=tmp_path / "m"), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        def post(headers: dict) -> int:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/answer/q000", data=b'{"labels": []}',
+                                         headers=headers, method="POST")
+            try:
+                return urllib.request.urlopen(req).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert post({"Content-Type": "application/json", "Origin": "http://evil.example"}) == 403
+        assert post({"Content-Type": "text/plain"}) == 403  # a cross-site form post
+        assert post({"Content-Type": "application/json"}) == 400  # ours, but an empty answer
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "m").exists()
+
+
+def test_answered_regions_are_not_asked_again(queried, partly_labelled, tmp_path):
+    first = json.loads((queried / "queries.json").read_text())["queries"][0]
+    session = AnnotationSession(queried)  # the folders dataset's own masks/
+    task = session.task(first["id"])
+    session.answer(first["id"], [1] * (task["width"] * task["height"]))
+    assert (partly_labelled / "masks" / f"{first['sample']}.png").exists()
+    res = CliRunner().invoke(cli, ["query", str(queried.parent), "--data", str(partly_labelled), "--regions", "6",
+                                   "--n-segments", "40", "--out", str(tmp_path / "again")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "again" / "queries.json").read_text())["queries"]
+    assert (first["sample"], first["region"]) not in {(q["sample"], q["region"]) for q in again}

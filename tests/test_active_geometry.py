@@ -154,8 +154,20 @@ def test_pixel_walk_follows_the_dark_line():
     assert pg[1, 3, 0] < 0.1
     np.testing.assert_allclose(pg.sum(0), 1.0, rtol=1e-6)
     feat = pixel_uncertainty(probs, source="feature")
-    comb = pixel_uncertainty(probs, image, source="combined")
+    comb = pixel_uncertainty(probs, image, source="combined", sigma_appearance=0.1)
     assert feat[3, 3] == pytest.approx(feat[0, 3], rel=1e-5)  # the classifier is as sure at the gap as anywhere
     assert comb[3, 3] > 3 * comb[0, 3] and comb.argmax() == 3 * 7 + 3  # the combined criterion finds the gap
     with pytest.raises(ConfigError, match="needs the image"):
         pixel_uncertainty(probs, None, source="combined")
+
+
+def test_pixel_walk_keeps_an_isolated_pixel_own_prediction():
+    from frugalseg.active.acquisition import pixel_geometric_probabilities, pixel_uncertainty
+
+    image = np.zeros((5, 5), np.float32)
+    image[2, 2] = 1.0  # unlike all its neighbours: every weight underflows at a tiny sigma
+    probs = np.stack([np.full((5, 5), 0.99, np.float32), np.full((5, 5), 0.01, np.float32)])
+    pg = pixel_geometric_probabilities(probs, image, sigma_appearance=1e-6)
+    np.testing.assert_allclose(pg[:, 2, 2], probs[:, 2, 2], rtol=1e-6)  # no evidence is not disagreement
+    comb = pixel_uncertainty(probs, image, source="combined", sigma_appearance=1e-6)
+    assert comb[2, 2] < 0.1  # confident everywhere, so nowhere near ln 2

@@ -83,3 +83,23 @@ def test_plane_on_real_supervoxels_and_its_slice():
     np.testing.assert_allclose(coords[0], 5.0)
     e_row, e_col = plane_basis(plane_normal(0.7, 1.1))
     assert abs(e_row @ e_col) < 1e-12 and abs(e_row @ plane_normal(0.7, 1.1)) < 1e-12
+
+
+def test_ties_between_centres_keep_the_first_as_exhaustive_search():
+    cluster = np.array([[0.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1]])
+    points = np.concatenate([cluster, cluster + 100.0])  # two identical clusters far apart
+    u = np.ones(len(points))
+    q = best_planar_query(points, u, r=0.5, radius=3.0, n_candidates=8, n_theta=6, n_phi=6)
+    qe = best_planar_query(points, u, r=0.5, radius=3.0, n_candidates=8, n_theta=6, n_phi=6, exhaustive=True)
+    assert (q.center_region, q.theta, q.phi, q.score) == (qe.center_region, qe.theta, qe.phi, qe.score)
+    found, _ = branch_and_bound_plane(points, u, points[4], 0.5, 3.0, 6, 6, lower=qe.score)
+    assert found is None  # a tie with a score reached elsewhere is not an improvement
+
+
+def test_random_plane_angles_match_its_normal():
+    rng = np.random.default_rng(5)
+    points = rng.uniform(0, 10, size=(50, 3))
+    for _ in range(30):
+        q = random_planar_query(points, 1.0, 5.0, rng)
+        np.testing.assert_allclose(plane_normal(q.theta, q.phi), q.normal, atol=1e-12)
+        assert 0 <= q.phi <= math.pi

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from frugalseg.active.geometry import RegionGraph
+from frugalseg.active.geometry import RegionGraph, robust_scale
 from frugalseg.errors import ConfigError
 
 __all__ = [
@@ -164,7 +164,8 @@ def pixel_geometric_probabilities(probs: np.ndarray, image: np.ndarray, spacing:
 
     probs: (C, *S) softmax; image: (*S) greyscale. Weight to a neighbour along axis a:
     exp(-ΔI² / 2σ_a²) · exp(-(spacing_a / min spacing − 1)²), so a thick-section neighbour counts less;
-    σ_a defaults to the median |ΔI| over all neighbour pairs (the image's own contrast scale).
+    σ_a defaults to the median |ΔI| over all neighbour pairs (the image's own contrast scale; `robust_scale`
+    when that is 0). A pixel whose every weight underflows keeps its own prediction.
     """
     probs = np.asarray(probs, dtype=np.float32)
     image = np.asarray(image, dtype=np.float32)
@@ -172,12 +173,12 @@ def pixel_geometric_probabilities(probs: np.ndarray, image: np.ndarray, spacing:
         raise ConfigError(f"probabilities {probs.shape} do not match the image {image.shape}.")
     nd = image.ndim
     spacing = np.ones(nd) if spacing is None else np.asarray(spacing, float)
-    diffs = [np.abs(np.diff(image, axis=a)) for a in range(nd)]
+    diffs = [np.abs(np.diff(image.astype(np.float64), axis=a)) for a in range(nd)]
     if sigma_appearance is None:
-        sigma_appearance = float(np.median(np.concatenate([d.ravel() for d in diffs]))) if image.size > 1 else 1.0
+        sigma_appearance = robust_scale(np.concatenate([d.ravel() for d in diffs]) if image.size > 1 else np.zeros(0))
     sigma = max(sigma_appearance, 1e-6)
-    acc = np.zeros_like(probs)
-    total = np.zeros(image.shape, np.float32)
+    acc = np.zeros(probs.shape, np.float64)
+    total = np.zeros(image.shape, np.float64)
     for a, d in enumerate(diffs):
         w = np.exp(-(d * d) / (2 * sigma * sigma)) * np.exp(-(spacing[a] / spacing.min() - 1) ** 2)
         lo = [slice(None)] * nd
@@ -189,12 +190,19 @@ def pixel_geometric_probabilities(probs: np.ndarray, image: np.ndarray, spacing:
         acc[(slice(None),) + hi] += w * probs[(slice(None),) + lo]
         total[lo] += w
         total[hi] += w
-    total = np.maximum(total, 1e-12)
-    return acc / total
+    # a pixel unlike all its neighbours (every weight underflowed) keeps its own prediction: no neighbour
+    # evidence is not evidence of disagreement
+    cut_off = total <= 1e-12
+    out = acc / np.maximum(total, 1e-12)
+    if cut_off.any():
+        out[:, cut_off] = probs[:, cut_off]
+    return out.astype(np.float32)
+
 
 
 def pixel_uncertainty(probs: np.ndarray, image: np.ndarray | None = None, criterion: str = "entropy",
-                      source: str = "combined", spacing: Sequence[float] | None = None) -> np.ndarray:
+                      source: str = "combined", spacing: Sequence[float] | None = None,
+                      sigma_appearance: float | None = None) -> np.ndarray:
     """Per-pixel score (*S) with pixels as instances (see the module doc); average it per region to rank them."""
     if criterion not in CRITERIA:
         raise ConfigError(f"unknown criterion '{criterion}'; choose from {', '.join(CRITERIA)}.")
@@ -206,7 +214,7 @@ def pixel_uncertainty(probs: np.ndarray, image: np.ndarray | None = None, criter
         return CRITERIA[criterion](flat(probs)).reshape(probs.shape[1:])
     if image is None:
         raise ConfigError(f"source '{source}' needs the image (its graph's weights).")
-    p_geo = pixel_geometric_probabilities(probs, image, spacing)
+    p_geo = pixel_geometric_probabilities(probs, image, spacing, sigma_appearance)
     q = p_geo if source == "geometry" else combined_probabilities(flat(probs), flat(p_geo)).T.reshape(probs.shape)
     return CRITERIA[criterion](flat(q)).reshape(probs.shape[1:])
 

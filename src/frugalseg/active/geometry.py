@@ -27,7 +27,7 @@ from scipy import sparse
 
 from frugalseg.errors import DataError
 
-__all__ = ["RegionGraph", "region_graph", "region_means", "superpixels", "supervoxels"]
+__all__ = ["RegionGraph", "region_graph", "region_means", "robust_scale", "superpixels", "supervoxels"]
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -101,6 +101,19 @@ def region_means(values: np.ndarray, labels: np.ndarray, n_regions: int | None =
         raise DataError(f"values of shape {values.shape} do not match regions of shape {labels.shape}.")
     sums = np.stack([np.bincount(flat, weights=v.ravel().astype(np.float64), minlength=n) for v in values], 1)
     return sums / counts[:, None]
+
+
+def robust_scale(values: np.ndarray) -> float:
+    """The median of non-negative differences, or the median of the non-zero ones when most are zero
+    (quantised or flat images), or 1: a σ for edge weights that is never 0."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return 1.0
+    med = float(np.median(values))
+    if med > 0:
+        return med
+    nonzero = values[values > 0]
+    return float(np.median(nonzero)) if nonzero.size else 1.0
 
 
 @dataclass
@@ -194,8 +207,8 @@ def region_graph(labels: np.ndarray, image: np.ndarray, spacing: Sequence[float]
     if len(edges):
         d2 = ((centroids[edges[:, 0]] - centroids[edges[:, 1]]) ** 2).sum(1)
         a2 = ((appearance[edges[:, 0]] - appearance[edges[:, 1]]) ** 2).sum(1)
-        sd = sigma_distance if sigma_distance is not None else float(np.sqrt(np.median(d2)))
-        sa = sigma_appearance if sigma_appearance is not None else float(np.sqrt(np.median(a2)))
+        sd = sigma_distance if sigma_distance is not None else robust_scale(np.sqrt(d2))
+        sa = sigma_appearance if sigma_appearance is not None else robust_scale(np.sqrt(a2))
         weights = np.exp(-d2 / (2 * max(sd, 1e-12) ** 2)) * np.exp(-a2 / (2 * max(sa, 1e-12) ** 2))
         weights = np.maximum(weights, 1e-12)  # touching regions stay connected, however different
     else:

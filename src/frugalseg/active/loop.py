@@ -319,6 +319,9 @@ def run_loop(pool: RegionPool, test_images: Sequence[np.ndarray], test_truths: S
         saved = torch.load(state_file, map_location="cpu", weights_only=False)
         if saved["settings"] != _jsonable_settings(settings):
             raise ConfigError(f"{state_dir} holds a loop with other settings; use a new folder.")
+        if [len(done) for done in saved["labelled"]] != [g.n_regions for g in pool.graphs]:
+            raise ConfigError(f"{state_dir} was run on other regions (superpixel counts differ: another "
+                              "n_segments, data or scikit-image); use a new folder.")
         curve, labelled = saved["curve"], saved["labelled"]
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])

@@ -140,9 +140,16 @@ def branch_and_bound_plane(points: np.ndarray, u: np.ndarray, center: np.ndarray
     u = np.asarray(u, float)
     if (u < 0).any():
         raise ConfigError("plane search needs non-negative uncertainties (the bound assumes it).")
+    if batch < 1:
+        raise ConfigError(f"batch must be at least 1, got {batch}.")
     thetas, phis = orientation_grid(n_theta, n_phi)
     ball = _Ball.around(points, u, center, radius)
     stats = PlaneSearchStats(exhaustive=n_theta * n_phi)
+
+    def hopeless(b: float) -> bool:
+        """Cannot beat the best: below it, or, before anything is found here, not above `lower` (a tie
+        with another centre keeps that centre, as exhaustive search over the centres in turn does)."""
+        return b < best_score or (best_index is None and b <= lower)
 
     def bound_boxes(boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
         stats.bounds += len(boxes)
@@ -161,7 +168,7 @@ def branch_and_bound_plane(points: np.ndarray, u: np.ndarray, center: np.ndarray
         taken = []
         while heap and len(taken) < batch:
             neg, _, box = heapq.heappop(heap)
-            if -neg < best_score:
+            if hopeless(-neg):
                 heap.clear()  # best-first: nothing left can beat the best
                 break
             taken.append((-neg, box))
@@ -177,7 +184,8 @@ def branch_and_bound_plane(points: np.ndarray, u: np.ndarray, center: np.ndarray
             scores = ball.exact(plane_normal(thetas[idx[0]], phis[idx[1]]), r)
             for k in np.lexsort((idx[0] * n_phi + idx[1], -scores)):
                 s, first = float(scores[k]), int(idx[0][k] * n_phi + idx[1][k])
-                if s > best_score or (s == best_score and (best_index is None or first < best_index)):
+                if best_index is None and s > lower or best_index is not None and (
+                        s > best_score or (s == best_score and first < best_index)):
                     best_score, best_index = s, first
         children = []
         for i0, i1, j0, j1 in inner:
@@ -189,7 +197,7 @@ def branch_and_bound_plane(points: np.ndarray, u: np.ndarray, center: np.ndarray
                 children += [(i0, i1, j0, mid), (i0, i1, mid + 1, j1)]
         if children:
             for cb, box in zip(bound_boxes(children), children):
-                if cb >= best_score:
+                if not hopeless(float(cb)):
                     heapq.heappush(heap, (-float(cb), counter, box))
                     counter += 1
     if best_index is None:
@@ -223,6 +231,8 @@ def best_planar_query(centroids: np.ndarray, u: np.ndarray, r: float, radius: fl
     `exhaustive=True` scores every grid normal instead (the benchmark's reference).
     """
     centroids, u = np.asarray(centroids, float), np.asarray(u, float)
+    if n_candidates < 1:
+        raise ConfigError(f"n_candidates must be at least 1, got {n_candidates}.")
     if centroids.ndim != 2 or centroids.shape[1] != 3 or u.shape != (centroids.shape[0],):
         raise ConfigError(f"need (n, 3) centroids and (n,) uncertainties, got {centroids.shape}, {u.shape}.")
     allowed = np.ones(len(u), bool) if exclude is None else ~np.asarray(exclude, bool)
@@ -267,17 +277,18 @@ def random_planar_query(centroids: np.ndarray, r: float, radius: float, rng: np.
     c = int(rng.choice(allowed))
     normal = rng.normal(size=3)
     normal /= np.linalg.norm(normal)
-    if normal[0] < 0:
+    if normal[1] < 0:  # the grid's half of the directions: φ ∈ [0, π] means a (z, y, x) normal with y ≥ 0
         normal = -normal
-    theta, phi = math.acos(float(np.clip(normal[0], -1, 1))), math.atan2(normal[1], normal[2]) % math.pi
+    theta, phi = math.acos(float(np.clip(normal[0], -1, 1))), math.atan2(normal[1], normal[2])
     members = np.flatnonzero(patch_members(centroids, centroids[c], normal, r, radius))
     return PlaneQuery(center_region=c, center=tuple(centroids[c]), normal=tuple(normal), theta=theta, phi=phi,
                       score=0.0, regions=tuple(int(m) for m in members))
 
 
 def plane_basis(normal: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Two unit vectors spanning the plane ⊥ `normal`; the first as close to the volume's x axis as it can be,
-    so an axial plane (normal along z) shows as the usual image, rows along y and columns along x."""
+    """(row direction, column direction): unit vectors spanning the plane ⊥ `normal`, the column direction as
+    close to the volume's x axis as it can be, so an axial plane (normal along z) shows as the usual image,
+    rows along y and columns along x."""
     n = np.asarray(normal, float)
     n = n / np.linalg.norm(n)
     ref = np.array([0.0, 0.0, 1.0]) if abs(n[2]) < 0.9 else np.array([0.0, 1.0, 0.0])

@@ -50,6 +50,22 @@ def read_volume_mask(path: Path) -> np.ndarray:
     return np.asarray(_array(path)).astype(np.uint8)
 
 
+def _write_mask(path: Path, mask: np.ndarray, labels: LabelSpec) -> None:
+    """A palette mask in the format its name says (PNG, or the TIFF / BMP an existing mask already is)."""
+    if path.suffix.lower() == ".png":
+        write_label_png(path, mask, labels.palette_bytes())
+        return
+    from frugalseg.data.io import atomic_path
+
+    img = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    img.putpalette(labels.palette_bytes())
+    fmt = {".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: cannot write a mask as '{path.suffix}'; use PNG, TIFF or BMP masks.")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=fmt)
+
+
 class AnnotationSession:
     """The queries of one folder, the answers folder, and the merge of answers into partial masks."""
 
@@ -132,13 +148,17 @@ class AnnotationSession:
         and masks by stem); for a volume, answers/<sample id>.nii.gz."""
         if q.get("kind") == "plane":
             return sample_file(self.masks, q["sample"], ".nii.gz")
+        existing = q.get("mask_file")
+        if existing and Path(existing).parent.resolve() == self.masks.resolve():
+            return Path(existing)  # the image's own mask (.png, .tif, .bmp): merged into, never duplicated
         return self.masks / f"{Path(q['image']).stem}.png"
 
     @staticmethod
     def _nearest(q: dict, sl: dict) -> tuple[np.ndarray, ...]:
         """Voxel indices (z, y, x) nearest to each slice pixel, clipped into the volume."""
         shape = q["volume_shape"]
-        return tuple(np.clip(np.rint(sl["coords"][a]), 0, shape[a] - 1).astype(np.int64) for a in range(3))
+        # halves round up, as map_coordinates' order-0 sampling that drew the slice
+        return tuple(np.clip(np.floor(sl["coords"][a] + 0.5), 0, shape[a] - 1).astype(np.int64) for a in range(3))
 
     def _voxels(self, q: dict, sl: dict, volume: np.ndarray) -> np.ndarray:
         return volume[self._nearest(q, sl)]
@@ -189,7 +209,7 @@ class AnnotationSession:
                 mask = np.full(region.shape, self.labels.ignore_index, dtype=np.uint8)
             sub = region[y0:y1, x0:x1]
             mask[y0:y1, x0:x1][sub] = painted[sub].astype(np.uint8)
-            write_label_png(path, mask, self.labels.palette_bytes())
+            _write_mask(path, mask, self.labels)
             classes_txt = self.masks.parent / "classes.txt"
             if self.masks.name == "masks" and (self.masks.parent / "images").is_dir() and not classes_txt.exists():
                 write_text(classes_txt, "\n".join(self.labels.names) + "\n")  # masks need named ids
@@ -254,8 +274,20 @@ def make_server(session: AnnotationSession, port: int = 8765) -> ThreadingHTTPSe
             except DataError as exc:
                 self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
 
+        def _same_origin(self) -> bool:
+            """Only this page may write: the Host is this server (no DNS rebinding), an Origin (sent by
+            browsers with cross-site requests) is this server, and the body is JSON (a plain HTML form
+            from another site cannot send that without a CORS preflight, which this server never grants)."""
+            port = self.server.server_address[1]
+            here = {f"127.0.0.1:{port}", f"localhost:{port}"}
+            origin = self.headers.get("Origin")
+            return (self.headers.get("Host") in here and (origin is None or origin in {f"http://{h}" for h in here})
+                    and self.headers.get("Content-Type", "").split(";")[0].strip() == "application/json")
+
         def do_POST(self) -> None:  # noqa: N802
             try:
+                if not self._same_origin():
+                    return self._json({"error": "answers are accepted from this page only"}, HTTPStatus.FORBIDDEN)
                 if not self.path.startswith("/api/answer/"):
                     return self._json({"error": f"no such endpoint {self.path}"}, HTTPStatus.NOT_FOUND)
                 length = int(self.headers.get("Content-Length", "0"))

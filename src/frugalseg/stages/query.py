@@ -3,8 +3,9 @@
 For every image of the split the run's model predicts class probabilities; the image is cut into SLIC
 superpixels; each superpixel is scored by the chosen strategy (`frugalseg.active`: the combined feature
 + geometric criterion by default) and the best regions over all images are chosen, no two adjacent.
-Regions that are already fully annotated (a mask without void there) are never asked again, so running
-`query` after `annotate` asks for new regions.
+Regions that are already fully annotated (by the dataset's mask or an answer in the answers folder) are
+never asked again, so running `query` after `annotate` asks for new regions; in volumes a supervoxel with
+any answered voxel is retired (a plane's answer is one voxel thick).
 
 Writes, into `--out` (default `<run>/queries`), atomically:
 - `queries.json`: one entry per query (image, region id, its box and size, score, why, the prediction
@@ -103,6 +104,55 @@ def _answers_folder(cfg: QueryConfig, ds, out: Path) -> Path:
     return out / "answers"
 
 
+def _known_pixels(ds, s, image: np.ndarray, answers: Path, labels: LabelSpec) -> np.ndarray | None:
+    """Pixels annotated so far: the dataset's mask, and an answer mask written by `annotate` (kept apart from
+    the dataset when it writes to <queries>/answers or --masks); None when neither exists."""
+    from frugalseg.data.io import read_label_png
+
+    known = None
+    if s.mask is not None:
+        mask = ds.read_mask(s)
+        ds.check_sizes(s, image, mask)
+        known = mask != labels.ignore_index
+    answer = answers / f"{Path(s.image).stem}.png"
+    if answer.exists() and (s.mask is None or answer.resolve() != Path(s.mask).resolve()):
+        extra = read_label_png(answer) != labels.ignore_index
+        if extra.shape == image.shape[:2]:
+            known = extra if known is None else known | extra
+    return known
+
+
+class _FirstOutput(torch.nn.Module):
+    """A network's main output only (segmenters with auxiliary heads return a tuple)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from frugalseg.models import first_output
+
+        return first_output(self.net(x))
+
+
+def _mc_information(model, x: torch.Tensor, input_size, passes: int, device) -> np.ndarray:
+    """MC-dropout mutual information at the image's size, the network fed as `predict_images` feeds it."""
+    import torch.nn.functional as F
+
+    from frugalseg.active.acquisition import mc_dropout_probabilities
+    from frugalseg.inference import _hw
+
+    h, w = x.shape[-2:]
+    xb = x[None].to(device=device, dtype=torch.float32)
+    target = _hw(input_size)
+    if target is not None:
+        xb = F.interpolate(xb, size=target, mode="bilinear", align_corners=False)
+    _, mi = mc_dropout_probabilities(_FirstOutput(model), xb, passes=passes)
+    if mi.shape[-2:] != (h, w):
+        mi = F.interpolate(mi[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    return mi[0].cpu().numpy()
+
+
 def _as_input(image: np.ndarray, in_chans: int) -> tuple[torch.Tensor, np.ndarray, int | None]:
     """(network input (C, H, W), the image SLIC sees, its channel axis)."""
     from frugalseg.data.transforms import to_tensor_image
@@ -133,7 +183,6 @@ def _why(strategy: str, feat: float, comb: float, probs: np.ndarray, names: tupl
 
 def query(cfg: QueryConfig) -> dict:
     """Rank regions, write queries.json / queries.html / regions / predictions; returns the summary."""
-    from frugalseg.active.acquisition import mc_dropout_probabilities
     from frugalseg.stages.options import device_of
     from frugalseg.stages.train import _open
 
@@ -155,9 +204,13 @@ def query(cfg: QueryConfig) -> dict:
         raise DataError(f"{run_cfg.data}:{cfg.split}: no images to query.")
     out = Path(cfg.out) if cfg.out else run / "queries"
     make_folder(out)
+    answers = _answers_folder(cfg, ds, out)
     device = device_of(cfg.devices)
     model = model.to(device).eval()
     if ds.ndim == 3:
+        if cfg.strategy != "geometry":
+            raise ConfigError(f"--strategy {cfg.strategy} is for 2D images; volumes are queried by planar patches "
+                              "of the combined criterion (--strategy geometry, the default).")
         return _query_volumes(cfg, run, run_cfg, ds, samples, model, spec, labels, out, device, t0)
     in_chans = int(spec.get("in_chans", 3))
     graphs, scores, feats, combs, labelled, region_maps, probs_by_image = [], [], [], [], [], [], []
@@ -171,8 +224,7 @@ def query(cfg: QueryConfig) -> dict:
             probs = predict_images(model, x[None], spec.get("input_size"), device=device)[0].numpy()
             info = None
             if cfg.strategy == "mc_dropout":
-                _, mi = mc_dropout_probabilities(model, x[None].to(device), passes=cfg.mc_passes)
-                info = mi[0].cpu().numpy()
+                info = _mc_information(model, x, spec.get("input_size"), cfg.mc_passes, device)
         regions = superpixels(seen, cfg.n_segments, cfg.compactness, channel_axis=channel_axis)
         grey = seen if channel_axis is None else seen.mean(-1) / 255.0
         graph = region_graph(regions, grey)
@@ -181,12 +233,9 @@ def query(cfg: QueryConfig) -> dict:
         comb = region_means(pixel_uncertainty(probs, grey, source="combined"), regions, n)
         score = {"geometry": comb, "entropy": feat, "random": np.zeros(n),
                  "mc_dropout": region_means(info, regions, n) if info is not None else None}[cfg.strategy]
-        done = np.zeros(n, bool)
-        if s.mask is not None:
-            mask = ds.read_mask(s)
-            ds.check_sizes(s, image, mask)
-            annotated = region_means((mask != labels.ignore_index).astype(np.float32), regions, n)
-            done = annotated >= 1.0  # fully annotated regions are never asked again
+        known = _known_pixels(ds, s, image, answers, labels)
+        # fully annotated regions (by the dataset's mask or an earlier answer) are never asked again
+        done = region_means(known.astype(np.float32), regions, n) >= 1.0 if known is not None else np.zeros(n, bool)
         graphs.append(graph)
         scores.append(score)
         feats.append(feat)
@@ -209,6 +258,7 @@ def query(cfg: QueryConfig) -> dict:
             "score": round(q.score, 6), "pixels": int(reg.sum()),
             "bbox": [int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1],
             "regions_file": str(sample_file("regions", s.id, ".npz")),
+            "mask_file": None if s.mask is None else str(Path(s.mask).resolve()),
             "prediction_file": str(sample_file("predictions", s.id, ".png")),
             "why": _why(cfg.strategy, float(feats[q.image][q.region]), float(combs[q.image][q.region]),
                         probs_by_image[q.image][q.region], labels.names),
@@ -219,7 +269,7 @@ def query(cfg: QueryConfig) -> dict:
     doc = {
         "format": QUERIES_FORMAT, "run": str(run.resolve()), "data": str(run_cfg.data), "split": cfg.split,
         "strategy": cfg.strategy, "classes": list(labels.names), "palette": [list(c) for c in labels.palette],
-        "ignore_index": labels.ignore_index, "masks": str(_answers_folder(cfg, ds, out).resolve()),
+        "ignore_index": labels.ignore_index, "masks": str(answers.resolve()),
         "images_scored": len(samples), "seconds": round(time.time() - t0, 1), "queries": queries,
     }
     write_json(out / "queries.json", doc)
@@ -306,8 +356,8 @@ def volume_planes(volume: np.ndarray, probs: np.ndarray, n_planes: int, n_segmen
     """The `n_planes` best planar patches of one volume, one after the other (a patch's supervoxels count
     no more for the next one), by the combined criterion averaged per supervoxel.
 
-    volume: (D, H, W); probs: (C, D, H, W); done: voxels already annotated (their supervoxels count 0 when
-    fully annotated). Returns (supervoxel labels, [(PlaneQuery, feature score, combined score)]).
+    volume: (D, H, W); probs: (C, D, H, W); done: voxels already annotated (a supervoxel with any of them
+    counts 0). Returns (supervoxel labels, [(PlaneQuery, feature score, combined score)]).
     """
     from frugalseg.active.geometry import supervoxels
     from frugalseg.active.planes import best_planar_query
@@ -318,7 +368,8 @@ def volume_planes(volume: np.ndarray, probs: np.ndarray, n_planes: int, n_segmen
     n = graph.n_regions
     feat = region_means(pixel_uncertainty(probs, source="feature"), regions, n)
     comb = region_means(pixel_uncertainty(probs, volume, source="combined", spacing=spacing), regions, n)
-    taken = np.zeros(n, bool) if done is None else region_means(done.astype(np.float32), regions, n) >= 1.0
+    # any annotated voxel retires a supervoxel: a plane's answer is one voxel thick and never covers one whole
+    taken = np.zeros(n, bool) if done is None else region_means(done.astype(np.float32), regions, n) > 0
     picked = []
     for _ in range(n_planes):
         if taken.all():
@@ -339,6 +390,7 @@ def _query_volumes(cfg: QueryConfig, run: Path, run_cfg, ds, samples, model, spe
     from frugalseg.inference import predict_volume_slices, predict_volume_sliding
 
     found = []
+    answers = Path(cfg.masks) if cfg.masks else out / "answers"
     for s in samples:
         volume = np.asarray(ds.read_image(s), dtype=np.float32)
         if volume.ndim != 3:
@@ -353,6 +405,13 @@ def _query_volumes(cfg: QueryConfig, run: Path, run_cfg, ds, samples, model, spe
         done = None
         if s.mask is not None:
             done = ds.read_mask(s) != labels.ignore_index
+        answered = sample_file(answers, s.id, ".nii.gz")
+        if answered.exists():
+            from frugalseg.stages.annotate import read_volume_mask
+
+            extra = read_volume_mask(answered) != labels.ignore_index
+            if extra.shape == volume.shape:
+                done = extra if done is None else done | extra
         spacing = s.spacing or (1.0, 1.0, 1.0)
         lo, hi = float(np.percentile(volume, 0.5)), float(np.percentile(volume, 99.5))
         unit = np.clip((volume - lo) / max(hi - lo, 1e-6), 0, 1)
@@ -360,6 +419,9 @@ def _query_volumes(cfg: QueryConfig, run: Path, run_cfg, ds, samples, model, spe
                                         spacing, done)
         for q, feat, comb in picked:
             found.append((q.score, s, q, feat, comb, unit, probs, regions, spacing))
+    if not found:
+        raise DataError(f"{run_cfg.data}:{cfg.split}: every supervoxel is already annotated (or certain); "
+                        "nothing left to ask.")
     found.sort(key=lambda f: -f[0])
     queries = []
     for k, (score, s, q, feat, comb, unit, probs, regions, spacing) in enumerate(found[: cfg.planes]):
@@ -387,7 +449,7 @@ def _query_volumes(cfg: QueryConfig, run: Path, run_cfg, ds, samples, model, spe
         "format": QUERIES_FORMAT, "run": str(run.resolve()), "data": str(run_cfg.data), "split": cfg.split,
         "strategy": "geometry (planes)", "classes": list(labels.names), "palette": [list(c) for c in labels.palette],
         "ignore_index": labels.ignore_index,
-        "masks": str(Path(cfg.masks).resolve() if cfg.masks else (out / "answers").resolve()),
+        "masks": str(answers.resolve()),
         "images_scored": len(samples), "seconds": round(time.time() - t0, 1), "queries": queries,
     }
     write_json(out / "queries.json", doc)
