@@ -376,7 +376,7 @@ def table(agg: dict) -> None:
 
 
 def markdown(agg: dict) -> str:
-    lines = ["| setting (test split) | strategy | repeats | AULC mean ± sd | per seed | final Dice | annotated "
+    lines = ["| setting: scored on | strategy | repeats | AULC mean ± sd | per seed | final Dice | annotated "
              "| query s / round |", "|---|---|---|---|---|---|---|---|"]
     for setting, strategies in agg.items():
         if setting == "plane_search":
@@ -385,10 +385,26 @@ def markdown(agg: dict) -> str:
             if strategy == "comparisons":
                 continue
             sd = "" if e["aulc_sd"] is None else f" ± {e['aulc_sd']:.3f}"
-            lines.append(f"| {setting} ({e['split']}) | {strategy} | {e['repeats']} | {e['aulc_mean']:.3f}{sd} | "
+            lines.append(f"| {setting}: {e['split']} | {strategy} | {e['repeats']} | {e['aulc_mean']:.3f}{sd} | "
                          + " / ".join(f"{v:.3f}" for v in e["per_seed"].values())
                          + f" | {e['final_dice_mean']:.3f} | {100 * e['curve']['fraction_mean'][-1]:.1f}% | "
                          f"{e['query_s_mean']:.2f} |")
+    return "\n".join(lines)
+
+
+def markdown_plane_search() -> str:
+    """The README's plane-search table, from active.json's `plane_search`."""
+    path = RESULTS / "active.json"
+    ps = json.loads(path.read_text())["figures"].get("plane_search") if path.exists() else None
+    if not ps:
+        return ""
+    lines = ["| orientations | B&B evaluations (bounds + exact) | exhaustive | ratio | same optimum | B&B s "
+             "| exhaustive s |", "|---|---|---|---|---|---|---|"]
+    for key, v in ps.items():
+        if key.startswith("grid"):
+            lines.append(f"| {v['orientations']} | {v['bnb_evaluations']} ({v['bnb_bounds']} + {v['bnb_exact']}) | "
+                         f"{v['exhaustive_evaluations']} | {v['exhaustive_evaluations'] / v['bnb_evaluations']:.1f}× | "
+                         f"{'yes' if v['same_optimum'] else 'NO'} | {v['bnb_s']:.3f} | {v['exhaustive_s']:.3f} |")
     return "\n".join(lines)
 
 
@@ -420,6 +436,8 @@ def main() -> None:
         return
     if args.markdown:
         print(markdown(aggregate(records)))
+        print()
+        print(markdown_plane_search())
         return
     if not args.aggregate and not args.plane_search_only:
         run_all(args.only, args.seeds if not QUICK else [0], records, run_root, args.parallel)
