@@ -222,3 +222,13 @@ def test_answered_regions_are_not_asked_again(queried, partly_labelled, tmp_path
     assert res.exit_code == 0, res.output
     again = json.loads((tmp_path / "again" / "queries.json").read_text())["queries"]
     assert (first["sample"], first["region"]) not in {(q["sample"], q["region"]) for q in again}
+
+
+def test_multiclass_criterion_and_a_bad_one(queried, partly_labelled, tmp_path, monkeypatch):
+    res = CliRunner().invoke(cli, ["query", str(queried.parent), "--data", str(partly_labelled), "--regions", "3",
+                                   "--n-segments", "40", "--criterion", "conditional_entropy", "--out",
+                                   str(tmp_path / "ce")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((tmp_path / "ce" / "queries.json").read_text())["queries"]) == 3
+    code, _, err = run_main(["query", str(queried.parent), "--criterion", "bald"], monkeypatch)
+    assert code == 2 and "criterion" in err and "conditional_entropy" in err

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from frugalseg.active.acquisition import pixel_uncertainty
+from frugalseg.active.acquisition import CRITERIA, pixel_uncertainty
 from frugalseg.active.geometry import region_graph, region_means, superpixels
 from frugalseg.active.selection import random_regions, select_regions
 from frugalseg.data.io import make_folder, sample_file, write_json, write_label_png, write_text
@@ -55,6 +55,9 @@ class QueryConfig:
     split: str = option("train", "Split whose images are candidates.")
     strategy: str = option("geometry", "geometry (classifier + neighbours, Konyushkova et al.), entropy, "
                                        "mc_dropout (needs dropout in the model) or random.", choices=QUERY_STRATEGIES)
+    criterion: str = option("entropy", "Uncertainty of a class distribution: entropy, margin (best vs second), "
+                                       "least_confidence, selection_entropy or conditional_entropy (the multi-class "
+                                       "criteria of Konyushkova et al., CVIU 2019).", choices=tuple(CRITERIA))
     regions: int = option(20, "How many regions to ask for.", ge=1)
     n_segments: int = option(300, "SLIC superpixels per image (about; fewer for small images).", ge=2)
     compactness: float | None = option(None, "SLIC compactness (default: 0.1 greyscale, 10 colour).", gt=0)
@@ -229,8 +232,8 @@ def query(cfg: QueryConfig) -> dict:
         grey = seen if channel_axis is None else seen.mean(-1) / 255.0
         graph = region_graph(regions, grey)
         n = graph.n_regions
-        feat = region_means(pixel_uncertainty(probs, source="feature"), regions, n)
-        comb = region_means(pixel_uncertainty(probs, grey, source="combined"), regions, n)
+        feat = region_means(pixel_uncertainty(probs, criterion=cfg.criterion, source="feature"), regions, n)
+        comb = region_means(pixel_uncertainty(probs, grey, cfg.criterion, "combined"), regions, n)
         score = {"geometry": comb, "entropy": feat, "random": np.zeros(n),
                  "mc_dropout": region_means(info, regions, n) if info is not None else None}[cfg.strategy]
         known = _known_pixels(ds, s, image, answers, labels)
@@ -352,7 +355,8 @@ region; tint: the model's prediction ({legend}).</p>
 
 # ---- volumes: planar patches -------------------------------------------------------------------------
 def volume_planes(volume: np.ndarray, probs: np.ndarray, n_planes: int, n_segments: int, r: float, radius: float,
-                  spacing=None, done: np.ndarray | None = None, grid: int = 24, candidates: int = 10):
+                  spacing=None, done: np.ndarray | None = None, grid: int = 24, candidates: int = 10,
+                  criterion: str = "entropy"):
     """The `n_planes` best planar patches of one volume, one after the other (a patch's supervoxels count
     no more for the next one), by the combined criterion averaged per supervoxel.
 
@@ -366,8 +370,8 @@ def volume_planes(volume: np.ndarray, probs: np.ndarray, n_planes: int, n_segmen
     regions = supervoxels(volume, n_segments, spacing=spacing)
     graph = region_graph(regions, volume, spacing=spacing)
     n = graph.n_regions
-    feat = region_means(pixel_uncertainty(probs, source="feature"), regions, n)
-    comb = region_means(pixel_uncertainty(probs, volume, source="combined", spacing=spacing), regions, n)
+    feat = region_means(pixel_uncertainty(probs, criterion=criterion, source="feature"), regions, n)
+    comb = region_means(pixel_uncertainty(probs, volume, criterion, "combined", spacing), regions, n)
     # any annotated voxel retires a supervoxel: a plane's answer is one voxel thick and never covers one whole
     taken = np.zeros(n, bool) if done is None else region_means(done.astype(np.float32), regions, n) > 0
     picked = []
@@ -416,7 +420,7 @@ def _query_volumes(cfg: QueryConfig, run: Path, run_cfg, ds, samples, model, spe
         lo, hi = float(np.percentile(volume, 0.5)), float(np.percentile(volume, 99.5))
         unit = np.clip((volume - lo) / max(hi - lo, 1e-6), 0, 1)
         regions, picked = volume_planes(unit, probs, cfg.planes, cfg.supervoxels, cfg.plane_r, cfg.plane_radius,
-                                        spacing, done)
+                                        spacing, done, criterion=cfg.criterion)
         for q, feat, comb in picked:
             found.append((q.score, s, q, feat, comb, unit, probs, regions, spacing))
     if not found:
