@@ -112,3 +112,23 @@ def test_sparse_walk_equals_the_dense_transition_of_the_reference():
         x = x @ t
     torch.testing.assert_close(random_walk(maps, boundary, beta=10.0, steps=7, radius=r).double(),
                                x.reshape(2, h, w), rtol=1e-5, atol=1e-6)
+
+
+def test_irn_network_trains_its_branches_only():
+    from frugalseg.models.irn import InterPixelNet
+    from frugalseg.weak.irn import affinity_labels, affinity_losses, displacement_losses, path_affinity
+
+    torch.manual_seed(0)
+    net = InterPixelNet("tf_efficientnet_lite0", pretrained=False).train()
+    assert not net.backbone.training  # frozen statistics even in train mode
+    x = torch.rand(2, 3, 64, 48)
+    boundary, disp = net(x)
+    assert boundary.shape == (2, 1, 16, 12) and disp.shape == (2, 2, 16, 12)
+    assert 0 <= float(boundary.detach().min()) and float(boundary.detach().max()) <= 1
+    lab = torch.zeros(2, 16, 12, dtype=torch.long)
+    lab[:, :, 6:] = 1
+    labels = affinity_labels(lab, radius=4)
+    loss = affinity_losses(path_affinity(boundary, 4), labels)["total"] + displacement_losses(disp, labels, 4)["total"]
+    loss.backward()
+    assert all(p.grad is None for p in net.backbone.parameters())
+    assert all(p.grad is not None for p in net.heads_parameters())
