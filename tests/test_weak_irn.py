@@ -132,3 +132,30 @@ def test_irn_network_trains_its_branches_only():
     loss.backward()
     assert all(p.grad is None for p in net.backbone.parameters())
     assert all(p.grad is not None for p in net.heads_parameters())
+
+
+def test_irn_learns_a_boundary_between_two_confident_regions_and_walks_inside_it():
+    from frugalseg.models.irn import InterPixelNet
+    from frugalseg.weak.irn import boundary_map, irn_pseudo_mask, train_irn
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for _ in range(4):  # a bright square (class 3) on a dark background, the band around it unsure
+        img = (rng.random((64, 64, 3)) * 40).astype(np.uint8)
+        lab = np.zeros((64, 64), np.uint8)
+        img[16:48, 16:48] += 180
+        lab[18:46, 18:46] = 3
+        lab[14:18, 14:50] = lab[46:50, 14:50] = 255
+        lab[14:50, 14:18] = lab[14:50, 46:50] = 255
+        pairs.append((img, lab))
+    torch.manual_seed(0)
+    net = InterPixelNet("tf_efficientnet_lite0", pretrained=False)
+    losses = train_irn(net, pairs, epochs=12, batch_size=2, crop=64, scale=(0.9, 1.1), lr=0.1, radius=4)
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])  # it learns
+    b = boundary_map(net, pairs[0][0])
+    assert b.shape == (16, 16)
+    cam = np.zeros((1, 64, 64), np.float32)
+    cam[0, 28:36, 28:36] = 1.0  # a CAM that found only the square's centre
+    mask = irn_pseudo_mask(b, cam, [3], background=0, steps=32, radius=3)
+    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 3}
+    assert mask[32, 32] == 3 and mask[2, 2] == 0

@@ -47,8 +47,8 @@ from frugalseg.errors import ConfigError
 
 __all__ = [
     "IRN_BETA", "IRN_RADIUS_TRAIN", "IRN_RADIUS_WALK", "IRN_SEM_BG_THRESHOLD", "IRN_STEPS", "affinity_labels",
-    "affinity_losses", "displacement_losses", "pair_offsets", "path_affinity", "random_walk", "segment_points",
-    "walk_cost", "walk_to_labels",
+    "affinity_losses", "boundary_map", "displacement_losses", "irn_pseudo_mask", "pair_offsets", "path_affinity",
+    "random_walk", "segment_points", "train_irn", "walk_cost", "walk_to_labels",
 ]
 
 IRN_RADIUS_TRAIN = 10  # pairs for the affinity losses, at stride 4
@@ -204,9 +204,9 @@ def random_walk(maps: torch.Tensor, boundary: torch.Tensor, beta: float = IRN_BE
 
 
 def walk_to_labels(walked: torch.Tensor, keys: np.ndarray | list[int], image_size: tuple[int, int],
-                   bg_threshold: float = IRN_SEM_BG_THRESHOLD) -> np.ndarray:
+                   bg_threshold: float = IRN_SEM_BG_THRESHOLD, background: int = 0) -> np.ndarray:
     """(C, h, w) walked maps at stride 4 → (H, W) class ids: upsample ×4 (bilinear), crop to the image, divide
-    by the global maximum, put a background plane at `bg_threshold` first, argmax, map to `keys`."""
+    by the global maximum, put a background plane at `bg_threshold` first, argmax, map to (`background`, *keys)."""
     h, w = image_size
     up = F.interpolate(walked[None].float(), scale_factor=4, mode="bilinear", align_corners=False)[0]
     if up.shape[-2] < h or up.shape[-1] < w:
@@ -216,10 +216,110 @@ def walk_to_labels(walked: torch.Tensor, keys: np.ndarray | list[int], image_siz
     up = up / up.max().clamp_min(1e-5)
     planes = torch.cat([torch.full((1, h, w), float(bg_threshold)), up], 0)
     idx = planes.argmax(0).numpy()
-    lut = np.concatenate([[0], np.asarray(keys, dtype=np.int64)])
+    lut = np.concatenate([[background], np.asarray(keys, dtype=np.int64)])
     return lut[idx].astype(np.uint8)
 
 
 def walk_cost(height: int, width: int, steps: int = IRN_STEPS, radius: int = IRN_RADIUS_WALK) -> float:
     """Multiply-adds per class channel of one walk (for sizing: steps × pixels × (2·offsets + 1))."""
     return float(steps) * height * width * (2 * len(pair_offsets(radius)) + 1)
+
+
+# ---- training and inference with the network (frugalseg.models.irn.InterPixelNet) --------------------------
+def _crop_pair(image: np.ndarray, label: np.ndarray, crop: int, scale: tuple[float, float],
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random rescale (bilinear image, nearest label), random crop (image padded 0, label 255), random flip."""
+    from PIL import Image
+
+    s = float(rng.uniform(*scale))
+    h, w = label.shape
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
+    out_i = np.zeros((crop, crop, 3), np.uint8)
+    out_l = np.full((crop, crop), IGNORE_INDEX, np.uint8)
+    y0 = int(rng.integers(0, max(nh - crop, 0) + 1))
+    x0 = int(rng.integers(0, max(nw - crop, 0) + 1))
+    ch, cw = min(crop, nh), min(crop, nw)
+    out_i[:ch, :cw] = image[y0:y0 + ch, x0:x0 + cw]
+    out_l[:ch, :cw] = label[y0:y0 + ch, x0:x0 + cw]
+    if rng.random() < 0.5:
+        out_i, out_l = out_i[:, ::-1], out_l[:, ::-1]
+    return np.ascontiguousarray(out_i), np.ascontiguousarray(out_l)
+
+
+def train_irn(net: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]], epochs: int = 3,
+              batch_size: int = 8, crop: int = 256, scale: tuple[float, float] = (0.5, 1.5), lr: float = 0.1,
+              disp_lr_mult: float = 10.0, weight_decay: float = 1e-4, momentum: float = 0.0,
+              radius: int = IRN_RADIUS_TRAIN, seed: int = 0, device: str | torch.device = "cpu",
+              progress=None) -> list[float]:
+    """Train the branches of `net` on (RGB uint8 image, IR label) pairs; returns the loss of every step.
+
+    IR labels are the confident pseudo-masks of the CRF stage (0 = background, k = class, 255 = the
+    unsure band), read at stride 4 (nearest) as the reference's `pil_rescale(label, 0.25, 0)`. Loss:
+    the affinity terms plus the displacement terms, halved each (the reference's total). SGD with poly
+    decay, the displacement branch at `disp_lr_mult` × lr, as the reference; `momentum=0` reproduces the
+    reference's optimiser as it runs (its 0.9 never reaches SGD: psa#28), the default here.
+    """
+    if not pairs:
+        raise ConfigError("IRN needs at least one image with a confident pseudo-mask to train on.")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    net = net.to(device).train()
+    disp_params = [p for n, p in net.named_parameters() if n.startswith("disp") and p.requires_grad]
+    edge_params = [p for n, p in net.named_parameters() if n.startswith("edge") and p.requires_grad]
+    opt = torch.optim.SGD([{"params": edge_params, "lr": lr}, {"params": disp_params, "lr": lr * disp_lr_mult}],
+                          lr=lr, momentum=momentum, weight_decay=weight_decay)
+    base = [g["lr"] for g in opt.param_groups]
+    steps_per_epoch = max(1, len(pairs) // batch_size)
+    total = steps_per_epoch * epochs
+    losses = []
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            order = rng.permutation(len(pairs))
+        picks = order[(step % steps_per_epoch) * batch_size:][:batch_size]
+        crops = [_crop_pair(*pairs[k], crop, scale, rng) for k in picks]
+        x = torch.from_numpy(np.stack([c[0] for c in crops])).permute(0, 3, 1, 2).float().div(255).to(device)
+        lab = torch.from_numpy(np.stack([c[1][::4, ::4] for c in crops]).astype(np.int64)).to(device)
+        boundary, disp = net(x)
+        labels = affinity_labels(lab, radius)
+        loss = (affinity_losses(path_affinity(boundary, radius), labels)["total"]
+                + displacement_losses(disp, labels, radius)["total"]) / 2
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * (1 - step / total) ** 0.9
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, total, losses[-1])
+    return losses
+
+
+@torch.no_grad()
+def boundary_map(net: torch.nn.Module, image: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The (h, w) boundary at stride 4 of an RGB uint8 image: the mean of the image's and its mirror's
+    (the reference's scale 1.0 plus flip)."""
+    net = net.to(device).eval()
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)[None].to(device)
+    b1, _ = net(x)
+    b2, _ = net(torch.flip(x, dims=[-1]))
+    return ((b1 + torch.flip(b2, dims=[-1])) / 2)[0, 0].cpu()
+
+
+def irn_pseudo_mask(boundary: torch.Tensor, high_res: np.ndarray, keys: np.ndarray | list[int],
+                    background: int | None = 0, bg_threshold: float = IRN_SEM_BG_THRESHOLD, beta: float = IRN_BETA,
+                    steps: int = IRN_STEPS, radius: int = IRN_RADIUS_WALK) -> np.ndarray:
+    """An image's pseudo-mask (H, W) in class ids from its maps (n, H, W) and boundary (stride 4): the maps
+    at stride 4, walked, read out with a background plane (none when the label set has no background)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    h, w = high_res.shape[-2:]
+    if keys.size == 0:
+        return np.full((h, w), background if background is not None else IGNORE_INDEX, np.uint8)
+    maps = torch.from_numpy(np.asarray(high_res, np.float32))[None]
+    small = F.interpolate(maps, size=tuple(boundary.shape), mode="bilinear", align_corners=False)[0]
+    walked = random_walk(small, boundary, beta, steps, radius)
+    if background is None:
+        up = F.interpolate(walked[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        return keys[up.argmax(0).numpy()].astype(np.uint8)
+    return walk_to_labels(walked, keys, (h, w), bg_threshold, background)
