@@ -153,15 +153,35 @@ def test_peak_finder_on_hand_made_maps():
     m = torch.zeros(1, 2, 5, 5)
     m[0, 0, 1, 1], m[0, 0, 3, 3], m[0, 0, 3, 4] = 5.0, 3.0, 1.0
     m[0, 1] = 1.0  # a plateau: every position ties with its neighbours and with the median
-    peaks = find_peaks(m)
-    assert peaks[0, 0, 1, 1] and peaks[0, 0, 3, 3] and not peaks[0, 0, 3, 4]
-    assert peaks[0, 1].all()
+    every = find_peaks(m, ties="all")
+    assert every[0, 0, 1, 1] and every[0, 0, 3, 3] and not every[0, 0, 3, 4]
+    assert every[0, 1].all()
     # zeros that tie their whole neighbourhood are peaks too (>= the median 0): the score is the mean over all
-    assert torch.isclose(peak_stimulation(m)[0, 0], m[0, 0][peaks[0, 0]].mean())
-    assert torch.isclose(peak_stimulation(m)[0, 0], torch.tensor(8.0) / peaks[0, 0].sum())
+    assert torch.isclose(peak_stimulation(m, ties="all")[0, 0], m[0, 0][every[0, 0]].mean())
+    # the reference's max-pool indices: a plateau gives one peak per window, its first position in scan order
+    first = find_peaks(m)
+    assert first[0, 0, 1, 1] and first[0, 0, 3, 3] and not first[0, 0, 3, 4]
+    assert first[0, 1].sum() == 1 and first[0, 1, 0, 0]
+    assert (first <= every).all()
     assert [p[:3] for p in peak_list(m[0], classes=[0], min_value=0.5)] == [(0, 1, 1), (0, 3, 3)]
     with pytest.raises(ValueError, match="odd"):
         find_peaks(m, window=2)
+
+
+def test_peak_stimulation_gradient_as_the_reference():
+    m = torch.zeros(1, 1, 5, 5)
+    m[0, 0, 1, 1], m[0, 0, 3, 3] = 5.0, 3.0
+    m[0, 0, 0, 4] = m[0, 0, 4, 0] = -1.0
+    peaks = find_peaks(m)[0, 0]
+    n = int(peaks.sum())
+    x = m.clone().requires_grad_(True)
+    score = peak_stimulation(x)
+    assert torch.isclose(score[0, 0], m[0, 0][peaks].mean())  # forward: the mean over the peaks
+    score.sum().backward()
+    torch.testing.assert_close(x.grad[0, 0], peaks.float())  # backward: 1 at every peak, no 1/N
+    y = m.clone().requires_grad_(True)
+    peak_stimulation(y, official_backward=False).sum().backward()
+    torch.testing.assert_close(y.grad[0, 0], peaks.float() / n)  # the exact gradient of the mean
 
 
 def test_classifier_freezes_early_stages_and_bn(model):
