@@ -187,6 +187,163 @@ def continue_lr_study(root: Path, common: dict, mult: float, seeds: list[int], r
             "chosen_on_calibration_images": mult if better_on_calibration else 1.0}
 
 
+REFINEMENTS = {"crf": "crf", "irn": "irn", "irn_crf": "irn+crf"}  # stage name -> --refine
+
+
+def scored_and_calibration(folder: Path, ds, calibration: set[str]) -> dict:
+    """Pseudo-mask mIoU (IRN's convention) on the scored training images and, apart, on the calibration ones."""
+    from frugalseg.weak.crf import evaluate_pseudo_masks
+
+    out = {}
+    for name, keep in (("miou", False), ("miou_calibration_images", True)):
+        part = ds.with_samples([s for s in ds.samples if (s.id in calibration) == keep])
+        out[name] = round(evaluate_pseudo_masks(folder, part, save=False)["miou"], 6) if part.samples else None
+    return out
+
+
+def mined_after(cfg: PipelineConfig, run: Path, stage: str, folder: Path, ds, inputs):
+    """Round-1 MCOF mining of one refinement's masks (what a run with that --refine mines first), written to
+    <run>/mining_after/<stage>/ under a temporary name; kept once complete (a rerun skips it)."""
+    import shutil
+
+    from frugalseg.stages import pipeline
+
+    out = run / "mining_after" / stage
+    if (out / "COMPLETE").exists():
+        return out, inputs
+    inputs = inputs or pipeline.MiningInputs(cfg, ds)
+    regions, stats = pipeline.mine_regions(cfg, 1, ds, inputs, pipeline.read_masks(folder, ds), source=folder)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.write_masks(tmp, ds, regions)
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=1, default=str))
+    (tmp / "COMPLETE").write_text("")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out, inputs
+
+
+def irn_pseudo_masks(root: Path, common: dict, method: str, maps_from: str | None = None) -> dict:
+    """Seed, CRF, IRN and IRN + CRF pseudo-masks of one seed method (each also followed by round-1 mining),
+    scored on the training images outside the calibration quarter, and on that quarter apart (where the
+    refinement for the segmenter rounds is chosen)."""
+    from frugalseg.stages import pipeline
+
+    shared = {} if method == "cam" else {"classifier": str(root / "cam_irn" / "classifier")}
+    if maps_from:
+        shared["maps_from"] = maps_from
+    cfg = PipelineConfig(**{**common, "rounds": 0}, out=str(root / f"{method}_irn"), seeds=method, refine="irn+crf",
+                         **shared)
+    t0 = time.time()
+    summ = run_pipeline(cfg)
+    ds = pipeline.open_training_images(cfg)
+    calibration = set(json.loads((root / f"{method}_irn" / "calibration.json").read_text())["ids"])
+    rows = {r["stage"]: r for r in summ["stages"]}
+    table: dict = {}
+    inputs = None
+    for stage in ("seed", *REFINEMENTS):
+        folder = Path(rows[stage]["folder"])
+        table[stage] = {"miou": rows[stage]["miou"], "miou_calibration_images": rows[stage]["miou_calibration_images"]}
+        mined, inputs = mined_after(cfg, root / f"{method}_irn", stage, folder, ds, inputs)
+        table[f"{stage}+mining"] = scored_and_calibration(mined, ds, calibration)
+        print(f"  {method} {stage}: {table[stage]['miou']:.4f}, +mining {table[stage + '+mining']['miou']:.4f} "
+              f"(calibration images {table[stage + '+mining']['miou_calibration_images']:.4f})", flush=True)
+    irn_th = json.loads((root / f"{method}_irn" / "irn" / "threshold.json").read_text())
+    return {"pseudo_mask_miou": table, "split": "train (calibration images excluded; their figure apart)",
+            "scored_images": summ["scored_images"], "calibration_images": len(calibration),
+            "thresholds": summ["thresholds"], "irn_bg_threshold": irn_th["bg_threshold"],
+            "irn_bg_chosen_on": irn_th["chosen_on"], "stage_seconds": summ["stage_seconds"],
+            "seconds_this_call": round(time.time() - t0, 1)}
+
+
+def chosen_refinement(table: dict) -> str:
+    """The --refine whose mined regions score best on the calibration images (never on the scored images or val)."""
+    best = max(REFINEMENTS, key=lambda st: table[f"{st}+mining"]["miou_calibration_images"])
+    return REFINEMENTS[best]
+
+
+def irn_segmenters(root: Path, common: dict, refine: str, seeds: list[int]) -> dict:
+    """The whole pipeline with `refine`, one run per training seed (classifier and maps of the IRN study shared;
+    the CRF, IRN, mining rounds and segmenters train with the seed); each run's model is its best round on the
+    calibration images."""
+    per_seed = {}
+    for seed in seeds:
+        out = root / f"cam_{refine.replace('+', '_')}_seed{seed}"
+        cfg = PipelineConfig(**{**common, "seed": seed}, out=str(out), seeds="cam", refine=refine,
+                             classifier=str(root / "cam_irn" / "classifier"), maps_from=str(root / "cam_irn" / "cams"))
+        summ = run_pipeline(cfg)
+        per_seed[str(seed)] = {"val_miou": summ["final_val_miou"], "final_round": summ["final_round"],
+                               "val_miou_by_round": {r: v["miou"] for r, v in summ["val_by_round"].items()},
+                               "calibration_miou_by_round": summ["round_choice"]["calibration_miou_by_round"],
+                               "seconds": summ["seconds"], "stage_seconds": summ["stage_seconds"]}
+        print(f"  seed {seed}: val mIoU {summ['final_val_miou']:.4f} (round {summ['final_round']} chosen on "
+              f"calibration images)", flush=True)
+    return per_seed
+
+
+def full_supervision_seeds(root: Path, common: dict, seeds: list[int]) -> dict:
+    """The same segmenter (OCR on lite0, ImageNet weights) on the training masks, for each seed, with the
+    tags-only run's total segmenter epochs (rounds x seg_epochs: its chosen round may have continued from the one
+    before); val mIoU per seed."""
+    from frugalseg.stages.pipeline import segmenter_config
+    from frugalseg.stages.train import train
+
+    per_seed = {}
+    epochs = common["seg_epochs"] * max(1, common["rounds"])
+    for seed in seeds:
+        out = root / f"full_supervision_seed{seed}"
+        cfg = PipelineConfig(**{**common, "seed": seed}, out=str(root / "unused"))
+        t0 = time.time()
+        res = train(segmenter_config(cfg, out, epochs=epochs))
+        metrics = json.loads((out / "metrics" / "val.json").read_text())
+        per_seed[str(seed)] = {"val_miou": metrics["miou"], "epochs": epochs,
+                               "seconds_this_call": round(time.time() - t0, 1)}
+        print(f"  full supervision seed {seed}: val mIoU {metrics['miou']:.4f}", flush=True)
+        del res
+    return per_seed
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    import statistics
+
+    return round(statistics.fmean(values), 4), (round(statistics.stdev(values), 4) if len(values) > 1 else None)
+
+
+def irn_study(root: Path, common: dict, seeds: list[int], stage: str, advcam_maps: str | None) -> dict:
+    """Issue 'tags to model II': IRN pseudo-masks, then (stage 'segmenters') the final segmenter over seeds
+    against full supervision over the same seeds. Every step resumes where it stopped."""
+    fig: dict = {"irn": {}}
+    print("IRN pseudo-masks, CAM seeds:", flush=True)
+    cam = irn_pseudo_masks(root, common, "cam")
+    fig["irn"]["cam"] = cam
+    fig["irn"]["pseudo_mask_miou"] = {k: v["miou"] for k, v in cam["pseudo_mask_miou"].items()}
+    if advcam_maps:
+        print("IRN pseudo-masks, AdvCAM seeds:", flush=True)
+        adv = irn_pseudo_masks(root, common, "advcam", maps_from=advcam_maps)
+        fig["irn"]["advcam"] = adv
+        fig["irn"]["pseudo_mask_miou_advcam"] = {k: v["miou"] for k, v in adv["pseudo_mask_miou"].items()}
+    refine = chosen_refinement(cam["pseudo_mask_miou"])
+    fig["irn"]["refine_chosen_on_calibration_images"] = refine
+    if stage == "pseudo-masks":
+        return fig
+    print(f"segmenters with --refine {refine}, seeds {seeds}:", flush=True)
+    tags = irn_segmenters(root, common, refine, seeds)
+    print(f"full supervision, seeds {seeds}:", flush=True)
+    full = full_supervision_seeds(root, common, seeds)
+    ratios = [tags[str(k)]["val_miou"] / full[str(k)]["val_miou"] for k in seeds]
+    full_mean, full_sd = mean_sd([full[str(k)]["val_miou"] for k in seeds])
+    tags_mean, tags_sd = mean_sd([tags[str(k)]["val_miou"] for k in seeds])
+    fig["irn"].update({
+        "val_miou_per_seed": [tags[str(k)]["val_miou"] for k in seeds], "val_miou_mean": tags_mean,
+        "val_miou_sd": tags_sd, "full_val_miou_per_seed": [full[str(k)]["val_miou"] for k in seeds],
+        "full_val_miou_mean": full_mean, "full_val_miou_sd": full_sd,
+        # the ratio of the means (what a user compares) and the sd of the per-seed ratios (seed k against seed k)
+        "ratio_to_full_mean": round(tags_mean / full_mean, 4), "ratio_to_full_sd": mean_sd(ratios)[1],
+        "ratio_per_seed": [round(x, 4) for x in ratios], "seeds": seeds, "split": "val",
+        "per_seed": tags, "full_per_seed": full})
+    return fig
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="48 training images, short schedules (minutes here).")
@@ -208,6 +365,14 @@ def main() -> None:
                     help="Repeat the main run's mining rounds with these seeds (the region classifiers and segmenters "
                          "train with them; the tag classifier, maps and calibration are the main run's) and report "
                          "round-by-round val mIoU per seed and over seeds, the main run's seed 0 included.")
+    ap.add_argument("--irn", choices=("pseudo-masks", "segmenters"),
+                    help="IRN study: the seed, CRF, IRN and IRN + CRF pseudo-masks of CAM seeds (and of AdvCAM seeds "
+                         "with --advcam-maps), each also mined; with 'segmenters', then the whole pipeline with the "
+                         "refinement chosen on the calibration images, for each --seeds, against full supervision "
+                         "over the same seeds. Resumable step by step.")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds of --irn segmenters.")
+    ap.add_argument("--advcam-maps", help="A four-scale AdvCAM maps folder of the training images made with the "
+                                          "IRN study's classifier (--four-scale writes one).")
     args = ap.parse_args()
     started = time.time()
     s = settings(args.quick)
@@ -260,6 +425,17 @@ def main() -> None:
         save_results(name, {"ablation_continue_lr": fig}, {"ablation_continue_lr": {
             "continue_lr_mult": args.ablation_continue_lr_mult, "seeds": [0, 1, 2],
             "shared": "rounds up to 1 of each seed's run"}}, started)
+        return
+
+    if args.irn:
+        name = "tags_to_model_quick" if args.quick else "tags_to_model"
+        fig = irn_study(root, common, args.seeds, args.irn, args.advcam_maps)
+        path = save_results(name, fig, {"irn": {"pipeline": {k: v for k, v in common.items() if k != "progress"},
+                                                "seeds": args.seeds, "stage": args.irn}}, started)
+        table = fig["irn"]["cam"]["pseudo_mask_miou"]
+        print_table([(k, f"{v['miou']:.4f}", f"{v['miou_calibration_images']:.4f}") for k, v in table.items()],
+                    ("CAM seeds", "train mIoU", "calibration images"))
+        print(f"wrote {path} ({time.time() - started:.0f} s)")
         return
 
     if args.seed_study:

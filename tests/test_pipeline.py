@@ -179,6 +179,34 @@ def test_second_round_seeds_are_the_agreement_of_round_one(shapes_dataset, two_r
     assert yaml.safe_load((run / "round1" / "segmenter" / "config.yaml").read_text())["init_from"] is None
 
 
+def test_the_run_model_is_the_round_best_on_calibration_masks(shapes_dataset, two_round_run, tmp_path, monkeypatch):
+    run, summary = two_round_run
+    # no calibration masks: the last round is the model
+    assert summary["final_round"] == 2 and summary["round_choice"]["chosen_on"].startswith("last round")
+    assert summary["final_val_miou"] == summary["val_by_round"]["2"]["miou"] == summary["last_round_val_miou"]
+    assert (run / "model" / "ROUND").read_text().strip() == "2" and (run / "model" / "config.json").exists()
+    # with calibration masks, each round's segmenter is scored on them and the best (earliest on a tie) is the model
+    run = copy_run(run, tmp_path / "run")
+    ds = pipeline.open_training_images(tiny(shapes_dataset, run, limit=4, rounds=2))
+    ids = tuple(s.id for s in ds.samples[:2])
+    th = pipeline.Thresholds(seed=0.3, fg=0.3, bg=0.1, calibration_ids=ids)
+    scored: list[str] = []
+
+    def fake_score(model_dir, cal, device="cpu"):
+        scored.append(model_dir.parent.parent.name)
+        assert sorted(s.id for s in cal.samples) == sorted(ids)  # the calibration images, nothing else
+        return {"round1": 0.61, "round2": 0.55}[model_dir.parent.parent.name]
+
+    monkeypatch.setattr(pipeline, "score_segmenter", fake_score)
+    choice = pipeline.pick_best_round(tiny(shapes_dataset, run, limit=4, rounds=2), RunDir(run), ds, th, {})
+    assert choice.round == 1 and choice.calibration_miou_by_round == {"1": 0.61, "2": 0.55}
+    assert choice.calibration_images == 2 and not choice.calibration_masks_trained
+    pipeline.pick_best_round(tiny(shapes_dataset, run, limit=4, rounds=2), RunDir(run), ds, th, {})
+    assert scored == ["round1", "round2"]  # kept per round: not scored again
+    assert pipeline.publish_model(RunDir(run), 1) == run / "model"
+    assert (run / "model" / "ROUND").read_text().strip() == "1" and not (run / "model.tmp").exists()
+
+
 def test_mcof_round_seeds_redo_round_two_only(shapes_dataset, two_round_run, tmp_path, monkeypatch):
     run = copy_run(two_round_run[0], tmp_path / "run")
     no_recomputation_before_the_crf(monkeypatch)
@@ -378,6 +406,11 @@ def test_stage_keys_are_the_fields_of_the_stage_and_every_stage_before_it():
         assert set(stage_key(cfg, stage)) == expected, stage
     assert "budget_seed" not in stage_key(PipelineConfig(data="x"), "crf")  # nothing drawn
     assert stage_key(cfg, "classify", prm=True)["prm"] is True
+    # IRN's settings key the irn stage and every later one, but only in runs that use IRN
+    irn = dataclasses.replace(cfg, refine="irn")
+    assert set(stage_key(irn, "irn")) == EXPECTED_KEYS["crf"] | set(pipeline.IRN_FIELDS)
+    assert set(pipeline.IRN_FIELDS) <= set(stage_key(irn, "round"))
+    assert set(stage_key(cfg, "irn")) == EXPECTED_KEYS["crf"]
 
     class FakeLabels:
         background = 0
@@ -391,7 +424,8 @@ def test_stage_keys_are_the_fields_of_the_stage_and_every_stage_before_it():
     assert two["saliency"] == [True, False] and two["continue_lr_mult"] == [0.1]
     assert set(pipeline.predictions_key(cfg, 1, ds)) == set(one) | {"prediction_confidence"}
     # the fields outside every key change no cached output, or enter the round keys in their own shape
-    keyed = set().union(*EXPECTED_KEYS.values()) | {"prediction_confidence"} | set(pipeline.PER_ROUND_FIELDS)
+    keyed = (set().union(*EXPECTED_KEYS.values()) | {"prediction_confidence"} | set(pipeline.PER_ROUND_FIELDS)
+             | set(pipeline.IRN_FIELDS))
     unkeyed = {f.name for f in dataclasses.fields(PipelineConfig)} - keyed
     assert unkeyed == {"out", "val_split", "crf_workers", "devices", "strategy", "num_workers", "resume", "progress"}
 
@@ -405,3 +439,38 @@ def test_calibration_with_a_label_budget_uses_the_budget_masks(shapes_dataset, t
     with pytest.raises(DataError, match="within the label budget"):  # (the classifier and maps of the first run)
         run_pipeline(tiny(shapes_dataset, tmp_path / "more", rounds=0, mask_fraction=0.25, calibration_fraction=0.5,
                           classifier=str(run / "classifier"), maps_from=str(run / "cams")))
+
+
+def test_irn_refinement_stage_and_its_resume(shapes_dataset, base_run, tmp_path, monkeypatch):
+    run = copy_run(base_run[0], tmp_path / "run")
+    no_recomputation_before_the_crf(monkeypatch)
+    cfg = tiny(shapes_dataset, run, limit=4, refine="irn+crf", irn_epochs=1, irn_crop=64, irn_batch_size=2,
+               irn_steps=8)
+    summary = run_pipeline(cfg)
+    names = [r["stage"] for r in summary["stages"]]
+    assert names == ["seed", "crf", "irn", "irn_crf", "round1_regions", "round1_predictions"]
+    ds = open_dataset(shapes_dataset, "train")
+    for folder in ("irn", "irn_crf"):
+        masks = sorted((run / folder).glob("*.png"))
+        assert len(masks) == 4
+        m = read_label_png(masks[0])
+        assert m.shape == (64, 64) and set(np.unique(m)) <= set(range(len(ds.labels.names))) | {255}
+    assert (run / "irn" / "net.pt").exists() and len(list((run / "irn" / "walk").glob("*.npz"))) == 4
+    th = json.loads((run / "irn" / "threshold.json").read_text())
+    assert th["bg_threshold"] == 0.25 and th["chosen_on"] == "default"  # no calibration masks in this run
+    key = json.loads((run / "stages" / "irn.done").read_text())["key"]
+    assert key["irn_steps"] == 8 and key["refine"] == "irn+crf"
+    # IRN's settings are not in the keys of runs without IRN: the base run's markers hold none of them
+    assert not any(k.startswith("irn_") for k in json.loads((base_run[0] / "stages" / "crf.done").read_text())["key"])
+    # finished: nothing is trained or walked again
+    with monkeypatch.context() as m:
+        m.setattr("frugalseg.weak.irn.train_irn", lambda *a, **k: pytest.fail("IRN retrained"))
+        m.setattr("frugalseg.stages.pipeline.refine_dataset", lambda *a, **k: pytest.fail("CRF redone"))
+        run_pipeline(cfg)
+    # with calibration masks the walked maps' background level is chosen on them, from a sweep
+    run_pipeline(dataclasses.replace(cfg, calibration_fraction=0.5))
+    th = json.loads((run / "irn" / "threshold.json").read_text())
+    assert th["chosen_on"] == "calibration images" and th["bg_threshold"] in [float(t) for t in th["calibration_sweep"]]
+    summary = json.loads((run / "summary.json").read_text())  # the one round, scored on the calibration masks
+    assert summary["round_choice"]["chosen_on"] == "calibration images" and summary["final_round"] == 1
+    assert 0 <= summary["round_choice"]["calibration_miou_by_round"]["1"] <= 1

@@ -73,6 +73,31 @@ def test_first_step_of_advcam_is_cam(model):
     assert torch.allclose(adv[0].high_res, cam[0].high_res, atol=1e-5)
 
 
+def test_stride16_high_res_maps_are_irn_up_size_then_crop(model):
+    """IRN's image-size maps: each scale's map resized to 16*ceil(H/16) x 16*ceil(W/16), cropped to H x W. On a
+    side that is a multiple of 16 this is the plain resize; on msrc's 213 rows it is not."""
+    from frugalseg.weak.cam import high_res_map
+
+    maps = torch.rand(2, 14, 20)
+    up = torch.nn.functional.interpolate(maps[None], size=(224, 320), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(high_res_map(maps, (213, 320), "stride16"), up[:, :213, :320])
+    assert not torch.allclose(high_res_map(maps, (213, 320), "resize"), up[:, :213])
+    assert torch.equal(high_res_map(maps, (224, 320), "stride16"), high_res_map(maps, (224, 320), "resize"))
+    with pytest.raises(ValueError, match="stride16"):
+        high_res_map(maps, (10, 10), "crop")
+    images = torch.rand(1, 3, 40, 72)  # 40 rows: not a multiple of 16
+    cam = cam_maps(model, images, [[1]], scales=(1.0, 0.5), high_res="stride16")
+    adv = advcam_maps(model, images, [[1]], AdvCAMConfig(steps=1, scales=(1.0,), gradcam_scale=False,
+                                                         high_res="stride16"))
+    plain = cam_maps(model, images, [[1]], scales=(1.0, 0.5))
+    assert cam[0].high_res.shape == plain[0].high_res.shape == (1, 40, 72)
+    assert torch.equal(cam[0].cam, plain[0].cam)  # the stride-4 maps are the same either way
+    assert (cam[0].high_res - plain[0].high_res).abs().max() > 1e-3
+    ref = advcam_reference(model, images[0], [1], AdvCAMConfig(steps=1, scales=(1.0,), gradcam_scale=False,
+                                                               high_res="stride16"))
+    assert torch.allclose(adv[0].high_res, ref.high_res, atol=1e-5)
+
+
 def test_climb_stays_in_original_range_and_restriction_holds_the_mask(model):
     torch.manual_seed(3)
     x0 = model.normalise(torch.rand(2, 3, 48, 64))

@@ -317,7 +317,9 @@ def _run_command() -> click.Command:
             v = "-" if r["miou"] is None else f"{r['miou']:.4f}"
             click.echo(f"{r['stage']:22s} {r['split']} pseudo-mask mIoU {v}")
         if summary["final_val_miou"] is not None:
-            click.echo(f"final segmenter: {summary['val_split']} mIoU {summary['final_val_miou']:.4f}")
+            choice = summary.get("round_choice") or {}
+            click.echo(f"final segmenter (round {summary['final_round']}, {choice.get('chosen_on', 'last round')}): "
+                       f"{summary['val_split']} mIoU {summary['final_val_miou']:.4f}")
         click.echo(f"report: {Path(cfg.out) / 'report.html'}")
 
     return run_cmd

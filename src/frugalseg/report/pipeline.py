@@ -48,8 +48,19 @@ def write_pipeline_report(run_dir: Path | str, ds: SegDataset, stages: Sequence[
         f"<tr><td>{escape(r['stage'])}</td><td>{escape(str(r['split']))}</td><td class=\"n\">{_fmt(r['miou'])}</td>"
         f"<td class=\"n\">{_fmt(r['miou_labelled'])}</td><td class=\"n\">{_fmt(r['labelled_fraction'])}</td></tr>"
         for r in summary["stages"])
-    val_rows = "".join(f"<tr><td>round {r}</td><td>{escape(str(summary['val_split']))}</td>"
-                       f"<td class=\"n\">{_fmt(v['miou'])}</td></tr>" for r, v in summary["val_by_round"].items())
+    choice = summary.get("round_choice") or {}
+    calib = choice.get("calibration_miou_by_round", {})
+    final = summary.get("final_round")
+    val_rows = "".join(f"<tr><td>round {r}{' (chosen)' if str(r) == str(final) else ''}</td>"
+                       f"<td>{escape(str(summary['val_split']))}</td><td class=\"n\">{_fmt(v['miou'])}</td>"
+                       f"<td class=\"n\">{_fmt(calib.get(str(r)))}</td></tr>"
+                       for r, v in summary["val_by_round"].items())
+    chosen = (f"<p>The run's model (<code>model/</code>) is round {final}'s segmenter, chosen on "
+              f"{escape(str(choice.get('chosen_on')))}"
+              + (f" ({choice['calibration_images']} images; their masks also trained the segmenters)"
+                 if choice.get("calibration_masks_trained") else
+                 f" ({choice['calibration_images']} images)" if choice.get("calibration_images") else "")
+              + "; the validation split chose nothing.</p>") if final is not None else ""
     cfg = summary["config"]
     body = f"""<header><h1>From tags to a segmentation model</h1></header>
 <section id="summary"><p>{summary['train_images']} training images ({escape(str(cfg['train_split']))}), seeds from
@@ -57,7 +68,8 @@ def write_pipeline_report(run_dir: Path | str, ds: SegDataset, stages: Sequence[
 {summary['seconds']:.0f} s. Training-image masks are used only to score the stages below{_calibration_note(summary)}.</p></section>
 <section id="stages"><h2>Pseudo-mask mIoU per stage (training images)</h2>
 <table><tr><th>stage</th><th>split</th><th>mIoU (ignore = background)</th><th>mIoU of labelled pixels</th><th>labelled fraction</th></tr>{table}</table></section>
-<section id="rounds"><h2>Segmenter per round</h2><table><tr><th>round</th><th>split</th><th>mIoU</th></tr>{val_rows}</table></section>
+<section id="rounds"><h2>Segmenter per round</h2>{chosen}<table><tr><th>round</th><th>split</th><th>mIoU</th>
+<th>mIoU on calibration images</th></tr>{val_rows}</table></section>
 <section id="images"><h2>Per image</h2>{''.join(rows_html)}</section>"""
     return write_page(run_dir / "report.html", "frugalseg run: tags to model", body, css=PIPELINE_CSS,
                       footer=f" from <code>{escape(run_dir.name)}/</code>.")

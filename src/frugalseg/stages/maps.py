@@ -59,6 +59,9 @@ class MapsConfig(RunOptions):
     scales: tuple[float, ...] = option((1.0, 0.5, 1.5, 2.0), SCALES_HELP, gt=0)
     batch_size: int = option(4, "Images per batch (AdvCAM climbs all their tagged classes at once).", ge=1)
     limit: int | None = option(None, "Only the first N images of the split (a fixed, stated subset).", ge=1)
+    high_res: Literal["resize", "stride16"] = option(
+        "resize", "CAM/AdvCAM image-size maps: each scale's map stretched onto the image (resize), or IRN's "
+                  "stride-16 up-size 16*ceil(H/16) x 16*ceil(W/16) cropped to the image (stride16).")
     # AdvCAM
     steps: int = option(27, "AdvCAM T: climbing steps per scale (half of them at scale 0.5, as the reference).", ge=1)
     step_size: float = option(0.08, "AdvCAM xi: step per climb, after max-normalising the gradient.", ge=0)

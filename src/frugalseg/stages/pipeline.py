@@ -118,8 +118,10 @@ class PipelineConfig(RunOptions):
                                     stage="classify")
     maps_from: str | None = option(None, "Reuse another run's maps folder (its cams/: same classifier, method and "
                                          "images) instead of computing maps.", stage="maps")
-    refine: Literal["crf", "none"] = option("crf", "crf: dense-CRF pseudo-masks with confidence-based ignore "
-                                                   "regions; none: seeds go straight to mining.", stage="crf")
+    refine: Literal["crf", "irn", "irn+crf", "none"] = option(
+        "crf", "crf: dense-CRF pseudo-masks with confidence-based ignore regions; irn: IRN (a boundary network "
+               "trained on the CRF's confident regions, then a random walk of the maps); irn+crf: IRN, then a "
+               "CRF of its masks; none: seeds go straight to mining.", stage="crf")
     rounds: int = option(3, "MCOF iterations: mine regions from the seeds, train a segmenter on them, its "
                             "predictions seed the next.", stage="round", ge=0)
     saliency_rounds: int = option(1, "Rounds that refine regions with saliency under a Bayesian rule (MCOF: the "
@@ -142,6 +144,17 @@ class PipelineConfig(RunOptions):
                                  ge=0, le=1)
     crf_workers: int | None = option(None, "CRF processes (0 or 1: in this process) [default: min(4, CPUs)].",
                                      stage=NO_OUTPUT, ge=0)
+    # IRN (--refine irn / irn+crf)
+    irn_epochs: int = option(3, "IRN: epochs of the boundary network (the reference: 3).", stage="irn", ge=1)
+    irn_crop: int = option(256, "IRN: training crop (the reference: 512 on VOC's larger images).", stage="irn", ge=32)
+    irn_batch_size: int = option(8, "IRN: training batch (the reference: 32).", stage="irn", ge=1)
+    irn_lr: float = option(0.1, "IRN: learning rate of the boundary branch (displacement: 10x; SGD, poly).",
+                           stage="irn", gt=0)
+    irn_beta: float = option(10.0, "IRN: random-walk affinity exponent beta.", stage="irn", gt=0)
+    irn_steps: int = option(256, "IRN: random-walk steps (the reference: 2^8).", stage="irn", ge=1)
+    irn_bg_threshold: float | None = option(None, "IRN: background level of the walked maps [default: chosen on "
+                                                  "the calibration masks, else 0.25 as the reference].",
+                                            stage="irn", ge=0, le=1)
     # mining
     superpixel_method: Literal["felzenszwalb", "slic"] = option("felzenszwalb", "Mining: superpixels of MCOF "
                                                                                 "(felzenszwalb) or SLIC.", stage="round")
@@ -199,7 +212,9 @@ class PipelineConfig(RunOptions):
 #: The stages in order. A stage's cache key holds the fields of its own stage and of every stage before it, so
 #: a change upstream makes every later stage stale too. `group` runs only for group seeds, but its fields
 #: (limit, group size and epochs) come before `maps` either way.
-STAGES = ("data", "classify", "group", "maps", "calibrate", "seeds", "crf", "round", "predictions")
+STAGES = ("data", "classify", "group", "maps", "calibrate", "seeds", "crf", "irn", "round", "predictions")
+#: IRN's fields enter the keys only of runs that use IRN: adding them left every other run's keys as they were.
+IRN_FIELDS = ("irn_epochs", "irn_crop", "irn_batch_size", "irn_lr", "irn_beta", "irn_steps", "irn_bg_threshold")
 #: Round fields that enter round r's key in a shape of their own (`round_key`), or not at all.
 PER_ROUND_FIELDS = {
     "rounds": "round r does not depend on how many rounds follow it",
@@ -229,6 +244,9 @@ def stage_key(cfg: PipelineConfig, stage: str, **extra: Any) -> dict[str, Any]:
     """The settings a stage's output depends on: its own and every upstream stage's (`key_fields`), plus
     `extra` (the PRM flag of the classifier, a round's history)."""
     key = {f: getattr(cfg, f) for f in key_fields(type(cfg), stage)}
+    if not str(getattr(cfg, "refine", "")).startswith("irn"):
+        for f in IRN_FIELDS:
+            key.pop(f, None)
     if "budget_seed" in key and cfg.calibration_fraction is None and cfg.mask_fraction is None:
         del key["budget_seed"]  # it draws the calibration images and the label budget; with neither, nothing
     return {**key, **extra}
@@ -492,6 +510,25 @@ class MiningInputs:
         log.info("mining inputs for %d images in %.0f s", len(self.images), time.time() - t0)
 
 
+def mine_regions(cfg: PipelineConfig, r: int, ds: SegDataset, inputs: MiningInputs, seeds: dict[str, np.ndarray],
+                 given: dict[str, np.ndarray] | None = None, source: Path | str = "seeds"
+                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Round `r`'s MCOF mining of `seeds` (id -> mask; the label budget's masks `given` replace theirs and are
+    kept as they are): the regions of every training image, and the mining statistics."""
+    seeds = {**seeds, **(given or {})}
+    missing = [i for i in inputs.ids if i not in seeds]
+    if missing:
+        raise DataError(f"{source}: no seed mask for {missing[:5]} ({len(missing)} images).")
+    regions, stats = mine_round(
+        inputs.images, [seeds[i] for i in inputs.ids], inputs.tags, inputs.features,
+        num_classes=ds.labels.num_classes, background_index=ds.labels.background,
+        use_saliency=uses_saliency(cfg, r, ds),
+        superpixel_maps=inputs.superpixels, saliency_maps=inputs.saliency,
+        min_coverage=cfg.min_coverage, min_confidence=cfg.mining_confidence, keep_seeds=cfg.expand_only,
+        classifier_options={"class_balanced": cfg.region_class_balanced}, seed=cfg.seed + r)
+    return {**dict(zip(inputs.ids, regions)), **(given or {})}, stats
+
+
 def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds: SegDataset,
                 inputs: MiningInputs | None, given: dict[str, np.ndarray] | None = None,
                 agree_with: Path | None = None) -> tuple[Path, Path, MiningInputs | None]:
@@ -510,18 +547,8 @@ def stage_round(cfg: PipelineConfig, run: RunDir, r: int, seeds_dir: Path, ds: S
             if agree_with is not None:
                 seeds = agreement(seeds, read_masks(agree_with, ds))
                 write_masks(rdir / "seeds", ds, seeds)
-            seeds = {**seeds, **(given or {})}
-            missing = [i for i in inputs.ids if i not in seeds]
-            if missing:
-                raise DataError(f"{seeds_dir}: no seed mask for {missing[:5]} ({len(missing)} images).")
-            regions, stats = mine_round(
-                inputs.images, [seeds[i] for i in inputs.ids], inputs.tags, inputs.features,
-                num_classes=ds.labels.num_classes, background_index=ds.labels.background,
-                use_saliency=uses_saliency(cfg, r, ds),
-                superpixel_maps=inputs.superpixels, saliency_maps=inputs.saliency,
-                min_coverage=cfg.min_coverage, min_confidence=cfg.mining_confidence, keep_seeds=cfg.expand_only,
-                classifier_options={"class_balanced": cfg.region_class_balanced}, seed=cfg.seed + r)
-            write_masks(regions_dir, ds, {**dict(zip(inputs.ids, regions)), **(given or {})})
+            regions, stats = mine_regions(cfg, r, ds, inputs, seeds, given, source=seeds_dir)
+            write_masks(regions_dir, ds, regions)
             write_json(rdir / "mining_stats.json", stats)
             run.mark_done(f"round{r}_regions", key=key)
         else:
@@ -566,6 +593,102 @@ def predict_within_tags(model_dir: Path, ds: SegDataset, out: Path, min_confiden
     write_masks(out, ds, masks)
 
 
+IRN_BG_SWEEP = tuple(round(0.05 * i, 2) for i in range(1, 16))  # 0.05 .. 0.75
+
+
+def stage_irn(cfg: PipelineConfig, run: RunDir, maps_dir: Path, crf_dir: Path, ds: SegDataset,
+              th: Thresholds) -> tuple[Path, Path | None]:
+    """IRN pseudo-masks (and, with `irn+crf`, a CRF of them): the boundary network trains on the CRF stage's
+    confident regions (its ignore band left out), then every image's maps are walked inside its boundaries.
+    The walked maps' background level is `irn_bg_threshold`, or the best on the calibration images' masks
+    (the pipeline's thresholds are chosen there), else the reference's 0.25. Resumable: the trained network
+    and each image's walked maps are kept (irn/net.pt, irn/walk/<id>.npz)."""
+    from frugalseg.data.io import atomic_path
+    from frugalseg.data.labels import IGNORE_INDEX
+    from frugalseg.metrics import confusion_matrix
+    from frugalseg.metrics import summarise as summarise_confusion
+    from frugalseg.models.irn import InterPixelNet
+    from frugalseg.stages.options import device_of
+    from frugalseg.weak.irn import IRN_SEM_BG_THRESHOLD, boundary_map, random_walk, train_irn, walk_to_labels
+
+    out, walks = run / "irn", run / "irn" / "walk"
+    crf_out = run / "irn_crf" if cfg.refine == "irn+crf" else None
+    key = stage_key(cfg, "irn")
+    if not needs_run(run, "irn", key, out, *([crf_out] if crf_out else [])):
+        return out, crf_out
+    device = device_of(cfg.devices)
+    net_file = out / "net.pt"
+    net = InterPixelNet("tf_efficientnet_lite0", pretrained=True)
+    if net_file.exists():
+        net.load_state_dict(torch.load(net_file, map_location="cpu"))
+    else:
+        pairs = [(ds.read_image(s), read_label_png(mask_file(crf_dir, s.id))) for s in ds.samples
+                 if mask_file(crf_dir, s.id).exists()]
+        losses = train_irn(net, pairs, epochs=cfg.irn_epochs, batch_size=cfg.irn_batch_size, crop=cfg.irn_crop,
+                           lr=cfg.irn_lr, seed=cfg.seed, device=device)
+        make_folder(out)
+        with atomic_path(net_file) as tmp:
+            torch.save(net.state_dict(), tmp)
+        write_json(out / "train.json", {"steps": len(losses), "loss_first": losses[:5], "loss_last": losses[-5:]})
+    walked: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {}
+    for s in ds.samples:
+        f = sample_file(walks, s.id, ".npz")
+        if f.exists():
+            with np.load(f) as z:
+                walked[s.id] = (z["walk"], z["keys"], tuple(int(v) for v in z["size"]))
+            continue
+        m = load_maps(maps_path(maps_dir, s.id))
+        image = ds.read_image(s)
+        b = boundary_map(net, image, device)
+        small = torch.nn.functional.interpolate(torch.from_numpy(m.high_res)[None], size=tuple(b.shape),
+                                                mode="bilinear", align_corners=False)[0]
+        w = random_walk(small, b, cfg.irn_beta, cfg.irn_steps).numpy().astype(np.float32)
+        walked[s.id] = (w, np.asarray(m.keys), image.shape[:2])
+        make_folder(walks)
+        with atomic_path(f) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, walk=w, keys=np.asarray(m.keys), size=np.array(image.shape[:2]))
+    bg = ds.labels.background
+
+    def labels_at(t: float) -> dict[str, np.ndarray]:
+        return {sid: (walk_to_labels(torch.from_numpy(w), k, size, t, bg if bg is not None else 0)
+                      if k.size else np.full(size, bg if bg is not None else IGNORE_INDEX, np.uint8))
+                for sid, (w, k, size) in walked.items()}
+
+    threshold, sweep = cfg.irn_bg_threshold, None
+    if threshold is None and th.calibration_ids and bg is not None:
+        cal = ds.with_samples([s for s in ds.samples if s.id in set(th.calibration_ids)])
+        sweep = {}
+        for t in IRN_BG_SWEEP:
+            pred = labels_at(t)
+            conf = sum(confusion_matrix(torch.from_numpy(pred[s.id].astype(np.int64)),
+                                        torch.from_numpy(cal.read_mask(s).astype(np.int64)), ds.labels.num_classes)
+                       for s in cal.samples)
+            sweep[t] = summarise_confusion(conf, ds.labels.names, bg)["miou"]
+        threshold = max(sweep, key=lambda t: (sweep[t], -abs(t - IRN_SEM_BG_THRESHOLD)))
+    threshold = IRN_SEM_BG_THRESHOLD if threshold is None else threshold
+    masks = labels_at(threshold)
+    write_masks(out, ds, masks)
+    if crf_out is not None:
+        from frugalseg.weak.crf import CrfSettings, dense_crf
+
+        refined = {}
+        for s in ds.samples:
+            lab = masks[s.id]
+            present = np.unique(lab[lab != IGNORE_INDEX])
+            if present.size < 2:
+                refined[s.id] = lab
+                continue
+            index = np.searchsorted(present, np.where(lab == IGNORE_INDEX, present[0], lab))
+            q = dense_crf(ds.read_image(s), index, present.size, **CrfSettings().kwargs())
+            refined[s.id] = present[np.asarray(q)].astype(np.uint8)
+        write_masks(crf_out, ds, refined)
+    write_json(out / "threshold.json", {"bg_threshold": threshold, "calibration_sweep": sweep,
+                                        "chosen_on": "calibration images" if sweep else "default"})
+    run.mark_done("irn", {"bg_threshold": threshold, "images": len(masks)}, key=key)
+    return out, crf_out
+
+
 # ---- the whole run ----------------------------------------------------------------------------
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run (or resume) every stage; returns the summary (also `summary.json`), writes `report.html`."""
@@ -599,9 +722,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     seeds_dir = timed("seeds", stage_seeds, cfg, run, maps_dir, ds, th)
     stages = [("seed", seeds_dir)]
     current = seeds_dir
-    if cfg.refine == "crf":
+    if cfg.refine != "none":  # IRN learns from the CRF's confident regions
         current = timed("crf", stage_crf, cfg, run, maps_dir, ds, th)
         stages.append(("crf", current))
+    if cfg.refine.startswith("irn"):
+        irn_dir, irn_crf_dir = timed("irn", stage_irn, cfg, run, maps_dir, current, ds, th)
+        stages.append(("irn", irn_dir))
+        current = irn_dir
+        if irn_crf_dir is not None:
+            stages.append(("irn_crf", irn_crf_dir))
+            current = irn_crf_dir
     inputs = None
     val_by_round = {}
     previous_regions = None
@@ -615,15 +745,83 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         if cfg.val_split and metrics.exists():
             val_by_round[r] = read_json(metrics)
         current, previous_regions = preds, regions
-    summary = summarise(cfg, ds, stages, val_by_round, timings, time.time() - t0, th)
+    best = pick_best_round(cfg, run, ds, th, given)
+    if best.round is not None:
+        publish_model(run, best.round)
+    summary = summarise(cfg, ds, stages, val_by_round, timings, time.time() - t0, th, best)
     summary["masked_images"] = len(given)
     write_json(run / "summary.json", summary)
     write_pipeline_report(run.path, ds, stages, summary)
     return summary
 
 
+@dataclass(frozen=True)
+class RoundChoice:
+    """Which round's segmenter is the run's model, and the scores that chose it."""
+
+    round: int | None
+    chosen_on: str
+    calibration_miou_by_round: dict[str, float]
+    calibration_images: int = 0
+    calibration_masks_trained: bool = False  # a label budget's masks: they also trained the segmenters
+
+
+def score_segmenter(model_dir: Path, ds: SegDataset, device: torch.device | str = "cpu") -> float:
+    """mIoU of an exported segmenter on `ds`'s masks, predicted as `frugalseg eval` does (no tag restriction:
+    the model a user gets sees no tags)."""
+    from frugalseg.evaluation import evaluate
+
+    model, spec, labels = load_export(model_dir)
+    return float(evaluate(model, ds, labels, device=device, dims=2, size=spec.get("input_size"),
+                          progress=False)["miou"])
+
+
+def pick_best_round(cfg: PipelineConfig, run: RunDir, ds: SegDataset, th: Thresholds,
+                    given: dict[str, np.ndarray]) -> RoundChoice:
+    """The round whose segmenter scores best on the calibration images' masks (the training images whose masks
+    chose the thresholds; never the validation split), the earliest on a tie; the last round where there are no
+    calibration masks. A later round is not always better (its seeds are an earlier segmenter's predictions),
+    so the run reports the one it can show is best. Scores are kept per round (round<r>/calibration.json,
+    removed with a stale round)."""
+    rounds = [r for r in range(1, cfg.rounds + 1) if (run / f"round{r}" / "segmenter" / "model").is_dir()]
+    if not rounds:
+        return RoundChoice(None, "no rounds", {})
+    ids = set(th.calibration_ids) if th else set()
+    cal = ds.with_samples([s for s in ds.samples if s.id in ids and s.mask is not None]) if ids else None
+    if cal is None or not cal.samples:
+        return RoundChoice(rounds[-1], "last round (no calibration masks)", {})
+    scores: dict[str, float] = {}
+    for r in rounds:
+        f = run / f"round{r}" / "calibration.json"
+        if f.exists() and read_json(f).get("ids") == sorted(ids):
+            scores[str(r)] = read_json(f)["miou"]
+            continue
+        scores[str(r)] = round(score_segmenter(run / f"round{r}" / "segmenter" / "model", cal,
+                                               device_of(cfg.devices)), 6)
+        write_json(f, {"miou": scores[str(r)], "ids": sorted(ids), "images": len(cal)})
+    best = max(rounds, key=lambda r: (scores[str(r)], -r))
+    return RoundChoice(best, "calibration images", scores, len(cal), bool(ids & set(given)))
+
+
+def publish_model(run: RunDir, r: int) -> Path:
+    """The chosen round's segmenter exported as the run's `model/` (what `frugalseg predict RUN/model` and
+    `eval` use), copied under a temporary name and renamed, so a reader never sees half a model; kept as is
+    when it already is that round's (`model/ROUND`)."""
+    out, src = run / "model", run / f"round{r}" / "segmenter" / "model"
+    marker = out / "ROUND"
+    if marker.exists() and marker.read_text().strip() == str(r):
+        return out
+    tmp = run / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    (tmp / "ROUND").write_text(f"{r}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def summarise(cfg: PipelineConfig, ds: SegDataset, stages, val_by_round: dict, timings: dict, seconds: float,
-              th: Thresholds | None = None) -> dict[str, Any]:
+              th: Thresholds | None = None, best: RoundChoice | None = None) -> dict[str, Any]:
     calibration = set(th.calibration_ids) if th else set()
     scored = ds.with_samples([s for s in ds.samples if s.id not in calibration])  # never score what chose a threshold
     truth = {s.id: scored.read_mask(s) for s in scored.samples} if has_ground_truth(scored) else None  # read once
@@ -644,9 +842,14 @@ def summarise(cfg: PipelineConfig, ds: SegDataset, stages, val_by_round: dict, t
     # String keys, as summary.json has them once written: a caller reads the returned summary and the file alike.
     val = {str(r): {"miou": m.get("miou"), "per_class": {k: v.get("iou") for k, v in m.get("per_class", {}).items()}}
            for r, m in sorted(val_by_round.items())}
-    final = val[str(max(val_by_round))]["miou"] if val else None
+    final_round = best.round if best is not None and best.round is not None else (max(val_by_round) if val else None)
+    final = val[str(final_round)]["miou"] if val and str(final_round) in val else None
+    last = val[str(max(val_by_round))]["miou"] if val else None
     thresholds = None if th is None else {"seed": th.seed, "fg": th.fg, "bg": th.bg,
                                           "calibration_images": len(calibration)}
     return {"config": dataclasses.asdict(cfg), "train_images": len(ds), "scored_images": len(scored),
             "thresholds": thresholds, "stages": rows, "val_by_round": val, "final_val_miou": final,
+            "final_round": final_round, "last_round_val_miou": last,
+            "final_model": None if final_round is None else "model",
+            "round_choice": None if best is None else dataclasses.asdict(best),
             "val_split": cfg.val_split, "stage_seconds": timings, "seconds": round(seconds, 1)}

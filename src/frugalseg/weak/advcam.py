@@ -43,7 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugalseg.weak.cam import DEFAULT_SCALES, ClassMaps, check_batch, finish_maps, scaled, with_flips
+from frugalseg.weak.cam import (
+    DEFAULT_SCALES,
+    ClassMaps,
+    HighResMode,
+    check_batch,
+    finish_maps,
+    scaled,
+    with_flips,
+)
 
 
 @dataclass
@@ -63,6 +71,7 @@ class AdvCAMConfig:
     # bf16 autocast of the network passes: "auto" = on GPU only; "bf16" = also on CPU (1.6x per step on a CPU
     # with avx512_bf16; maps then differ from float32 at the 1e-2 level); "off" = float32 everywhere.
     autocast: Literal["auto", "bf16", "off"] = "auto"
+    high_res: HighResMode = "resize"  # the image-size map: stretched, or IRN's stride-16 up-size then crop
 
     def steps_at(self, scale: float) -> int:
         return self.steps // 2 if scale in self.half_steps_scales else self.steps
@@ -219,7 +228,8 @@ def advcam_maps(
             out.append(out_empty[b])
             continue
         scale_maps = [torch.stack([per_pair[k + i][si] for i in range(len(t))]) for si in range(len(cfg.scales))]
-        out.append(finish_maps(scale_maps, torch.as_tensor(list(t), dtype=torch.long), tuple(images.shape[-2:])))
+        out.append(finish_maps(scale_maps, torch.as_tensor(list(t), dtype=torch.long), tuple(images.shape[-2:]),
+                               cfg.high_res))
         k += len(t)
     return out
 

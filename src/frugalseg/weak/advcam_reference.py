@@ -89,4 +89,4 @@ def _advcam_reference(model: torch.nn.Module, image: torch.Tensor, tags: Sequenc
             per_class[c].append(acc)
     keys = torch.as_tensor([int(c) for c in tags], dtype=torch.long)
     scale_maps = [torch.stack([per_class[int(c)][si] for c in tags]) for si in range(len(cfg.scales))]
-    return finish_maps(scale_maps, keys, tuple(image.shape[-2:]))
+    return finish_maps(scale_maps, keys, tuple(image.shape[-2:]), cfg.high_res)

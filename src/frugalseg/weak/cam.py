@@ -5,6 +5,11 @@ map of the flip is flipped back and added. Each scale's map is resized (bilinear
 the stride-4 size ("cam", what later stages at feature resolution use) and to the image size ("high_res"),
 summed over scales, restricted to the image's tagged classes and divided by its own max (+1e-5) per class.
 
+The image-size map: `high_res="resize"` stretches each scale's map onto the image; `"stride16"` is IRN's
+convention, resize to 16·⌈H/16⌉ × 16·⌈W/16⌉ (the size a stride-16 map would cover) then crop to H × W, so
+each map cell keeps its 16-pixel footprint; the two differ where H or W is not a multiple of 16 (msrc's
+213-pixel side: up to 11 pixels at the far edge).
+
 Everything is batched: images of the same size are processed together at each scale, and all class maps
 come from one forward pass (CAM = ReLU of the classifier's class maps; no hooks).
 """
@@ -13,12 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+HighResMode = Literal["resize", "stride16"]
 
 
 @dataclass
@@ -80,13 +86,25 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
-def finish_maps(per_scale: list[torch.Tensor], keys: torch.Tensor, image_size: tuple[int, int]) -> ClassMaps:
+def high_res_map(maps: torch.Tensor, size: tuple[int, int], mode: HighResMode = "resize") -> torch.Tensor:
+    """(n, h, w) maps at the image size: stretched onto it, or (`stride16`) resized to the stride-16 up-size and
+    cropped to it, as IRN's make_cam."""
+    if mode == "resize":
+        return resize_maps(maps, size)
+    if mode != "stride16":
+        raise ValueError(f"high_res must be 'resize' or 'stride16', not {mode!r}")
+    up = (16 * math.ceil(size[0] / 16), 16 * math.ceil(size[1] / 16))
+    return resize_maps(maps, up)[:, : size[0], : size[1]]
+
+
+def finish_maps(per_scale: list[torch.Tensor], keys: torch.Tensor, image_size: tuple[int, int],
+                high_res: HighResMode = "resize") -> ClassMaps:
     """Sum each scale's (n, h_s, w_s) maps at stride-4 and image size, max-normalise per class."""
     low_size, high_size = output_sizes(*image_size)
     if len(keys) == 0:  # an image without tags: nothing to localise, its seed is all background
         return ClassMaps(keys=keys, cam=torch.zeros(0, *low_size), high_res=torch.zeros(0, *high_size))
     low = sum(resize_maps(m, low_size) for m in per_scale)
-    high = sum(resize_maps(m, high_size) for m in per_scale)
+    high = sum(high_res_map(m, high_size, high_res) for m in per_scale)
     low = low / (low.flatten(1).amax(1)[:, None, None] + 1e-5)
     high = high / (high.flatten(1).amax(1)[:, None, None] + 1e-5)
     return ClassMaps(keys=keys, cam=low, high_res=high)
@@ -98,6 +116,7 @@ def cam_maps(
     images: torch.Tensor,
     tags: Sequence[Sequence[int]],
     scales: Sequence[float] = DEFAULT_SCALES,
+    high_res: HighResMode = "resize",
 ) -> list[ClassMaps]:
     """CAMs of same-size images (B, 3, H, W) in [0, 1] for their tagged classes.
 
@@ -112,6 +131,6 @@ def cam_maps(
         for b, t in enumerate(tags):
             per_image[b].append(merged[b, list(t)])
     return [
-        finish_maps(per_image[b], torch.as_tensor(list(t), dtype=torch.long), tuple(images.shape[-2:]))
+        finish_maps(per_image[b], torch.as_tensor(list(t), dtype=torch.long), tuple(images.shape[-2:]), high_res)
         for b, t in enumerate(tags)
     ]

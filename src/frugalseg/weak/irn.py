@@ -301,7 +301,7 @@ def boundary_map(net: torch.nn.Module, image: np.ndarray, device: str | torch.de
     """The (h, w) boundary at stride 4 of an RGB uint8 image: the mean of the image's and its mirror's
     (the reference's scale 1.0 plus flip)."""
     net = net.to(device).eval()
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)[None].to(device)
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)[None].to(device)
     b1, _ = net(x)
     b2, _ = net(torch.flip(x, dims=[-1]))
     return ((b1 + torch.flip(b2, dims=[-1])) / 2)[0, 0].cpu()

@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 import torch
 
 from frugalseg.weak.advcam import AdvCAMConfig, advcam_maps
-from frugalseg.weak.cam import DEFAULT_SCALES, ClassMaps, cam_maps
+from frugalseg.weak.cam import DEFAULT_SCALES, ClassMaps, HighResMode, cam_maps
 from frugalseg.weak.prm import prm_maps
 
 MapMethodName = Literal["cam", "advcam", "prm"]
@@ -33,6 +33,7 @@ SEED_METHODS: tuple[str, ...] = get_args(SeedMethodName)
 @dataclass
 class CAMOptions:
     scales: tuple[float, ...] = DEFAULT_SCALES  # multi-scale + flip, as IRN's make_cam
+    high_res: HighResMode = "resize"  # the image-size map: stretched, or IRN's stride-16 up-size then crop
 
 
 @dataclass
@@ -43,7 +44,7 @@ class PRMOptions:
 
 def cam(model: torch.nn.Module, images: torch.Tensor, tags: Sequence[Sequence[int]],
         options: CAMOptions) -> list[ClassMaps]:
-    return cam_maps(model, images, tags, scales=options.scales)
+    return cam_maps(model, images, tags, scales=options.scales, high_res=options.high_res)
 
 
 def advcam(model: torch.nn.Module, images: torch.Tensor, tags: Sequence[Sequence[int]],
