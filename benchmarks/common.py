@@ -16,7 +16,9 @@ from frugalseg.runs import git_commit, machine_info  # noqa: E402
 
 tune_cpu_allocator()  # as the frugalseg command does: the figures time what users run
 
-RESULTS = ROOT / "benchmarks" / "results"
+# FRUGALSEG_RESULTS: where a benchmark run from another checkout (a worktree kept at one commit while work goes
+# on) writes its records, e.g. the main checkout's benchmarks/results.
+RESULTS = Path(os.environ.get("FRUGALSEG_RESULTS", ROOT / "benchmarks" / "results"))
 
 
 def default_data_root() -> Path:
