@@ -28,7 +28,7 @@ import os
 import time
 from pathlib import Path
 
-from common import ROOT, default_data_root, print_table, save_results
+from common import RESULTS, ROOT, default_data_root, print_table, save_results
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
@@ -344,6 +344,154 @@ def irn_study(root: Path, common: dict, seeds: list[int], stage: str, advcam_map
     return fig
 
 
+def four_scale_study(root: Path, quick: bool, name: str) -> dict:
+    """Four-scale (1.0, 0.5, 1.5, 2.0, each with its flip) CAM vs AdvCAM (the reference's lambda 7, T 27, xi 0.08)
+    on every msrc-objects train and val image, with the IRN study's tag classifier (trained on the training
+    images' tags only). Each threshold is chosen on train's sweep and applied to val. The image-size map
+    convention (stretch vs IRN's stride-16 up-size and crop) is chosen on train with CAM (the cheap method; it
+    only changes the final resize) and used for AdvCAM. Resumable image by image; each variant is saved when
+    done."""
+    from attribution import protocol
+
+    from frugalseg.stages.maps import MapsConfig, make_maps
+
+    clf = root / "cam_irn" / "classifier"
+    if not (clf / "model").is_dir():
+        raise SystemExit(f"{clf}: no classifier yet; run --irn pseudo-masks first (it trains it).")
+    scales = (1.0, 0.5) if quick else (1.0, 0.5, 1.5, 2.0)
+    limit = 12 if quick else None
+    out = root / "four_scale"
+    record = RESULTS / f"{name}.json"  # variants finished by an earlier call are kept, not recomputed
+    old = json.loads(record.read_text()).get("figures", {}).get("four_scale", {}) if record.exists() else {}
+    fig: dict = {k: v for k, v in old.items() if isinstance(v, dict) and "val_miou" in v}
+
+    def variant(tag: str, method: str, **kw) -> dict:
+        if tag in fig:
+            return fig[tag]
+        t0 = time.time()
+        rates = {}
+        for split in ("train", "val"):
+            m = make_maps(MapsConfig(classifier=str(clf), out=str(out / f"{tag}_{split}"), method=method, split=split,
+                                     scales=scales, limit=limit, progress=False, gallery_images=0,
+                                     batch_size=4, **kw))
+            rates[split] = m["images_per_s_now"]
+        res = protocol(out / f"{tag}_train", out / f"{tag}_val")
+        res = {k: v for k, v in res.items() if k != "val_sweep"}  # val's own sweep would be an oracle: not kept
+        res.update(method=method, scales=list(scales), seconds_this_call=round(time.time() - t0, 1),
+                   images_per_s=rates, options=kw, train_best_miou=res["train_sweep"]["best_miou_on_this_split"])
+        fig[tag] = res
+        print(f"  {tag}: val seed mIoU {res['val_miou']:.4f} at {res['threshold_chosen_on_train']} (chosen on "
+              f"train), {res['seconds_this_call']:.0f} s", flush=True)
+        save_results(name, {"four_scale": summary()}, {"four_scale": {"scales": list(scales), "limit": limit,
+                                                                        "classifier": str(clf)}}, time.time())
+        return res
+
+    def summary() -> dict:
+        out_fig = dict(fig)
+        if "cam" in fig and "advcam" in fig:
+            out_fig.update(cam_val_miou=fig[cam_tag()]["val_miou"], advcam_val_miou=fig["advcam"]["val_miou"],
+                           advcam_minus_cam=round(fig["advcam"]["val_miou"] - fig[cam_tag()]["val_miou"], 4),
+                           split="val (thresholds chosen on train)")
+        return out_fig
+
+    def cam_tag() -> str:
+        return "cam_stride16" if fig.get("high_res_chosen_on_train") == "stride16" else "cam"
+
+    variant("cam", "cam")
+    variant("cam_stride16", "cam", high_res="stride16")
+    high_res = "stride16" if fig["cam_stride16"]["train_best_miou"] > fig["cam"]["train_best_miou"] else "resize"
+    fig["high_res_chosen_on_train"] = high_res
+    variant("advcam", "advcam", high_res=high_res)
+    return summary()
+
+
+def calibrated_seed_miou(maps_dir: Path, ds, calibration: set[str]) -> dict:
+    """Seed mIoU as the pipeline makes seeds: background threshold chosen on the calibration images' masks,
+    applied to the other training images (the figure)."""
+    from frugalseg.stages.pipeline import CALIBRATION_SWEEP
+    from frugalseg.weak.seeds import choose_threshold, evaluate_seeds, iter_seed_items
+
+    labels = ds.labels
+    cal = ds.with_samples([s for s in ds.samples if s.id in calibration])
+    rest = ds.with_samples([s for s in ds.samples if s.id not in calibration])
+    res = evaluate_seeds(iter_seed_items(maps_dir, cal), labels.num_classes, labels.names, labels.background,
+                         CALIBRATION_SWEEP, split="train (calibration images)")
+    t = choose_threshold(res)
+    cal_best = next(r["miou"] for r in res["results"] if r["threshold"] == t)
+    scored = evaluate_seeds(iter_seed_items(maps_dir, rest), labels.num_classes, labels.names, labels.background,
+                            [t], split="train")
+    return {"miou": round(scored["results"][0]["miou"], 6), "threshold": t,
+            "calibration_images_miou": round(cal_best, 6), "images": len(rest.samples)}
+
+
+#: group-study variants: name -> (group size, epochs, graph dropout rate in training, map readouts)
+GROUP_VARIANTS = {
+    "g3_e4": (3, 4, 0.8, ("mean", "graph", "plain", "mean_gdl_in_eval")),
+    "g3_e12": (3, 12, 0.8, ("mean",)),
+    "g2_e4": (2, 4, 0.8, ("mean",)),
+    "g3_e4_no_graph_dropout": (3, 4, 0.0, ("mean",)),
+}
+
+
+def group_study(root: Path, common: dict, name: str) -> dict:
+    """Why group-wise seeds lose to single-image CAM: group networks trained from the IRN study's tag classifier
+    with the pipeline's recipe and one change each (group size, training length, graph dropout), and for the
+    default one the maps read out four ways (pre-graph = the fine-tuned classifier without the partners'
+    messages; post-graph; their mean, the reference; the mean with graph dropout left on while mapping, the
+    reference's random maps). Every variant's seeds use a threshold chosen on the calibration images and are
+    scored on the other training images, beside CAM seeds of the same classifier on the same images; the
+    variant reported as `group_seed_miou` is the best on the calibration images."""
+    from frugalseg.stages import pipeline
+    from frugalseg.stages.group import GroupConfig, GroupMapsConfig, make_group_maps, train_group_classifier
+
+    base = root / "cam_irn"
+    if not (base / "calibration.json").exists():
+        raise SystemExit(f"{base}: run --irn pseudo-masks first (its classifier, CAMs and calibration are shared).")
+    ds = pipeline.open_training_images(PipelineConfig(**common, out=str(root / "unused")))
+    calibration = set(json.loads((base / "calibration.json").read_text())["ids"])
+    fig: dict = {"cam": calibrated_seed_miou(base / "cams", ds, calibration), "split": "train (calibration "
+                 "images excluded; thresholds chosen on them)", "scales": list(common["scales"])}
+    print(f"  cam: {fig['cam']['miou']:.4f}", flush=True)
+    for variant, (size, epochs, drop_rate, readouts) in GROUP_VARIANTS.items():
+        gout = root / "group_study" / variant / "group"
+        t0 = time.time()
+        train_group_classifier(GroupConfig(
+            data=common["data"], out=str(gout), train_split=common["train_split"], init_classifier=str(base / "classifier"),
+            group_size=size, epochs=epochs, drop_rate=drop_rate, progress=False,
+            lr_steps=tuple(e for e in (epochs // 3, 2 * epochs // 3) if e > 0),
+            resume=(gout / "checkpoints" / "last.ckpt").exists()))
+        for readout in readouts:
+            key = f"{variant}_{readout}"
+            if key in fig:
+                continue
+            maps = make_group_maps(GroupMapsConfig(
+                classifier=str(gout), out=str(root / "group_study" / variant / f"maps_{readout}"),
+                split=common["train_split"], scales=tuple(common["scales"]), readout=readout.replace("_gdl_in_eval", ""),
+                graph_dropout_in_eval=readout.endswith("gdl_in_eval"), progress=False, gallery_images=0))
+            fig[key] = {**calibrated_seed_miou(root / "group_study" / variant / f"maps_{readout}", ds, calibration),
+                        "group_size": size, "epochs": epochs, "graph_dropout_rate": drop_rate, "readout": readout,
+                        "maps_images_per_s": maps["images_per_s_now"], "seconds_this_call": round(time.time() - t0, 1)}
+            print(f"  {key}: {fig[key]['miou']:.4f} (calibration images {fig[key]['calibration_images_miou']:.4f})",
+                  flush=True)
+            save_results(name, {"group": summarise_group(fig)}, {"group": {"variants": {
+                k: {"group_size": v[0], "epochs": v[1], "drop_rate": v[2], "readouts": list(v[3])}
+                for k, v in GROUP_VARIANTS.items()}}}, time.time())
+    return summarise_group(fig)
+
+
+def summarise_group(fig: dict) -> dict:
+    variants = {k: v for k, v in fig.items() if isinstance(v, dict) and "group_size" in v}
+    out = dict(fig)
+    out["cam_seed_miou"] = fig["cam"]["miou"]
+    if "g3_e4_mean" in variants:
+        out["default_group_seed_miou"] = variants["g3_e4_mean"]["miou"]
+    if variants:
+        best = max(variants, key=lambda k: variants[k]["calibration_images_miou"])
+        out.update(group_seed_miou=variants[best]["miou"], group_variant_chosen_on_calibration_images=best,
+                   group_minus_cam_seed_miou=round(variants[best]["miou"] - fig["cam"]["miou"], 6))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="48 training images, short schedules (minutes here).")
@@ -373,6 +521,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds of --irn segmenters.")
     ap.add_argument("--advcam-maps", help="A four-scale AdvCAM maps folder of the training images made with the "
                                           "IRN study's classifier (--four-scale writes one).")
+    ap.add_argument("--four-scale", action="store_true",
+                    help="Four-scale CAM vs AdvCAM on every train and val image with the IRN study's classifier "
+                         "(thresholds chosen on train, scored on val); resumable image by image.")
+    ap.add_argument("--group-study", action="store_true",
+                    help="Group-wise seeds against CAM seeds on the same images: group size, training length, graph "
+                         "dropout and map readout varied one at a time (run --irn pseudo-masks first).")
     args = ap.parse_args()
     started = time.time()
     s = settings(args.quick)
@@ -425,6 +579,18 @@ def main() -> None:
         save_results(name, {"ablation_continue_lr": fig}, {"ablation_continue_lr": {
             "continue_lr_mult": args.ablation_continue_lr_mult, "seeds": [0, 1, 2],
             "shared": "rounds up to 1 of each seed's run"}}, started)
+        return
+
+    if args.group_study:
+        fig = group_study(root, common, "tags_to_model_quick" if args.quick else "tags_to_model")
+        rows = [(k, f"{v['miou']:.4f}", f"{v['calibration_images_miou']:.4f}", v["threshold"])
+                for k, v in fig.items() if isinstance(v, dict) and "miou" in v]
+        print_table(rows, ("seeds", "train mIoU", "calibration images", "threshold"))
+        return
+
+    if args.four_scale:
+        fig = four_scale_study(root, args.quick, "tags_to_model_quick" if args.quick else "tags_to_model")
+        print(json.dumps({k: v for k, v in fig.items() if not isinstance(v, dict)}, indent=1))
         return
 
     if args.irn:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -194,6 +196,27 @@ def test_group_maps_shapes_flip_and_partner_resize(net):
         group_maps(net, images, [[9], [], []])
 
 
+def test_group_map_readouts_are_the_network_maps_they_name(net):
+    """plain = the pre-graph maps, graph = the post-graph node states, mean = their average (the reference)."""
+    torch.manual_seed(5)
+    images = [torch.rand(3, 48, 64) for _ in range(3)]
+    tags = [[1, 3], [], []]
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.stack(images)[None])
+        by = {name: group_maps(net, images, tags, scales=(1.0,), flips=False, readout=name)[0] for name in
+              ("mean", "graph", "plain")}
+    for name, raw in (("plain", out.maps), ("graph", out.nodes), ("mean", (out.maps + out.nodes) / 2)):
+        expected = torch.nn.functional.relu(raw[0, 0, [1, 3]].float())
+        expected = torch.nn.functional.interpolate(expected[None], size=(48, 64), mode="bilinear",
+                                                   align_corners=False)[0]
+        expected = expected / (expected.flatten(1).amax(1)[:, None, None] + 1e-5)
+        assert torch.allclose(by[name].high_res, expected, atol=1e-5), name
+    assert (by["plain"].high_res - by["graph"].high_res).abs().max() > 1e-3  # the messages change the maps
+    with pytest.raises(ConfigError, match="readout"):
+        group_maps(net, images, tags, readout="max")
+
+
 # ---- end to end ------------------------------------------------------------------------------------------
 def test_train_then_make_group_maps_then_seeds(shapes_dataset, tmp_path):
     labels = open_dataset(shapes_dataset, "train").labels
@@ -216,6 +239,9 @@ def test_train_then_make_group_maps_then_seeds(shapes_dataset, tmp_path):
     out = tmp_path / "maps"
     mcfg = GroupMapsConfig(classifier=str(run), out=str(out), split="val", gallery_images=2, progress=False)
     manifest = make_group_maps(mcfg)
+    plain = make_group_maps(dataclasses.replace(mcfg, out=str(tmp_path / "plain"), readout="plain",
+                                                gallery_images=0))
+    assert plain["settings"]["readout"] == "plain" and plain["computed_now"] == 4
     assert manifest["computed_now"] == 4 and manifest["method"] == "group"
     ds = open_dataset(shapes_dataset, "val")
     for s in ds.samples:

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -164,6 +165,11 @@ class GroupMapsConfig(RunOptions):
     scales: tuple[float, ...] = option((1.0,), "Image scales for maps (repeat the option: --scales 1.0 --scales 0.5).",
                                        gt=0)
     flips: bool = option(True, "Add each group's mirrored copy (as CAM does).")
+    readout: Literal["mean", "graph", "plain"] = option(
+        "mean", "Maps: mean of the post-graph and pre-graph maps (the reference), the post-graph maps alone, or "
+                "the pre-graph maps (no messages from the partners).")
+    graph_dropout_in_eval: bool = option(False, "Keep graph dropout on while mapping (the reference has no eval "
+                                                "switch, so its maps are random draws).")
     group_size: int | None = option(None, "Images per group [default: the training group size].", ge=2)
     seed: int = option(0, "Seed of the partner draw.", ge=0, le=MAX_SEED)
     limit: int | None = option(None, "Only the first N images of the split are mapped (partners come from all).",
@@ -211,6 +217,7 @@ def make_group_maps(cfg: GroupMapsConfig) -> dict:
                   free=GROUP_MAPS_FREE_FIELDS, rerun_hint=False)
     device = device_of(cfg.devices)
     model = model.to(device).eval()
+    model.graph.gdl.in_eval = cfg.graph_dropout_in_eval
     n = cfg.group_size or spec.get("group_size", 3)
     to_clf = {c: i for i, c in enumerate(spec["class_ids"])}
     samples = [s for s in ds.samples if s.supervision in ("mask", "tags")]
@@ -233,7 +240,8 @@ def make_group_maps(cfg: GroupMapsConfig) -> dict:
             m = finish_maps([], torch.zeros(0, dtype=torch.long), tuple(anchor.shape[-2:]))
         else:
             members = [anchor] + [read(j) for j in groups[i][1:]]
-            m = group_maps(model, members, [clf_tags[i]] + [[] for _ in groups[i][1:]], cfg.scales, cfg.flips)[0]
+            m = group_maps(model, members, [clf_tags[i]] + [[] for _ in groups[i][1:]], cfg.scales, cfg.flips,
+                           cfg.readout)[0]
         save_maps(maps_path(out, samples[i].id), np.asarray(tags[i], dtype=np.int64), m.cam.cpu(), m.high_res.cpu(),
                   method="group", scales=list(cfg.scales), flips=cfg.flips,
                   group=[samples[j].id for j in groups[i]])

@@ -54,6 +54,8 @@ from frugalseg.weak.cam import ClassMaps, check_tags, finish_maps, scaled
 from frugalseg.weak.classify import TaggedImages, classifier_classes, model_folder
 
 SPEC_KIND = "group_classifier"
+#: which maps of the group network become class maps (see `group_maps`)
+GROUP_READOUTS = ("mean", "graph", "plain")
 
 
 # ---- groups ---------------------------------------------------------------------------------------------
@@ -250,6 +252,7 @@ def group_maps(
     tags_of_group: Sequence[Sequence[int]],
     scales: Sequence[float] = (1.0,),
     flips: bool = True,
+    readout: str = "mean",
 ) -> list[ClassMaps]:
     """Maps of every image of one group (image 0 is the anchor) for its tagged classes.
 
@@ -258,8 +261,12 @@ def group_maps(
     ReLU((post-graph map + pre-graph map) / 2), as the reference's `atts`; then, like CAM, summed over
     scales and flips, resized to each image's own size and stride-4 size, max-normalised per class.
     Tags are classifier output indices; keys of the result are those indices. The model's mode is left
-    as it is (eval for deterministic maps).
+    as it is (eval for deterministic maps). `readout` picks the maps: "mean" (the reference's), "graph" (the
+    post-graph node states alone) or "plain" (the pre-graph maps: the fine-tuned backbone without the
+    group's messages, what tells the graph's share from the fine-tuning's).
     """
+    if readout not in GROUP_READOUTS:
+        raise ConfigError(f"readout must be one of {GROUP_READOUTS}, not {readout!r}.")
     images = list(images_of_group)
     if len(images) != len(tags_of_group):
         raise ValueError(f"{len(images)} images but {len(tags_of_group)} tag lists.")
@@ -279,7 +286,8 @@ def group_maps(
     for s in scales:
         x = scaled(group, s)
         out = model(torch.stack([x, x.flip(-1)]) if flips else x[None])
-        atts = F.relu((out.nodes.float() + out.maps.float()) / 2)
+        atts = F.relu({"mean": (out.nodes.float() + out.maps.float()) / 2, "graph": out.nodes.float(),
+                       "plain": out.maps.float()}[readout])
         merged = atts[0] + atts[1].flip(-1) if flips else atts[0]
         for n, t in enumerate(tags_of_group):
             per_image[n].append(merged[n, list(t)])
