@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from frugalseg.active.loop import LoopSettings, RegionPool, aulc, fit_partial, run_loop
+from frugalseg.active.loop import LoopSettings, RegionPool, aulc, balanced_class_weights, fit_partial, run_loop
 from frugalseg.errors import ConfigError, DataError
 from tests.conftest import data_path
 
@@ -42,6 +43,24 @@ def test_partial_masks_and_counts():
     assert pool.annotated(labelled) == (int(inside.sum()), 2)
     with pytest.raises(DataError, match="nothing is annotated yet"):
         fit_partial(_net(), pool.images, pool.partial_masks(pool.empty()), 1, np.random.default_rng(0))
+
+
+def test_balanced_class_weights_equalise_the_annotated_classes():
+    masks = [np.array([[0, 0, 0, 1], [255, 255, 0, 0]]), np.full((2, 2), 255)]
+    w = balanced_class_weights(masks, 3)
+    # 5 background, 1 foreground, no class 2: each present class's pixels weigh the same in total
+    assert w.tolist() == pytest.approx([6 / (2 * 5), 6 / (2 * 1), 1.0])
+    assert float(w[0] * 5 + w[1] * 1) == pytest.approx(6)  # the annotated pixels' mean weight stays 1
+    pool, _, _ = _pool()
+    labelled = pool.empty()
+    labelled[0][:3] = True
+    masks = pool.partial_masks(labelled)
+    assert len(np.unique(masks[0][masks[0] != 255])) == 2  # both classes annotated: the weights differ from 1
+    losses = []
+    for balanced in (False, True):  # the same network, batch and step; only the weights differ
+        torch.manual_seed(0)
+        losses.append(fit_partial(_net(), pool.images, masks, 1, np.random.default_rng(0), class_balanced=balanced))
+    assert np.isfinite(losses[1]) and losses[1] != pytest.approx(losses[0], rel=1e-3)
 
 
 @pytest.mark.parametrize("strategy", ["geometry", "mc_dropout"])
