@@ -146,15 +146,10 @@ def read_record(records: Path, setting: str, strategy: str, seed: int) -> dict |
     if not path.exists():
         return None
     rec = json.loads(path.read_text())
-    return rec if rec.get("settings") == expected_settings(setting, strategy, seed) else None  # stale: redo
+    from frugalseg.active.loop import LoopSettings, same_settings
 
-
-def expected_settings(setting: str, strategy: str, seed: int) -> dict:
-    from dataclasses import asdict
-
-    from frugalseg.active.loop import LoopSettings
-
-    return json.loads(json.dumps(asdict(LoopSettings(**loop_settings(setting, strategy, seed)))))
+    settings = LoopSettings(**loop_settings(setting, strategy, seed))
+    return rec if same_settings(rec.get("settings", {}), settings) else None  # stale: redo
 
 
 def run_child(setting: str, strategy: str, seed: int, records: Path, run_root: Path) -> dict:

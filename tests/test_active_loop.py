@@ -7,7 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from frugalseg.active.loop import LoopSettings, RegionPool, aulc, balanced_class_weights, fit_partial, run_loop
+from frugalseg.active.loop import (
+    LoopSettings,
+    RegionPool,
+    aulc,
+    balanced_class_weights,
+    fit_partial,
+    run_loop,
+    same_settings,
+)
 from frugalseg.errors import ConfigError, DataError
 from tests.conftest import data_path
 
@@ -61,6 +69,16 @@ def test_balanced_class_weights_equalise_the_annotated_classes():
         torch.manual_seed(0)
         losses.append(fit_partial(_net(), pool.images, masks, 1, np.random.default_rng(0), class_balanced=balanced))
     assert np.isfinite(losses[1]) and losses[1] != pytest.approx(losses[0], rel=1e-3)
+
+
+def test_a_run_saved_before_a_settings_field_existed_still_matches():
+    from dataclasses import asdict
+
+    s = LoopSettings(strategy="entropy", rounds=3)
+    saved = {k: v for k, v in asdict(s).items() if k != "class_balanced"}  # a record from before the field
+    assert same_settings(saved, s)
+    assert not same_settings(saved, LoopSettings(strategy="entropy", rounds=3, class_balanced=True))
+    assert not same_settings({**saved, "rounds": 4}, s)
 
 
 @pytest.mark.parametrize("strategy", ["geometry", "mc_dropout"])

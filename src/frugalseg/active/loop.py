@@ -338,7 +338,7 @@ def run_loop(pool: RegionPool, test_images: Sequence[np.ndarray], test_truths: S
     state_file = None if state_dir is None else Path(state_dir) / "state.pt"
     if state_file is not None and state_file.exists():
         saved = torch.load(state_file, map_location="cpu", weights_only=False)
-        if saved["settings"] != _jsonable_settings(settings):
+        if not same_settings(saved["settings"], settings):
             raise ConfigError(f"{state_dir} holds a loop with other settings; use a new folder.")
         if [len(done) for done in saved["labelled"]] != [g.n_regions for g in pool.graphs]:
             raise ConfigError(f"{state_dir} was run on other regions (superpixel counts differ: another "
@@ -387,6 +387,13 @@ def run_loop(pool: RegionPool, test_images: Sequence[np.ndarray], test_truths: S
 
 def _jsonable_settings(settings: LoopSettings) -> dict:
     return json.loads(json.dumps(asdict(settings)))
+
+
+def same_settings(saved: dict, settings: LoopSettings) -> bool:
+    """Whether a saved run (state or record) was made with `settings`. A field added to `LoopSettings` after
+    the run was saved counts as its default: what every run did before the field existed."""
+    defaults = _jsonable_settings(LoopSettings(strategy=settings.strategy))
+    return {**defaults, **saved} == _jsonable_settings(settings)
 
 
 def _save_state(state_file: Path, settings: LoopSettings, curve: list[dict], labelled: list[np.ndarray],
