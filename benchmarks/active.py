@@ -276,9 +276,42 @@ def aggregate(records: Path) -> dict:
             gain = ea["aulc_mean"] - eb["aulc_mean"]
             beyond = (ea["repeats"] >= 3 and eb["repeats"] >= 3 and ea["aulc_sd"] is not None
                       and eb["aulc_sd"] is not None and abs(gain) > max(ea["aulc_sd"], eb["aulc_sd"]))
-            agg[setting].setdefault("comparisons", {})[f"{a}_vs_{b}"] = {"aulc_gain": round(gain, 4),
-                                                                        "beyond_spread": bool(beyond)}
+            # Paired by repeat: the strategies of a repeat share its start regions and initialisation, which
+            # make most of the seed-to-seed spread; the per-repeat difference removes it.
+            seeds = sorted(set(ea["per_seed"]) & set(eb["per_seed"]), key=int)
+            diffs = [ea["per_seed"][k] - eb["per_seed"][k] for k in seeds]
+            dm, dsd = _mean_sd(diffs) if diffs else (None, None)
+            agg[setting].setdefault("comparisons", {})[f"{a}_vs_{b}"] = {
+                "aulc_gain": round(gain, 4), "beyond_spread": bool(beyond),
+                "paired_per_seed": {k: round(d, 4) for k, d in zip(seeds, diffs)},
+                "paired_mean": None if dm is None else round(dm, 4), "paired_sd": None if dsd is None else round(dsd, 4),
+                "paired_beyond_spread": bool(len(diffs) >= 3 and dsd is not None and abs(dm) > dsd)}
+        if setting in agg:
+            agg[setting]["dice_at_fraction"] = dice_at_fractions(agg[setting], records, setting)
     return agg
+
+
+#: annotated fractions at which every strategy's Dice is read (interpolated between rounds), per setting
+DICE_AT = {"isbi2012": (0.02, 0.03, 0.04, 0.06, 0.08), "volume3d": (0.02, 0.05, 0.1), "volume3d_la": (0.02, 0.05, 0.1)}
+
+
+def dice_at_fractions(entries: dict, records: Path, setting: str) -> dict:
+    """Mean ± sd over repeats of the Dice each strategy has reached at a few annotation budgets (where its
+    curve covers them): where along the budget a strategy gains or loses, which one AULC number hides."""
+    out: dict = {}
+    for strategy in STRATEGIES[setting]:
+        if strategy not in entries:
+            continue
+        recs = [r for s in range(20) if (r := read_record(records, setting, strategy, s)) is not None]
+        row = {}
+        for f in DICE_AT[setting]:
+            vals = [float(np.interp(f, [c["fraction"] for c in r["curve"]], [c["dice"] for c in r["curve"]]))
+                    for r in recs if r["curve"][0]["fraction"] <= f <= r["curve"][-1]["fraction"]]
+            if vals:
+                m, sd = _mean_sd(vals)
+                row[f"{f:g}"] = {"mean": round(m, 4), "sd": None if sd is None else round(sd, 4), "n": len(vals)}
+        out[strategy] = row
+    return out
 
 
 def plot(agg: dict, path: Path) -> Path | None:
