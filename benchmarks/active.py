@@ -284,7 +284,8 @@ def aggregate(records: Path) -> dict:
             agg[setting].setdefault("comparisons", {})[f"{a}_vs_{b}"] = {
                 "aulc_gain": round(gain, 4), "beyond_spread": bool(beyond),
                 "paired_per_seed": {k: round(d, 4) for k, d in zip(seeds, diffs)},
-                "paired_mean": None if dm is None else round(dm, 4), "paired_sd": None if dsd is None else round(dsd, 4),
+                "paired_mean": None if dm is None else round(dm, 4),
+                "paired_sd": None if dsd is None else round(dsd, 4),
                 "paired_beyond_spread": bool(len(diffs) >= 3 and dsd is not None and abs(dm) > dsd)}
         if setting in agg:
             agg[setting]["dice_at_fraction"] = dice_at_fractions(agg[setting], records, setting)
