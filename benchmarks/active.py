@@ -388,6 +388,81 @@ def plane_search_benchmark(grids: tuple[int, ...] = (12, 24, 48), candidates: in
     return out
 
 
+def diagnose_2d(records: Path, run_root: Path, seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict:
+    """What the geometric prior changes on isbi2012: with each repeat's final entropy-run network (its
+    labelled regions excluded), the regions the entropy and the geometry criteria would ask for next.
+    Per repeat: Spearman correlation of the two region scores, overlap of the two next-round selections,
+    and of each selection the mean region size, the network's error rate on its pixels (what a query can
+    correct) and its membrane share."""
+    import torch
+    from scipy.stats import spearmanr
+
+    from frugalseg.active.loop import _pixel_scores, predict_probabilities
+    from frugalseg.active.selection import select_regions
+    from frugalseg.models.medical import unet2d
+
+    torch.set_num_threads(1)
+    pool, _, _ = build_problem("isbi2012")
+    per_round = LOOP_2D["per_round"]
+    out: dict = {}
+    for seed in seeds:
+        state_file = run_root / "isbi2012" / "entropy" / f"seed{seed}" / "state.pt"
+        if not state_file.exists():
+            continue
+        saved = torch.load(state_file, map_location="cpu", weights_only=False)
+        model = unet2d(1, 2, UNET["channels"], UNET["dropout"])
+        model.load_state_dict(saved["model"])
+        labelled = saved["labelled"]
+        probs, _ = predict_probabilities(model, pool.images)
+        scores = {name: _pixel_scores(pool, probs, source, "entropy")
+                  for name, source in (("entropy", "feature"), ("geometry", "combined"))}
+        free = np.concatenate([~done for done in labelled])
+        rho = float(spearmanr(np.concatenate(scores["entropy"])[free], np.concatenate(scores["geometry"])[free])[0])
+        picks = {name: {(q.image, q.region) for q in select_regions(sc, pool.graphs, per_round, labelled)}
+                 for name, sc in scores.items()}
+        row = {"spearman": round(rho, 4), "selection_overlap": len(picks["entropy"] & picks["geometry"]) / per_round}
+        for name, chosen in picks.items():
+            size = err = fg = 0
+            for i, r in chosen:
+                inside = pool.regions[i] == r
+                pred = probs[i].argmax(0)[inside]
+                truth = pool.truths[i][inside]
+                size += int(inside.sum())
+                err += int((pred != truth).sum())
+                fg += int((truth == 1).sum())
+            row[name] = {"mean_region_pixels": round(size / len(chosen), 1), "error_rate": round(err / size, 4),
+                         "membrane_share": round(fg / size, 4)}
+        out[str(seed)] = row
+        print(f"  seed {seed}: spearman {row['spearman']:.3f}, overlap {row['selection_overlap']:.2f}, error rate "
+              f"entropy {row['entropy']['error_rate']:.3f} / geometry {row['geometry']['error_rate']:.3f}", flush=True)
+    out["ceiling"] = full_annotation_ceiling(pool, seeds[:3])
+    return out
+
+
+def full_annotation_ceiling(pool, seeds: tuple[int, ...]) -> dict:
+    """The same network and training schedule (all rounds' iterations, same batches and crops) with every pool
+    pixel annotated: the Dice any strategy can approach on the held-out sections, per repeat."""
+    import torch
+
+    from frugalseg.active.loop import fit_partial, foreground_scores, predict_probabilities
+    from frugalseg.models.medical import unet2d
+
+    _, test_x, test_y = build_problem("isbi2012")
+    iterations = LOOP_2D["iterations_first"] + LOOP_2D["rounds"] * LOOP_2D["iterations_per_round"]
+    dice = {}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = unet2d(1, 2, UNET["channels"], UNET["dropout"])
+        fit_partial(model, pool.images, pool.truths, iterations, np.random.default_rng(seed),
+                    LOOP_2D["batch_size"], LOOP_2D["crop"], LOOP_2D["lr"])
+        probs, _ = predict_probabilities(model, test_x)
+        dice[str(seed)] = round(foreground_scores(probs, test_y)["dice"], 4)
+        print(f"  full annotation, seed {seed}: Dice {dice[str(seed)]:.4f}", flush=True)
+    m, sd = _mean_sd(list(dice.values()))
+    return {"dice_per_seed": dice, "dice_mean": round(m, 4), "dice_sd": None if sd is None else round(sd, 4),
+            "iterations": iterations, "split": "sections 20-29 (held out)"}
+
+
 def table(agg: dict) -> None:
     rows = []
     for setting, strategies in agg.items():
@@ -454,6 +529,9 @@ def main() -> None:
     ap.add_argument("--plane-search-only", action="store_true", help="Only the branch-and-bound timing.")
     ap.add_argument("--aggregate", action="store_true", help="Only aggregate the records on disk.")
     ap.add_argument("--markdown", action="store_true", help="Print the README table from the records.")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="isbi2012: what the geometric prior changes in the next query of each repeat's final "
+                         "entropy-run network (score correlation, overlap, error rate of the selected regions).")
     ap.add_argument("--run-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     QUICK = args.quick
@@ -466,6 +544,12 @@ def main() -> None:
     if args.run_child:
         setting, strategy, seed = args.run_child
         run_child(setting, strategy, int(seed), records, run_root)
+        return
+    if args.diagnose:
+        diag = diagnose_2d(records, run_root)
+        save_results("active", {"isbi2012_geometry_diagnosis": diag},
+                     {"isbi2012_geometry_diagnosis": {"network": "final state of each repeat's entropy run",
+                                                      "per_round": LOOP_2D["per_round"]}}, started)
         return
     if args.markdown:
         print(markdown(aggregate(records)))
