@@ -223,36 +223,43 @@ def mined_after(cfg: PipelineConfig, run: Path, stage: str, folder: Path, ds, in
     return out, inputs
 
 
-def irn_pseudo_masks(root: Path, common: dict, method: str, maps_from: str | None = None) -> dict:
+def irn_pseudo_masks(root: Path, common: dict, method: str, maps_from: str | None = None, irn_epochs: int = 3) -> dict:
     """Seed, CRF, IRN and IRN + CRF pseudo-masks of one seed method (each also followed by round-1 mining),
     scored on the training images outside the calibration quarter, and on that quarter apart (where the
-    refinement for the segmenter rounds is chosen)."""
+    refinement for the segmenter rounds is chosen). `irn_epochs` other than the reference's 3 gets its own run
+    folder, sharing the classifier and CAMs of the 3-epoch one."""
     from frugalseg.stages import pipeline
 
     shared = {} if method == "cam" else {"classifier": str(root / "cam_irn" / "classifier")}
     if maps_from:
         shared["maps_from"] = maps_from
-    cfg = PipelineConfig(**{**common, "rounds": 0}, out=str(root / f"{method}_irn"), seeds=method, refine="irn+crf",
-                         **shared)
+    name = f"{method}_irn" + ("" if irn_epochs == 3 else f"_e{irn_epochs}")
+    if irn_epochs != 3 and method == "cam":
+        shared = {"classifier": str(root / "cam_irn" / "classifier"), "maps_from": str(root / "cam_irn" / "cams")}
+    cfg = PipelineConfig(**{**common, "rounds": 0}, out=str(root / name), seeds=method, refine="irn+crf",
+                         irn_epochs=irn_epochs, **shared)
     t0 = time.time()
     summ = run_pipeline(cfg)
     ds = pipeline.open_training_images(cfg)
-    calibration = set(json.loads((root / f"{method}_irn" / "calibration.json").read_text())["ids"])
+    calibration = set(json.loads((root / name / "calibration.json").read_text())["ids"])
     rows = {r["stage"]: r for r in summ["stages"]}
     table: dict = {}
     inputs = None
     for stage in ("seed", *REFINEMENTS):
         folder = Path(rows[stage]["folder"])
         table[stage] = {"miou": rows[stage]["miou"], "miou_calibration_images": rows[stage]["miou_calibration_images"]}
-        mined, inputs = mined_after(cfg, root / f"{method}_irn", stage, folder, ds, inputs)
+        mined, inputs = mined_after(cfg, root / name, stage, folder, ds, inputs)
         table[f"{stage}+mining"] = scored_and_calibration(mined, ds, calibration)
         print(f"  {method} {stage}: {table[stage]['miou']:.4f}, +mining {table[stage + '+mining']['miou']:.4f} "
               f"(calibration images {table[stage + '+mining']['miou_calibration_images']:.4f})", flush=True)
-    irn_th = json.loads((root / f"{method}_irn" / "irn" / "threshold.json").read_text())
+    irn_th = json.loads((root / name / "irn" / "threshold.json").read_text())
+    train = json.loads((root / name / "irn" / "train.json").read_text())
     return {"pseudo_mask_miou": table, "split": "train (calibration images excluded; their figure apart)",
             "scored_images": summ["scored_images"], "calibration_images": len(calibration),
             "thresholds": summ["thresholds"], "irn_bg_threshold": irn_th["bg_threshold"],
             "irn_bg_chosen_on": irn_th["chosen_on"], "stage_seconds": summ["stage_seconds"],
+            "irn_epochs": irn_epochs, "irn_steps": train["steps"], "irn_loss_first": train["loss_first"],
+            "irn_loss_last": train["loss_last"],
             "seconds_this_call": round(time.time() - t0, 1)}
 
 
@@ -309,10 +316,14 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
     return round(statistics.fmean(values), 4), (round(statistics.stdev(values), 4) if len(values) > 1 else None)
 
 
-def irn_study(root: Path, common: dict, seeds: list[int], stage: str, advcam_maps: str | None) -> dict:
+def irn_study(root: Path, common: dict, seeds: list[int], stage: str, advcam_maps: str | None,
+              irn_epochs: int = 3) -> dict:
     """Issue 'tags to model II': IRN pseudo-masks, then (stage 'segmenters') the final segmenter over seeds
     against full supervision over the same seeds. Every step resumes where it stopped."""
     fig: dict = {"irn": {}}
+    if irn_epochs != 3:  # a longer IRN training, beside the reference's 3 epochs (kept under its own key)
+        print(f"IRN pseudo-masks, CAM seeds, {irn_epochs} IRN epochs:", flush=True)
+        return {f"irn_e{irn_epochs}": irn_pseudo_masks(root, common, "cam", irn_epochs=irn_epochs)}
     print("IRN pseudo-masks, CAM seeds:", flush=True)
     cam = irn_pseudo_masks(root, common, "cam")
     fig["irn"]["cam"] = cam
@@ -519,6 +530,9 @@ def main() -> None:
                          "refinement chosen on the calibration images, for each --seeds, against full supervision "
                          "over the same seeds. Resumable step by step.")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds of --irn segmenters.")
+    ap.add_argument("--irn-epochs", type=int, default=3,
+                    help="--irn pseudo-masks with a longer IRN training (the reference: 3 epochs of VOC's 10582 "
+                         "images; msrc-objects has 231), saved under irn_e<N>.")
     ap.add_argument("--advcam-maps", help="A four-scale AdvCAM maps folder of the training images made with the "
                                           "IRN study's classifier (--four-scale writes one).")
     ap.add_argument("--four-scale", action="store_true",
@@ -595,10 +609,12 @@ def main() -> None:
 
     if args.irn:
         name = "tags_to_model_quick" if args.quick else "tags_to_model"
-        fig = irn_study(root, common, args.seeds, args.irn, args.advcam_maps)
-        path = save_results(name, fig, {"irn": {"pipeline": {k: v for k, v in common.items() if k != "progress"},
-                                                "seeds": args.seeds, "stage": args.irn}}, started)
-        table = fig["irn"]["cam"]["pseudo_mask_miou"]
+        fig = irn_study(root, common, args.seeds, args.irn, args.advcam_maps, args.irn_epochs)
+        key = next(iter(fig))
+        path = save_results(name, fig, {key: {"pipeline": {k: v for k, v in common.items() if k != "progress"},
+                                              "seeds": args.seeds, "stage": args.irn,
+                                              "irn_epochs": args.irn_epochs}}, started)
+        table = (fig["irn"]["cam"] if key == "irn" else fig[key])["pseudo_mask_miou"]
         print_table([(k, f"{v['miou']:.4f}", f"{v['miou_calibration_images']:.4f}") for k, v in table.items()],
                     ("CAM seeds", "train mIoU", "calibration images"))
         print(f"wrote {path} ({time.time() - started:.0f} s)")

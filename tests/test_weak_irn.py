@@ -159,3 +159,45 @@ def test_irn_learns_a_boundary_between_two_confident_regions_and_walks_inside_it
     mask = irn_pseudo_mask(b, cam, [3], background=0, steps=32, radius=3)
     assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 3}
     assert mask[32, 32] == 3 and mask[2, 2] == 0
+
+
+def test_a_killed_irn_training_resumes_from_its_last_epoch_exactly(tmp_path):
+    from frugalseg.models.irn import InterPixelNet
+    from frugalseg.weak.irn import train_irn
+
+    rng = np.random.default_rng(1)
+    pairs = []
+    for _ in range(4):
+        img = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
+        lab = np.zeros((48, 48), np.uint8)
+        lab[12:36, 12:36] = 2
+        pairs.append((img, lab))
+    kw = dict(epochs=3, batch_size=2, crop=48, scale=(0.9, 1.1), radius=3, seed=5)
+
+    def fresh():
+        torch.manual_seed(0)
+        return InterPixelNet("tf_efficientnet_lite0", pretrained=False)
+
+    whole_net = fresh()
+    whole = train_irn(whole_net, pairs, **kw)
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_epoch_three(step, total, loss):
+        if step == 5:  # epoch 2 (steps 3-4) saved when epoch 3 began; step 5 is lost
+            raise Killed
+
+    ckpt = tmp_path / "irn_state.pt"
+    with pytest.raises(Killed):
+        train_irn(fresh(), pairs, **kw, progress=kill_in_epoch_three, checkpoint=ckpt)
+    assert ckpt.exists()
+    resumed_net = InterPixelNet("tf_efficientnet_lite0", pretrained=False)
+    resumed = train_irn(resumed_net, pairs, **kw, checkpoint=ckpt)
+    assert resumed == pytest.approx(whole, rel=1e-5) and not ckpt.exists()
+    for a, b in zip(whole_net.state_dict().values(), resumed_net.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    with pytest.raises(Killed):  # a checkpoint of this 3-epoch training again ...
+        train_irn(fresh(), pairs, **kw, progress=kill_in_epoch_three, checkpoint=ckpt)
+    with pytest.raises(ConfigError, match="other settings"):  # ... is not resumed by a 2-epoch one
+        train_irn(fresh(), pairs, **{**kw, "epochs": 2}, checkpoint=ckpt)

@@ -601,8 +601,9 @@ def stage_irn(cfg: PipelineConfig, run: RunDir, maps_dir: Path, crf_dir: Path, d
     """IRN pseudo-masks (and, with `irn+crf`, a CRF of them): the boundary network trains on the CRF stage's
     confident regions (its ignore band left out), then every image's maps are walked inside its boundaries.
     The walked maps' background level is `irn_bg_threshold`, or the best on the calibration images' masks
-    (the pipeline's thresholds are chosen there), else the reference's 0.25. Resumable: the trained network
-    and each image's walked maps are kept (irn/net.pt, irn/walk/<id>.npz)."""
+    (the pipeline's thresholds are chosen there), else the reference's 0.25. Resumable: a killed training
+    continues from its last epoch (irn/train_state.pt), and the trained network and each image's walked maps
+    are kept (irn/net.pt, irn/walk/<id>.npz)."""
     from frugalseg.data.io import atomic_path
     from frugalseg.data.labels import IGNORE_INDEX
     from frugalseg.metrics import confusion_matrix
@@ -624,9 +625,9 @@ def stage_irn(cfg: PipelineConfig, run: RunDir, maps_dir: Path, crf_dir: Path, d
     else:
         pairs = [(ds.read_image(s), read_label_png(mask_file(crf_dir, s.id))) for s in ds.samples
                  if mask_file(crf_dir, s.id).exists()]
-        losses = train_irn(net, pairs, epochs=cfg.irn_epochs, batch_size=cfg.irn_batch_size, crop=cfg.irn_crop,
-                           lr=cfg.irn_lr, seed=cfg.seed, device=device)
         make_folder(out)
+        losses = train_irn(net, pairs, epochs=cfg.irn_epochs, batch_size=cfg.irn_batch_size, crop=cfg.irn_crop,
+                           lr=cfg.irn_lr, seed=cfg.seed, device=device, checkpoint=out / "train_state.pt")
         with atomic_path(net_file) as tmp:
             torch.save(net.state_dict(), tmp)
         write_json(out / "train.json", {"steps": len(losses), "loss_first": losses[:5], "loss_last": losses[-5:]})

@@ -36,6 +36,7 @@ hand-made inputs):
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from functools import lru_cache
 
 import numpy as np
@@ -252,7 +253,7 @@ def train_irn(net: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]], 
               batch_size: int = 8, crop: int = 256, scale: tuple[float, float] = (0.5, 1.5), lr: float = 0.1,
               disp_lr_mult: float = 10.0, weight_decay: float = 1e-4, momentum: float = 0.0,
               radius: int = IRN_RADIUS_TRAIN, seed: int = 0, device: str | torch.device = "cpu",
-              progress=None) -> list[float]:
+              progress=None, checkpoint: str | Path | None = None) -> list[float]:
     """Train the branches of `net` on (RGB uint8 image, IR label) pairs; returns the loss of every step.
 
     IR labels are the confident pseudo-masks of the CRF stage (0 = background, k = class, 255 = the
@@ -260,6 +261,8 @@ def train_irn(net: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]], 
     the affinity terms plus the displacement terms, halved each (the reference's total). SGD with poly
     decay, the displacement branch at `disp_lr_mult` × lr, as the reference; `momentum=0` reproduces the
     reference's optimiser as it runs (its 0.9 never reaches SGD: psa#28), the default here.
+    `checkpoint`: a file the state is saved to after every epoch (atomically) and resumed from, so a killed
+    training continues at its last finished epoch with the same crops and learning rates; removed at the end.
     """
     if not pairs:
         raise ConfigError("IRN needs at least one image with a confident pseudo-mask to train on.")
@@ -273,9 +276,24 @@ def train_irn(net: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]], 
     base = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = max(1, len(pairs) // batch_size)
     total = steps_per_epoch * epochs
-    losses = []
-    for step in range(total):
+    losses: list[float] = []
+    start = 0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["total"] != total or state["batch_size"] != batch_size:
+            raise ConfigError(f"{ckpt}: an IRN training with other settings; remove it to start again.")
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start, losses, order = state["step"], state["losses"], state["order"]
+    for step in range(start, total):
         if step % steps_per_epoch == 0:
+            if ckpt is not None and step > start:
+                _save_irn_state(ckpt, step=step, total=total, batch_size=batch_size, net=net.state_dict(),
+                                opt=opt.state_dict(), rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(),
+                                losses=losses, order=order)
             order = rng.permutation(len(pairs))
         picks = order[(step % steps_per_epoch) * batch_size:][:batch_size]
         crops = [_crop_pair(*pairs[k], crop, scale, rng) for k in picks]
@@ -293,7 +311,17 @@ def train_irn(net: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]], 
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(step + 1, total, losses[-1])
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
     return losses
+
+
+def _save_irn_state(path: Path, **state) -> None:
+    """Write a training state under a temporary name, then rename it (never half a checkpoint)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 @torch.no_grad()
