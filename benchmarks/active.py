@@ -331,7 +331,7 @@ def plot(agg: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(settings), figsize=(4.6 * len(settings), 3.6), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         for strategy, e in agg[setting].items():
-            if strategy == "comparisons":
+            if strategy in ("comparisons", "dice_at_fraction"):
                 continue
             x = 100 * np.asarray(e["curve"]["fraction_mean"])
             y, sd = np.asarray(e["curve"]["dice_mean"]), np.asarray(e["curve"]["dice_sd"])
@@ -473,7 +473,7 @@ def table(agg: dict) -> None:
         if setting == "plane_search":
             continue
         for strategy, e in strategies.items():
-            if strategy == "comparisons":
+            if strategy in ("comparisons", "dice_at_fraction"):
                 continue
             sd = "-" if e["aulc_sd"] is None else f"{e['aulc_sd']:.4f}"
             rows.append((setting, strategy, e["repeats"], f"{e['aulc_mean']:.4f}", sd,
@@ -483,8 +483,11 @@ def table(agg: dict) -> None:
                        "wall s"))
     for setting, strategies in agg.items():
         for name, c in strategies.get("comparisons", {}).items() if isinstance(strategies, dict) else ():
+            paired = "" if c.get("paired_mean") is None else (
+                f"; paired by repeat {c['paired_mean']:+.4f} ± {c['paired_sd'] or 0:.4f} "
+                f"({'beyond' if c['paired_beyond_spread'] else 'within'} its spread)")
             print(f"{setting} {name}: AULC {c['aulc_gain']:+.4f} ({'beyond' if c['beyond_spread'] else 'within'} "
-                  "the spread)")
+                  f"the spread){paired}")
 
 
 def markdown(agg: dict) -> str:
@@ -494,7 +497,7 @@ def markdown(agg: dict) -> str:
         if setting == "plane_search":
             continue
         for strategy, e in strategies.items():
-            if strategy == "comparisons":
+            if strategy in ("comparisons", "dice_at_fraction"):
                 continue
             sd = "" if e["aulc_sd"] is None else f" ± {e['aulc_sd']:.3f}"
             lines.append(f"| {setting}: {e['split']} | {strategy} | {e['repeats']} | {e['aulc_mean']:.3f}{sd} | "
