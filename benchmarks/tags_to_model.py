@@ -467,7 +467,8 @@ def group_study(root: Path, common: dict, name: str) -> dict:
         gout = root / "group_study" / variant / "group"
         t0 = time.time()
         train_group_classifier(GroupConfig(
-            data=common["data"], out=str(gout), train_split=common["train_split"], init_classifier=str(base / "classifier"),
+            data=common["data"], out=str(gout), train_split=common["train_split"], limit=common["limit"],
+            init_classifier=str(base / "classifier"),
             group_size=size, epochs=epochs, drop_rate=drop_rate, progress=False,
             lr_steps=tuple(e for e in (epochs // 3, 2 * epochs // 3) if e > 0),
             resume=(gout / "checkpoints" / "last.ckpt").exists()))
@@ -477,7 +478,8 @@ def group_study(root: Path, common: dict, name: str) -> dict:
                 continue
             maps = make_group_maps(GroupMapsConfig(
                 classifier=str(gout), out=str(root / "group_study" / variant / f"maps_{readout}"),
-                split=common["train_split"], scales=tuple(common["scales"]), readout=readout.replace("_gdl_in_eval", ""),
+                split=common["train_split"], limit=common["limit"], scales=tuple(common["scales"]),
+                readout=readout.replace("_gdl_in_eval", ""),
                 graph_dropout_in_eval=readout.endswith("gdl_in_eval"), progress=False, gallery_images=0))
             fig[key] = {**calibrated_seed_miou(root / "group_study" / variant / f"maps_{readout}", ds, calibration),
                         "group_size": size, "epochs": epochs, "graph_dropout_rate": drop_rate, "readout": readout,
