@@ -419,15 +419,13 @@ def four_scale_study(root: Path, quick: bool, name: str) -> dict:
 def calibrated_seed_miou(maps_dir: Path, ds, calibration: set[str]) -> dict:
     """Seed mIoU as the pipeline makes seeds: background threshold chosen on the calibration images' masks,
     applied to the other training images (the figure)."""
-    from frugalseg.stages.pipeline import CALIBRATION_SWEEP
-    from frugalseg.weak.seeds import choose_threshold, evaluate_seeds, iter_seed_items
+    from frugalseg.stages.pipeline import calibrated_threshold
+    from frugalseg.weak.seeds import evaluate_seeds, iter_seed_items
 
     labels = ds.labels
     cal = ds.with_samples([s for s in ds.samples if s.id in calibration])
     rest = ds.with_samples([s for s in ds.samples if s.id not in calibration])
-    res = evaluate_seeds(iter_seed_items(maps_dir, cal), labels.num_classes, labels.names, labels.background,
-                         CALIBRATION_SWEEP, split="train (calibration images)")
-    t = choose_threshold(res)
+    t, res = calibrated_threshold(maps_dir, cal, "train (calibration images)")
     cal_best = next(r["miou"] for r in res["results"] if r["threshold"] == t)
     scored = evaluate_seeds(iter_seed_items(maps_dir, rest), labels.num_classes, labels.names, labels.background,
                             [t], split="train")

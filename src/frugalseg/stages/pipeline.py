@@ -44,6 +44,7 @@ import functools
 import logging
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -431,6 +432,15 @@ class Thresholds:
     calibration_ids: tuple[str, ...] = ()  # training images whose masks chose them (excluded from scoring)
 
 
+def calibrated_threshold(maps_dir: Path, calibration: SegDataset, split: str) -> tuple[float | None, dict]:
+    """The seed threshold with the best seed mIoU on `calibration`'s masks over `CALIBRATION_SWEEP`, and the
+    sweep's results."""
+    labels = calibration.labels
+    results = evaluate_seeds(iter_seed_items(maps_dir, calibration), labels.num_classes, labels.names,
+                             labels.background, CALIBRATION_SWEEP, split=split)
+    return choose_threshold(results), results
+
+
 def stage_calibrate(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds: SegDataset,
                     given: dict[str, np.ndarray] | None = None) -> Thresholds:
     """The seed/CRF thresholds: the configured ones, or (with `calibration_fraction`) the seed threshold with
@@ -460,9 +470,7 @@ def stage_calibrate(cfg: PipelineConfig, run: RunDir, maps_dir: Path, ds: SegDat
                         f"masks{where}.")
     rng = np.random.default_rng(cfg.budget_seed)
     chosen = ds.with_samples([masked[i] for i in sorted(rng.choice(len(masked), n, replace=False))])
-    results = evaluate_seeds(iter_seed_items(maps_dir, chosen), ds.labels.num_classes, ds.labels.names,
-                             ds.labels.background, CALIBRATION_SWEEP, split=f"{cfg.train_split} (calibration images)")
-    t = choose_threshold(results)
+    t, results = calibrated_threshold(maps_dir, chosen, f"{cfg.train_split} (calibration images)")
     gap = cfg.fg_threshold - cfg.bg_threshold
     out = Thresholds(t, t, round(max(0.0, t - gap), 4), tuple(s.id for s in chosen.samples))
     write_json(path, {"seed_threshold": out.seed, "fg_threshold": out.fg, "bg_threshold": out.bg,
@@ -651,20 +659,21 @@ def stage_irn(cfg: PipelineConfig, run: RunDir, maps_dir: Path, crf_dir: Path, d
                 np.savez_compressed(fh, walk=w, keys=np.asarray(m.keys), size=np.array(image.shape[:2]))
     bg = ds.labels.background
 
-    def labels_at(t: float) -> dict[str, np.ndarray]:
+    def labels_at(t: float, ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         return {sid: (walk_to_labels(torch.from_numpy(w), k, size, t, bg if bg is not None else 0)
                       if k.size else np.full(size, bg if bg is not None else IGNORE_INDEX, np.uint8))
-                for sid, (w, k, size) in walked.items()}
+                for sid, (w, k, size) in ((i, walked[i]) for i in (walked if ids is None else ids))}
 
     threshold, sweep = cfg.irn_bg_threshold, None
     if threshold is None and th.calibration_ids and bg is not None:
-        cal = ds.with_samples([s for s in ds.samples if s.id in set(th.calibration_ids)])
+        # only the calibration images are labelled at each swept level, their masks read once
+        truth = {s.id: torch.from_numpy(ds.read_mask(s).astype(np.int64))
+                 for s in ds.samples if s.id in set(th.calibration_ids)}
         sweep = {}
         for t in IRN_BG_SWEEP:
-            pred = labels_at(t)
-            conf = sum(confusion_matrix(torch.from_numpy(pred[s.id].astype(np.int64)),
-                                        torch.from_numpy(cal.read_mask(s).astype(np.int64)), ds.labels.num_classes)
-                       for s in cal.samples)
+            pred = labels_at(t, truth)
+            conf = sum(confusion_matrix(torch.from_numpy(pred[i].astype(np.int64)), m, ds.labels.num_classes)
+                       for i, m in truth.items())
             sweep[t] = summarise_confusion(conf, ds.labels.names, bg)["miou"]
         threshold = max(sweep, key=lambda t: (sweep[t], -abs(t - IRN_SEM_BG_THRESHOLD)))
     threshold = IRN_SEM_BG_THRESHOLD if threshold is None else threshold
