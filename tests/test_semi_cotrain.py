@@ -256,6 +256,33 @@ def test_cotraining_loss_terms_on_a_real_batch(acdc_slices):
     assert off["dif"].item() == 0.0
 
 
+def test_adversarial_forward_leaves_batchnorm_running_statistics_unless_asked():
+    """The diversity term's forward passes on adversarial examples use batch statistics but must not move the
+    running ones: with them frozen, the running statistics after a step equal those of the same step without
+    the adversarial term (the attacks run in eval mode); `adv_bn_update=True` lets them in, as the official code."""
+    import copy
+
+    torch.manual_seed(0)
+    base = [_tiny_net(2) for _ in range(2)]
+    x_lab, y_lab = torch.rand(4, 1, 12, 12), torch.randint(0, 3, (4, 12, 12))
+    stream, x_unl = torch.tensor([0, 0, 1, 1]), torch.rand(3, 1, 12, 12)
+
+    def running_after(adversarial: bool, update: bool) -> list[torch.Tensor]:
+        models = copy.deepcopy(base)
+        out = cotraining_loss(models, x_lab, y_lab, stream, x_unl, w_cot=1.0, w_dif=1.0, adversarial=adversarial,
+                              adv_source="both", adv_bn_update=update, loss_kind="ce",
+                              generator=torch.Generator().manual_seed(0))
+        assert out["dif"].item() > 0 if adversarial else out["dif"].item() == 0
+        assert all(m.training for m in models)
+        return [m[1].running_var.clone() for m in models]
+
+    without = running_after(False, False)
+    frozen = running_after(True, False)
+    leaked = running_after(True, True)
+    assert all(torch.equal(a, b) for a, b in zip(without, frozen))
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(without, leaked))
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_three_iteration_cotraining_runs_finish_with_finite_losses(tmp_path, k):
     data_path("acdc")

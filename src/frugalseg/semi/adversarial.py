@@ -44,26 +44,39 @@ from torch import nn
 from frugalseg.data.labels import IGNORE_INDEX
 from frugalseg.models import first_output
 
-__all__ = ["attack_mode", "fgsm", "kl_divergence", "l2_normalize", "vat"]
+__all__ = ["attack_mode", "batchnorm_statistics_frozen", "fgsm", "kl_divergence", "l2_normalize", "vat"]
+
+
+@contextlib.contextmanager
+def batchnorm_statistics_frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Forward passes in training mode that normalise with their batch's statistics but leave the running
+    statistics (what eval mode uses) untouched, restored after.
+
+    Why: inputs that are not data (adversarial examples) would otherwise move the running means and variances
+    that every evaluation normalises with."""
+    frozen = [m for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    try:
+        for m in frozen:
+            m.track_running_stats = False
+        yield model
+    finally:
+        for m in frozen:
+            m.track_running_stats = True
 
 
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Run an attack without changing the model: eval mode (or frozen BatchNorm statistics), restored after."""
     modes = {m: m.training for m in model.modules()}
-    tracking: dict[nn.Module, bool] = {}
     try:
         if eval_mode:
             model.eval()
+            yield model
         else:
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
-                    tracking[m] = True
-                    m.track_running_stats = False  # batch statistics, running ones left untouched
-        yield model
+            with batchnorm_statistics_frozen(model):
+                yield model
     finally:
-        for m, flag in tracking.items():
-            m.track_running_stats = flag
         for m, training in modes.items():
             m.training = training
 

@@ -24,6 +24,11 @@ An ensemble of K networks, trained jointly with one optimiser on
   code lets gradient reach model i through the target too). `pairs="all"`: model i's adversarials go
   to every j ≠ i; `pairs="ring"`: only to j = i + 1 mod K. For K = 2 both equal the official code,
   which only supports 2 models. The term is the mean over pairs. `adversarial=False` drops it.
+  Model j's forward pass on the adversarial examples normalises with their batch statistics but leaves its
+  BatchNorm running statistics alone (`adv_bn_update=False`; the official code lets them in): FGSM at
+  eps = 0.05 per pixel is high-frequency noise of L2 norm ~14 on a 160² crop, and with ImageNet-pretrained
+  BatchNorm on natural images its statistics leaking into the running ones spoil eval-mode predictions
+  (measured on msrc-objects: README, semi-supervision findings).
 - **Ramps.** λ(t) = λ_max · exp(−5 (1 − t/T)²), 0 at t = 0 and λ_max for t ≥ T (the official
   RampScheduler, the same Gaussian ramp as Qiao et al. and Laine & Aila), t in "epochs" of
   `rampup_every` iterations. Defaults λ_cot = 1, λ_dif = 0.005, T = 100: the official ACDC config
@@ -46,6 +51,7 @@ and adversarial losses constant; nothing of that survives here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -61,7 +67,7 @@ from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.export import load_export, save_export
 from frugalseg.models import first_output
-from frugalseg.semi.adversarial import fgsm, kl_divergence, vat
+from frugalseg.semi.adversarial import batchnorm_statistics_frozen, fgsm, kl_divergence, vat
 from frugalseg.semi.batches import split_batch
 from frugalseg.semi.step import SemiStep, segment, supervised_with_aux
 
@@ -220,6 +226,7 @@ def cotraining_loss(
     vat_power_iterations: int = 1,
     clamp: Sequence[float] | None = (0.0, 1.0),
     attack_eval_mode: bool = True,
+    adv_bn_update: bool = False,
     loss_kind: str = "dice_ce",
     ignore_index: int = IGNORE_INDEX,
     generator: torch.Generator | None = None,
@@ -229,7 +236,9 @@ def cotraining_loss(
 
     `stream[b]` is the model whose view labelled sample b belongs to; `x_unl` the unlabelled batch.
     The diversity term is computed only when `adversarial` and `w_dif > 0` (it costs one attack per
-    model and one forward/backward per pair). `aux_weight` > 0 adds each model's auxiliary-head loss (ocr / fcn).
+    model and one forward/backward per pair). Model j's forward pass on model i's adversarial examples
+    normalises with its batch statistics but, unless `adv_bn_update`, leaves BatchNorm's running statistics
+    as they are (see the module docstring). `aux_weight` > 0 adds each model's auxiliary-head loss (ocr / fcn).
     """
     k = len(models)
     sup_terms, lab_logits = [], []
@@ -267,7 +276,8 @@ def cotraining_loss(
                         models[i], x_unl, vat_xi, vat_eps, vat_power_iterations, clamp=clamp,
                         eval_mode=attack_eval_mode, generator=generator)
                 for j in targets:
-                    terms.append(kl_divergence(clean, first_output(models[j](x_adv))).mean())
+                    with (contextlib.nullcontext() if adv_bn_update else batchnorm_statistics_frozen(models[j])):
+                        terms.append(kl_divergence(clean, first_output(models[j](x_adv))).mean())
         dif = torch.stack(terms).mean()
     loss = sup + w_cot * jsd + w_dif * dif
     return {"loss": loss, "sup": sup.detach(), "jsd": jsd.detach(), "dif": dif.detach()}
@@ -287,7 +297,8 @@ class CoTrainStep(SemiStep):
                  ramp_epochs: float = 100.0, ramp_mult: float = -5.0, rampup_every: int = 150,
                  adversarial: bool = True, pairs: str = "all", adv_source: str = "coin", fgsm_eps: float = 0.05,
                  vat_xi: float = 1e-3, vat_eps: float = 0.05, vat_power_iterations: int = 1,
-                 clamp: Sequence[float] | None = (0.0, 1.0), attack_eval_mode: bool = True, loss: str = "dice_ce",
+                 clamp: Sequence[float] | None = (0.0, 1.0), attack_eval_mode: bool = True,
+                 adv_bn_update: bool = False, loss: str = "dice_ce",
                  seed: int = 0, ignore_index: int = IGNORE_INDEX, aux_weight: float = 0.0):
         if len(models) < 2:
             raise ConfigError("co-training needs at least two models.")
@@ -297,7 +308,7 @@ class CoTrainStep(SemiStep):
         self.rampup_every = rampup_every
         self.attack = dict(adversarial=adversarial, pairs=pairs, adv_source=adv_source, fgsm_eps=fgsm_eps,
                            vat_xi=vat_xi, vat_eps=vat_eps, vat_power_iterations=vat_power_iterations, clamp=clamp,
-                           attack_eval_mode=attack_eval_mode)
+                           attack_eval_mode=attack_eval_mode, adv_bn_update=adv_bn_update)
         self.loss, self.seed, self.ignore_index, self.aux_weight = loss, seed, ignore_index, aux_weight
 
     @property

@@ -429,6 +429,8 @@ class CoTrainConfig(SemiConfig):
                                                 "[0, 1]).", factory=lambda: [0.0, 1.0], check=ascending)
     attack_eval_mode: bool = option(True, "Attacks run the models in eval mode (as the reference), else in "
                                           "training mode with frozen BatchNorm statistics.")
+    adv_bn_update: bool = option(False, "Forward passes on adversarial examples update BatchNorm's running "
+                                        "statistics (as the official code; off by default: see semi.cotrain).")
     lambda_cot: float = option(1.0, "Maximum weight of the agreement (Jensen-Shannon) term.", ge=0)
     lambda_dif: float = option(0.005, "Maximum weight of the diversity (adversarial) term.", ge=0)
     ramp_epochs: float | None = option(None, "Ramp-up length of both weights in units of --rampup-every iterations "
@@ -470,7 +472,8 @@ class CoTrainConfig(SemiConfig):
             ramp_epochs=self.ramp_epochs, ramp_mult=self.ramp_mult, rampup_every=self.rampup_every,
             adversarial=self.adversarial, pairs=self.adv_pairs, adv_source=self.adv_source, fgsm_eps=self.fgsm_eps,
             vat_xi=self.vat_xi, vat_eps=self.vat_eps, vat_power_iterations=self.vat_power_iterations,
-            clamp=self.adv_clamp, attack_eval_mode=self.attack_eval_mode, loss=self.loss, seed=self.seed,
+            clamp=self.adv_clamp, attack_eval_mode=self.attack_eval_mode, adv_bn_update=self.adv_bn_update,
+            loss=self.loss, seed=self.seed,
             ignore_index=labels.ignore_index, aux_weight=self.aux_weight if self.natural else 0.0)
 
 
