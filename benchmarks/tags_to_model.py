@@ -18,6 +18,11 @@ by `ocr_pretrained_miou` of benchmarks/results/supervised.json (40 epochs; this 
 stated beside it). Nothing is chosen on val or on the training masks.
 
     python benchmarks/tags_to_model.py [--quick]
+
+The IRN study (`--irn pseudo-masks|segmenters`) keeps each finished run (pseudo-mask tables, every training
+seed of the tags-only pipeline and of full supervision) as a small record in `benchmarks/results/
+tags_to_model_runs/`, so its seeds can be finished over several sessions; the shared classifier and CAMs are
+remade when a working copy lacks them.
 """
 
 from __future__ import annotations
@@ -223,6 +228,43 @@ def mined_after(cfg: PipelineConfig, run: Path, stage: str, folder: Path, ds, in
     return out, inputs
 
 
+#: One small record per finished run of the IRN study (figures + the settings that made them, committed): run
+#: folders do not outlive a working copy, these records do, so the study's seeds can be finished over several
+#: sessions and a finished run is never redone.
+RUN_RECORDS = RESULTS / "tags_to_model_runs"
+
+
+def config_settings(cfg, root: Path) -> dict:
+    """What made a run: every field of its (dataclass) config except where it goes and how it reports; paths
+    under the study's folder `root` written relative to it (`<runs>/...`), so a record outlives the folder."""
+    import dataclasses
+
+    text = json.dumps({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                       if f.name not in ("out", "progress", "resume")}, default=str)
+    return json.loads(text.replace(json.dumps(str(root))[1:-1], "<runs>"))
+
+
+def recorded(root: Path, name: str, settings: dict, run) -> dict:
+    """The figures of run `name`: from its record when the record was made with `settings`, else `run()`'s, kept
+    (`--quick` runs keep no record)."""
+    from frugalseg.data.io import read_json, write_json
+    from frugalseg.runs import git_commit, machine_info
+
+    if root.name.endswith("_quick"):
+        return run()
+    path = RUN_RECORDS / f"{name}.json"
+    if path.exists():
+        kept = read_json(path)
+        if kept["settings"] == settings:
+            print(f"  {name}: finished earlier ({kept['date']}), from its record", flush=True)
+            return kept["figures"]
+        print(f"  {name}: its record was made with other settings; run again", flush=True)
+    figures = run()
+    write_json(path, {"settings": settings, "figures": figures, "machine": machine_info(),
+                      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": git_commit(ROOT)})
+    return figures
+
+
 def irn_pseudo_masks(root: Path, common: dict, method: str, maps_from: str | None = None, irn_epochs: int = 3) -> dict:
     """Seed, CRF, IRN and IRN + CRF pseudo-masks of one seed method (each also followed by round-1 mining),
     scored on the training images outside the calibration quarter, and on that quarter apart (where the
@@ -238,29 +280,34 @@ def irn_pseudo_masks(root: Path, common: dict, method: str, maps_from: str | Non
         shared = {"classifier": str(root / "cam_irn" / "classifier"), "maps_from": str(root / "cam_irn" / "cams")}
     cfg = PipelineConfig(**{**common, "rounds": 0}, out=str(root / name), seeds=method, refine="irn+crf",
                          irn_epochs=irn_epochs, **shared)
-    t0 = time.time()
-    summ = run_pipeline(cfg)
-    ds = pipeline.open_training_images(cfg)
-    calibration = set(json.loads((root / name / "calibration.json").read_text())["ids"])
-    rows = {r["stage"]: r for r in summ["stages"]}
-    table: dict = {}
-    inputs = None
-    for stage in ("seed", *REFINEMENTS):
-        folder = Path(rows[stage]["folder"])
-        table[stage] = {"miou": rows[stage]["miou"], "miou_calibration_images": rows[stage]["miou_calibration_images"]}
-        mined, inputs = mined_after(cfg, root / name, stage, folder, ds, inputs)
-        table[f"{stage}+mining"] = scored_and_calibration(mined, ds, calibration)
-        print(f"  {method} {stage}: {table[stage]['miou']:.4f}, +mining {table[stage + '+mining']['miou']:.4f} "
-              f"(calibration images {table[stage + '+mining']['miou_calibration_images']:.4f})", flush=True)
-    irn_th = json.loads((root / name / "irn" / "threshold.json").read_text())
-    train = json.loads((root / name / "irn" / "train.json").read_text())
-    return {"pseudo_mask_miou": table, "split": "train (calibration images excluded; their figure apart)",
-            "scored_images": summ["scored_images"], "calibration_images": len(calibration),
-            "thresholds": summ["thresholds"], "irn_bg_threshold": irn_th["bg_threshold"],
-            "irn_bg_chosen_on": irn_th["chosen_on"], "stage_seconds": summ["stage_seconds"],
-            "irn_epochs": irn_epochs, "irn_steps": train["steps"], "irn_loss_first": train["loss_first"],
-            "irn_loss_last": train["loss_last"],
-            "seconds_this_call": round(time.time() - t0, 1)}
+
+    def measure() -> dict:
+        t0 = time.time()
+        summ = run_pipeline(cfg)
+        ds = pipeline.open_training_images(cfg)
+        calibration = set(json.loads((root / name / "calibration.json").read_text())["ids"])
+        rows = {r["stage"]: r for r in summ["stages"]}
+        table: dict = {}
+        inputs = None
+        for stage in ("seed", *REFINEMENTS):
+            folder = Path(rows[stage]["folder"])
+            table[stage] = {"miou": rows[stage]["miou"],
+                            "miou_calibration_images": rows[stage]["miou_calibration_images"]}
+            mined, inputs = mined_after(cfg, root / name, stage, folder, ds, inputs)
+            table[f"{stage}+mining"] = scored_and_calibration(mined, ds, calibration)
+            print(f"  {method} {stage}: {table[stage]['miou']:.4f}, +mining {table[stage + '+mining']['miou']:.4f} "
+                  f"(calibration images {table[stage + '+mining']['miou_calibration_images']:.4f})", flush=True)
+        irn_th = json.loads((root / name / "irn" / "threshold.json").read_text())
+        train = json.loads((root / name / "irn" / "train.json").read_text())
+        return {"pseudo_mask_miou": table, "split": "train (calibration images excluded; their figure apart)",
+                "scored_images": summ["scored_images"], "calibration_images": len(calibration),
+                "thresholds": summ["thresholds"], "irn_bg_threshold": irn_th["bg_threshold"],
+                "irn_bg_chosen_on": irn_th["chosen_on"], "stage_seconds": summ["stage_seconds"],
+                "irn_epochs": irn_epochs, "irn_steps": train["steps"], "irn_loss_first": train["loss_first"],
+                "irn_loss_last": train["loss_last"],
+                "seconds_this_call": round(time.time() - t0, 1)}
+
+    return recorded(root, f"pseudo_masks.{name}", config_settings(cfg, root), measure)
 
 
 def chosen_refinement(table: dict) -> str:
@@ -272,26 +319,49 @@ def chosen_refinement(table: dict) -> str:
 def irn_segmenters(root: Path, common: dict, refine: str, seeds: list[int]) -> dict:
     """The whole pipeline with `refine`, one run per training seed (classifier and maps of the IRN study shared;
     the CRF, IRN, mining rounds and segmenters train with the seed); each run's model is its best round on the
-    calibration images."""
+    calibration images. Each finished seed is kept as a record (`recorded`)."""
     per_seed = {}
     for seed in seeds:
         out = root / f"cam_{refine.replace('+', '_')}_seed{seed}"
         cfg = PipelineConfig(**{**common, "seed": seed}, out=str(out), seeds="cam", refine=refine,
                              classifier=str(root / "cam_irn" / "classifier"), maps_from=str(root / "cam_irn" / "cams"))
-        summ = run_pipeline(cfg)
-        per_seed[str(seed)] = {"val_miou": summ["final_val_miou"], "final_round": summ["final_round"],
-                               "val_miou_by_round": {r: v["miou"] for r, v in summ["val_by_round"].items()},
-                               "calibration_miou_by_round": summ["round_choice"]["calibration_miou_by_round"],
-                               "seconds": summ["seconds"], "stage_seconds": summ["stage_seconds"]}
-        print(f"  seed {seed}: val mIoU {summ['final_val_miou']:.4f} (round {summ['final_round']} chosen on "
+
+        def measure(cfg=cfg) -> dict:
+            ensure_shared_maps(root, common)
+            summ = run_pipeline(cfg)
+            stages = {r["stage"]: r["miou"] for r in summ["stages"]}
+            return {"val_miou": summ["final_val_miou"], "final_round": summ["final_round"],
+                    "val_miou_by_round": {r: v["miou"] for r, v in summ["val_by_round"].items()},
+                    "calibration_miou_by_round": summ["round_choice"]["calibration_miou_by_round"],
+                    # the shared maps' seeds as this run scored them: equal in every seed's record unless the
+                    # shared classifier and maps were recomputed differently in between
+                    "seed_stage_miou": stages.get("seed"), "pseudo_mask_miou": stages,
+                    "seconds": summ["seconds"], "stage_seconds": summ["stage_seconds"]}
+
+        per_seed[str(seed)] = recorded(root, f"segmenter.cam_{refine.replace('+', '_')}.seed{seed}",
+                                       config_settings(cfg, root), measure)
+        fig = per_seed[str(seed)]
+        print(f"  seed {seed}: val mIoU {fig['val_miou']:.4f} (round {fig['final_round']} chosen on "
               f"calibration images)", flush=True)
+    kept = {fig["seed_stage_miou"] for fig in per_seed.values()}
+    if len(kept) > 1:
+        print(f"  warning: the seeds' runs scored the shared CAM seeds differently ({sorted(kept)}): the shared "
+              "classifier and maps were recomputed with another result between them", flush=True)
     return per_seed
+
+
+def ensure_shared_maps(root: Path, common: dict) -> None:
+    """The tag classifier and CAMs that every seed's run shares (`cam_irn`), made (or resumed) if this working
+    copy lacks them; the IRN study's own figures come from its record."""
+    if (root / "cam_irn" / "classifier").exists() and (root / "cam_irn" / "cams").exists():
+        return
+    run_pipeline(PipelineConfig(**{**common, "rounds": 0}, out=str(root / "cam_irn"), seeds="cam", refine="crf"))
 
 
 def full_supervision_seeds(root: Path, common: dict, seeds: list[int]) -> dict:
     """The same segmenter (OCR on lite0, ImageNet weights) on the training masks, for each seed, with the
     tags-only run's total segmenter epochs (rounds x seg_epochs: its chosen round may have continued from the one
-    before); val mIoU per seed."""
+    before); val mIoU per seed, each finished seed kept as a record."""
     from frugalseg.stages.pipeline import segmenter_config
     from frugalseg.stages.train import train
 
@@ -300,13 +370,16 @@ def full_supervision_seeds(root: Path, common: dict, seeds: list[int]) -> dict:
     for seed in seeds:
         out = root / f"full_supervision_seed{seed}"
         cfg = PipelineConfig(**{**common, "seed": seed}, out=str(root / "unused"))
-        t0 = time.time()
-        res = train(segmenter_config(cfg, out, epochs=epochs))
-        metrics = json.loads((out / "metrics" / "val.json").read_text())
-        per_seed[str(seed)] = {"val_miou": metrics["miou"], "epochs": epochs,
-                               "seconds_this_call": round(time.time() - t0, 1)}
-        print(f"  full supervision seed {seed}: val mIoU {metrics['miou']:.4f}", flush=True)
-        del res
+        train_cfg = segmenter_config(cfg, out, epochs=epochs)
+
+        def measure(train_cfg=train_cfg, out=out) -> dict:
+            t0 = time.time()
+            train(train_cfg)
+            metrics = json.loads((out / "metrics" / "val.json").read_text())
+            return {"val_miou": metrics["miou"], "epochs": epochs, "seconds_this_call": round(time.time() - t0, 1)}
+
+        per_seed[str(seed)] = recorded(root, f"full_supervision.seed{seed}", config_settings(train_cfg, root), measure)
+        print(f"  full supervision seed {seed}: val mIoU {per_seed[str(seed)]['val_miou']:.4f}", flush=True)
     return per_seed
 
 

@@ -1,0 +1,59 @@
+"""The IRN study's run records (benchmarks/tags_to_model.py): a finished run is read back from its record when
+the settings match, run again when they differ, never recorded for --quick, and paths under the study's folder
+are written relative to it so a record outlives the run folders."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ttm():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        yield importlib.import_module("tags_to_model")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_recorded_runs_once_reads_back_and_reruns_on_other_settings(ttm, tmp_path, monkeypatch):
+    monkeypatch.setattr(ttm, "RUN_RECORDS", tmp_path / "records")
+    root = tmp_path / "runs" / "tags_to_model"
+    calls = []
+
+    def run(value):
+        def go():
+            calls.append(value)
+            return {"val_miou": value}
+        return go
+
+    assert ttm.recorded(root, "segmenter.x.seed0", {"lr": 0.01}, run(0.5)) == {"val_miou": 0.5}
+    assert ttm.recorded(root, "segmenter.x.seed0", {"lr": 0.01}, run(0.7)) == {"val_miou": 0.5}
+    assert calls == [0.5]
+    assert ttm.recorded(root, "segmenter.x.seed0", {"lr": 0.02}, run(0.6)) == {"val_miou": 0.6}
+    assert calls == [0.5, 0.6]
+    record = (tmp_path / "records" / "segmenter.x.seed0.json").read_text()
+    assert '"lr": 0.02' in record and '"git_commit"' in record and '"machine"' in record
+    # --quick keeps no record
+    quick = tmp_path / "runs" / "tags_to_model_quick"
+    ttm.recorded(quick, "q", {}, run(0.1))
+    ttm.recorded(quick, "q", {}, run(0.2))
+    assert calls[-2:] == [0.1, 0.2] and not (tmp_path / "records" / "q.json").exists()
+
+
+def test_config_settings_relative_paths_and_no_output_fields(ttm, tmp_path):
+    root = tmp_path / "runs" / "tags_to_model"
+    cfg = ttm.PipelineConfig(data="msrc-objects", out=str(root / "cam_crf_seed1"), seed=1,
+                             classifier=str(root / "cam_irn" / "classifier"))
+    settings = ttm.config_settings(cfg, root)
+    assert settings["classifier"] == "<runs>/cam_irn/classifier"
+    assert "out" not in settings and settings["seed"] == 1
+    other = ttm.config_settings(ttm.PipelineConfig(data="msrc-objects", out=str(root / "elsewhere"), seed=1,
+                                                   classifier=str(root / "cam_irn" / "classifier")), root)
+    assert other == settings
