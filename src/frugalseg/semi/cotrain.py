@@ -27,10 +27,9 @@ An ensemble of K networks, trained jointly with one optimiser on
   Model j's forward pass on the adversarial examples normalises with their batch statistics but leaves its
   BatchNorm running statistics alone (`adv_bn_update=False`; the official code lets them in): FGSM at
   eps = 0.05 per pixel is high-frequency noise of L2 norm ~14 on a 160² crop, not data, and the running
-  statistics are what every eval-mode prediction normalises with. (On msrc-objects the first co-training run,
-  with them let in and 2 labelled images per model a step, ended near background-only; a 200-iteration
-  rerun of that setting did not show the collapse, so which of the two caused it is not settled: README,
-  semi-supervision findings.)
+  statistics are what every eval-mode prediction normalises with. (A principle, not a measured gain: the
+  first msrc-objects co-training run, with them let in, collapsed to background, but so does supervised-only
+  training at the same 2 labelled images a step; README, semi-supervision findings.)
 - **Ramps.** λ(t) = λ_max · exp(−5 (1 − t/T)²), 0 at t = 0 and λ_max for t ≥ T (the official
   RampScheduler, the same Gaussian ramp as Qiao et al. and Laine & Aila), t in "epochs" of
   `rampup_every` iterations. Defaults λ_cot = 1, λ_dif = 0.005, T = 100: the official ACDC config
