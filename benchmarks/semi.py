@@ -94,7 +94,7 @@ CPU_DIAGNOSTICS = {"acdc_l7": ("supervised_levelset", "dtc_no_consistency", "cot
                    # msrc: the first protocol's co-training (2 labelled per model, adversarial passes updating
                    # BatchNorm's running statistics) ended near background-only: 0.071 mIoU; and co-training
                    # with every model on every labelled image, as on ACDC
-                   "msrc_10pct": ("cotrain_k2_lb2_bnleak", "cotrain_k2_allviews")}
+                   "msrc_10pct": ("cotrain_k2_lb2_bnleak", "supervised_only_lb2", "cotrain_k2_allviews")}
 CPU_SEEDS = (1, 2, 3)
 #: Why each value (measured on this CPU, one torch thread per run, two runs at once):
 #: - ACDC: 128×128 patches (the slices are zoomed to the patch, as SSL4MIS zooms them to 256²) and a U-Net of
@@ -187,8 +187,8 @@ def cpu_config(setting: str, method: str, seed: int) -> SemiConfig:
             extra = {"network": "levelset"}  # DTC's network: the difference is DTC's two extra terms only
     elif setting == "msrc_10pct":
         common = dict(CPU_MSRC, labelled_ids=list(msrc_labelled_ids()))
-        if cls.__name__ == "CoTrainConfig" and extra.pop("half_labelled_batch", False):  # the first protocol
-            common["labelled_batch_size"] = CPU_MSRC["labelled_batch_size"] // extra["n_models"]
+        if extra.pop("half_labelled_batch", False):  # the first protocol's co-training batch: 2 labelled a step
+            common["labelled_batch_size"] = CPU_MSRC["labelled_batch_size"] // 2
     else:
         raise SystemExit(f"unknown setting {setting} (acdc_l7, acdc_l3, la, msrc_10pct)")
     if QUICK:  # `--only cpu --quick`: the same runs, a path check in minutes (figures mean nothing)
@@ -555,6 +555,8 @@ def _method(name: str) -> tuple[type, dict]:
 
     if name in ("supervised", "supervised_only"):
         return SupervisedOnlyConfig, {}
+    if name == "supervised_only_lb2":  # diagnostic (msrc): 2 labelled images a step, as each model of the first
+        return SupervisedOnlyConfig, {"half_labelled_batch": True}  # co-training protocol
     if name == "meanteacher":
         return MeanTeacherConfig, {}
     if name == "dtc":
