@@ -131,9 +131,9 @@ CPU_COTRAIN_2D = dict(labelled_batch_size=4, unlabelled_batch_size=4, adv_bn_upd
 #: unlabelled images per step and 400 iterations. Every network sees 4 labelled images a step, co-training's each
 #: model too: the first protocol gave each co-trained model 2 (the K models sharing the 4 slots), and at 2 a step
 #: the network collapses to background whatever the method: supervised-only at 2 a step ends at 0.057 val mIoU
-#: against 0.314 at 4 (seed 1, 400 iterations; a diagnosis of the collapse, the choice is the rule "every network
-#: sees the same labelled batch", not a tuning); the diagnostic row `cotrain_k2_lb2_bnleak` is that first
-#: protocol's run.
+#: against 0.280 at 4 (seed 1, 400 iterations, diagnostic row `supervised_only_lb2`: a diagnosis of the collapse;
+#: the choice is the rule "every network sees the same labelled batch", not a tuning); the diagnostic row
+#: `cotrain_k2_lb2_bnleak` is that first protocol's co-training run.
 CPU_MSRC = dict(data="msrc-objects", val_split="val", arch="ocr", backbone="tf_efficientnet_lite0", pretrained=True,
                 patch_size=[160, 160], iterations=400, epoch_steps=100, val_every=1, labelled_batch_size=4,
                 unlabelled_batch_size=4, optimizer="sgd", lr=0.01, weight_decay=5e-4)
