@@ -534,7 +534,19 @@ def group_study(root: Path, common: dict, name: str) -> dict:
     fig: dict = {"cam": calibrated_seed_miou(base / "cams", ds, calibration), "split": "train (calibration "
                  "images excluded; thresholds chosen on them)", "scales": list(common["scales"])}
     print(f"  cam: {fig['cam']['miou']:.4f}", flush=True)
+    # readouts measured in an earlier session (their run folders gone) are kept, when made with today's variant
+    saved = json.loads((RESULTS / f"{name}.json").read_text()).get("figures", {}).get("group", {}) \
+        if (RESULTS / f"{name}.json").exists() else {}
+    for key, entry in saved.items():
+        variant = next((v for v in GROUP_VARIANTS if isinstance(entry, dict) and key.startswith(v + "_")
+                        and key[len(v) + 1:] in GROUP_VARIANTS[v][3]), None)
+        if variant and (entry.get("group_size"), entry.get("epochs"), entry.get("graph_dropout_rate")) == \
+                GROUP_VARIANTS[variant][:3]:
+            fig[key] = entry
+            print(f"  {key}: {entry['miou']:.4f}, measured earlier", flush=True)
     for variant, (size, epochs, drop_rate, readouts) in GROUP_VARIANTS.items():
+        if all(f"{variant}_{r}" in fig for r in readouts):
+            continue
         gout = root / "group_study" / variant / "group"
         t0 = time.time()
         train_group_classifier(GroupConfig(
