@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -15,6 +18,17 @@ def data_path(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"real dataset {path} not available (set FRUGALSEG_DATA)")
     return path
+
+
+def import_benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ as a module (its folder on sys.path only while it is imported; the scripts import
+    their `common` helper by plain name)."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
 
 
 @pytest.fixture(autouse=True)

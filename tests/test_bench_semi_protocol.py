@@ -4,24 +4,18 @@ supervised-only called beyond the spread only when it is larger than both seed s
 
 from __future__ import annotations
 
-import importlib
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import import_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def semi():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("semi")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return import_benchmark("semi")
 
 
 def _write(semi, records: Path, method: str, seed: int, dice: float, **settings_change) -> None:

@@ -4,22 +4,15 @@ are written relative to it so a record outlives the run folders."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import import_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ttm():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        yield importlib.import_module("tags_to_model")
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return import_benchmark("tags_to_model")
 
 
 def test_recorded_runs_once_reads_back_and_reruns_on_other_settings(ttm, tmp_path, monkeypatch):
