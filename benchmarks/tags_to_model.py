@@ -278,7 +278,10 @@ def irn_pseudo_masks(root: Path, common: dict, method: str, maps_from: str | Non
     name = f"{method}_irn" + ("" if irn_epochs == 3 else f"_e{irn_epochs}")
     if irn_epochs != 3 and method == "cam":
         shared = {"classifier": str(root / "cam_irn" / "classifier"), "maps_from": str(root / "cam_irn" / "cams")}
-    cfg = PipelineConfig(**{**common, "rounds": 0}, out=str(root / name), seeds=method, refine="irn+crf",
+    # no segmenter round here: the segmenter schedule is left at the benchmark's, so a --seg-epochs run reuses the record
+    seg_epochs = settings(root.name.endswith("_quick"))["seg_epochs"]
+    cfg = PipelineConfig(**{**common, "rounds": 0, "seg_epochs": seg_epochs}, out=str(root / name), seeds=method,
+                         refine="irn+crf",
                          irn_epochs=irn_epochs, **shared)
 
     def measure() -> dict:
@@ -321,8 +324,9 @@ def irn_segmenters(root: Path, common: dict, refine: str, seeds: list[int]) -> d
     the CRF, IRN, mining rounds and segmenters train with the seed); each run's model is its best round on the
     calibration images. Each finished seed is kept as a record (`recorded`)."""
     per_seed = {}
+    tag = schedule_tag(common)
     for seed in seeds:
-        out = root / f"cam_{refine.replace('+', '_')}_seed{seed}"
+        out = root / f"cam_{refine.replace('+', '_')}{tag}_seed{seed}"
         cfg = PipelineConfig(**{**common, "seed": seed}, out=str(out), seeds="cam", refine=refine,
                              classifier=str(root / "cam_irn" / "classifier"), maps_from=str(root / "cam_irn" / "cams"))
 
@@ -338,7 +342,7 @@ def irn_segmenters(root: Path, common: dict, refine: str, seeds: list[int]) -> d
                     "seed_stage_miou": stages.get("seed"), "pseudo_mask_miou": stages,
                     "seconds": summ["seconds"], "stage_seconds": summ["stage_seconds"]}
 
-        per_seed[str(seed)] = recorded(root, f"segmenter.cam_{refine.replace('+', '_')}.seed{seed}",
+        per_seed[str(seed)] = recorded(root, f"segmenter.cam_{refine.replace('+', '_')}{tag}.seed{seed}",
                                        config_settings(cfg, root), measure)
         fig = per_seed[str(seed)]
         print(f"  seed {seed}: val mIoU {fig['val_miou']:.4f} (round {fig['final_round']} chosen on "
@@ -348,6 +352,11 @@ def irn_segmenters(root: Path, common: dict, refine: str, seeds: list[int]) -> d
         print(f"  warning: the seeds' runs scored the shared CAM seeds differently ({sorted(kept)}): the shared "
               "classifier and maps were recomputed with another result between them", flush=True)
     return per_seed
+
+
+def schedule_tag(common: dict) -> str:
+    """'' for the benchmark's segmenter schedule, '_se<N>' for another --seg-epochs (its runs and records apart)."""
+    return "" if common["seg_epochs"] == settings(False)["seg_epochs"] else f"_se{common['seg_epochs']}"
 
 
 def ensure_shared_maps(root: Path, common: dict) -> None:
@@ -368,7 +377,7 @@ def full_supervision_seeds(root: Path, common: dict, seeds: list[int]) -> dict:
     per_seed = {}
     epochs = common["seg_epochs"] * max(1, common["rounds"])
     for seed in seeds:
-        out = root / f"full_supervision_seed{seed}"
+        out = root / f"full_supervision{schedule_tag(common)}_seed{seed}"
         cfg = PipelineConfig(**{**common, "seed": seed}, out=str(root / "unused"))
         train_cfg = segmenter_config(cfg, out, epochs=epochs)
 
@@ -378,7 +387,7 @@ def full_supervision_seeds(root: Path, common: dict, seeds: list[int]) -> dict:
             metrics = json.loads((out / "metrics" / "val.json").read_text())
             return {"val_miou": metrics["miou"], "epochs": epochs, "seconds_this_call": round(time.time() - t0, 1)}
 
-        per_seed[str(seed)] = recorded(root, f"full_supervision.seed{seed}", config_settings(train_cfg, root), measure)
+        per_seed[str(seed)] = recorded(root, f"full_supervision{schedule_tag(common)}.seed{seed}", config_settings(train_cfg, root), measure)
         print(f"  full supervision seed {seed}: val mIoU {per_seed[str(seed)]['val_miou']:.4f}", flush=True)
     return per_seed
 
@@ -615,6 +624,9 @@ def main() -> None:
                          "refinement chosen on the calibration images, for each --seeds, against full supervision "
                          "over the same seeds. Resumable step by step.")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds of --irn segmenters.")
+    ap.add_argument("--seg-epochs", type=int,
+                    help="Segmenter epochs per round for --irn segmenters (full supervision gets rounds x this): a "
+                         "CPU schedule shorter than the benchmark's 20, with its runs and records kept apart.")
     ap.add_argument("--irn-epochs", type=int, default=3,
                     help="--irn pseudo-masks with a longer IRN training (the reference: 3 epochs of VOC's 10582 "
                          "images; msrc-objects has 231), saved under irn_e<N>.")
@@ -629,6 +641,8 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
     s = settings(args.quick)
+    if args.seg_epochs:
+        s["seg_epochs"] = args.seg_epochs
     root = Path(args.runs) / ("tags_to_model_quick" if args.quick else "tags_to_model")
     common = dict(data="msrc-objects", train_split="train", val_split="val", progress=False, calibration_fraction=0.25,
                   **s)
