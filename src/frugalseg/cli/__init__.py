@@ -409,6 +409,54 @@ def _data_command() -> click.Command:
     return data
 
 
+# ---- synthetic pairs ------------------------------------------------------------------------------------
+def _synth_command() -> click.Command:
+    from frugalseg.cli.options import config_options
+    from frugalseg.stages.synth import SynthTrainConfig
+
+    @click.group()
+    def synth() -> None:
+        """Synthetic image/mask pairs: a mask → image cGAN and a mask shape model."""
+
+    @synth.command("train")
+    @_config_option()
+    @config_options(SynthTrainConfig)
+    def synth_train(config_file: str | None, **options) -> None:
+        """Train the shape model and the cGAN on the labelled images of a label budget (resumable)."""
+        from frugalseg.cli.options import build_config
+        from frugalseg.stages.options import load_config
+        from frugalseg.stages.synth import train_synth
+
+        result = train_synth(build_config(SynthTrainConfig, options, config_file, load_config))
+        click.echo(f"run: {result['run']}  ({result['labelled_images']} labelled images, GAN "
+                   f"{result['gan_seconds']} s)")
+        if result.get("report"):
+            click.echo(f"report: {result['report']}")
+
+    @synth.command("sample")
+    @click.option("--run", "run_path", required=True, type=click.Path(exists=True, file_okay=False),
+                  help="A finished `synth train` run.")
+    @click.option("--n", type=int, required=True, help="Number of pairs to write.")
+    @click.option("--out", required=True, type=click.Path(file_okay=False),
+                  help="New folder dataset to write (images/, masks/, classes.txt).")
+    @click.option("--masks", type=click.Choice(["shapes", "real"]), default="shapes", show_default=True,
+                  help="shapes: new masks from the shape model; real: the training masks re-rendered (ablation).")
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--temperature", type=float, default=1.0, show_default=True,
+                  help="Scale of the shape model's mode coefficients (below 1: closer to the mean shape).")
+    @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+    def synth_sample(run_path: str, n: int, out: str, masks: str, seed: int, temperature: float, device: str) -> None:
+        """Write N synthetic pairs as a folder dataset; train with `train --extra-data OUT`."""
+        from frugalseg.stages.synth import sample_synth
+
+        result = sample_synth(run_path, n, out, masks=masks, seed=seed, temperature=temperature, device=device)
+        nov = result["novelty"]["nearest_iou_aligned"]
+        click.echo(f"{n} pairs in {out} ({result['seconds_this_call']} s); mask shape IoU with the nearest "
+                   f"training mask: mean {nov['mean']:.3f}, max {nov['max']:.3f}")
+
+    return synth
+
+
 # ---- active learning: query / annotate ------------------------------------------------------------------
 def _query_command() -> click.Command:
     from frugalseg.cli.options import config_options
@@ -461,6 +509,7 @@ COMMANDS: dict[str, tuple[Callable[[], click.Command], str]] = {
     "datasets": (_datasets_command, "Public datasets: list and download (with checksums)."),
     "data": (_data_command, "Inspect datasets (validate)."),
     "demo": (_demo_command, "The whole loop on generated data: few masks, a model, what to annotate next."),
+    "synth": (_synth_command, "Synthetic image/mask pairs: train a mask → image cGAN, sample a folder dataset."),
     "query": (_query_command, "What to annotate next: queries.json and a page of regions, from a trained run."),
     "annotate": (_annotate_command, "Serve a local page to answer queries; answers become partial masks."),
 }

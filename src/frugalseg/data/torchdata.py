@@ -74,6 +74,82 @@ def shuffled_loader(data: Dataset, batch_size: int, seed: int, num_workers: int 
                       generator=torch.Generator().manual_seed(seed))
 
 
+class MixedShuffle(Sampler[int]):
+    """Each epoch: every one of the `n_real` items once, plus extra items (indices n_real..n_real+n_extra-1)
+    making up the share `extra_share` of the epoch's draws, drawn without repetition until all were seen
+    (then a new pass). The order is a function of (seed, epoch), as `SeededShuffle`'s.
+
+    An epoch is therefore `n_real / (1 - extra_share)` draws whatever the size of the extra set: with 10 real
+    and 500 synthetic pairs at share 0.5 it is 20 draws, 10 of them real, and the synthetic set is walked
+    through over 50 epochs. A run of a fixed number of steps spends `1 - extra_share` of its draws on real
+    pairs, however many synthetic pairs there are."""
+
+    def __init__(self, n_real: int, n_extra: int, extra_share: float, seed: int = 0,
+                 on_epoch: Callable[[int], None] | None = None):
+        if not 0 < extra_share < 1:
+            raise ValueError(f"extra_share must be in (0, 1), got {extra_share}")
+        self.n_real, self.n_extra, self.share = int(n_real), int(n_extra), float(extra_share)
+        self.n_draws_extra = max(1, round(self.n_real * self.share / (1 - self.share)))
+        self.seed = int(seed)
+        self.epoch = 0
+        self.on_epoch = on_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(self.epoch)
+
+    def __len__(self) -> int:
+        return self.n_real + self.n_draws_extra
+
+    def _extra(self, epoch: int) -> list[int]:
+        """The extra items of `epoch`: a slice of the seeded permutation of its pass over the extra set."""
+        start = epoch * self.n_draws_extra
+        out: list[int] = []
+        while len(out) < self.n_draws_extra:
+            pass_no, offset = divmod(start + len(out), self.n_extra)
+            g = torch.Generator().manual_seed(hash((self.seed, pass_no, -11)) & 0x7FFFFFFF)
+            perm = torch.randperm(self.n_extra, generator=g).tolist()
+            out += perm[offset: offset + self.n_draws_extra - len(out)]
+        return [self.n_real + i for i in out]
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, -7)) & 0x7FFFFFFF)
+        items = list(range(self.n_real)) + self._extra(self.epoch)
+        return iter([items[i] for i in torch.randperm(len(items), generator=g).tolist()])
+
+
+class ConcatPairs(Dataset):
+    """Two `MaskedImages` as one (indices of the second follow the first); epochs reach both."""
+
+    def __init__(self, first: "MaskedImages", second: "MaskedImages"):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.first.set_epoch(epoch)
+        self.second.set_epoch(epoch)
+
+    def __getitem__(self, i: int) -> dict:
+        if i < len(self.first):
+            return self.first[i]
+        item = self.second[i - len(self.first)]
+        return {**item, "index": i}
+
+
+def mixed_loader(real: "MaskedImages", extra: "MaskedImages", extra_share: float, batch_size: int, seed: int,
+                 num_workers: int = 0, persistent_workers: bool = False) -> DataLoader:
+    """The training loader over real pairs and extra (e.g. synthetic) pairs at `extra_share` of the draws."""
+    data = ConcatPairs(real, extra)
+    sampler = MixedShuffle(len(real), len(extra), extra_share, seed, on_epoch=data.set_epoch)
+    n = len(sampler)
+    return DataLoader(data, batch_size=min(batch_size, n), sampler=sampler, drop_last=n > batch_size,
+                      num_workers=num_workers, persistent_workers=persistent_workers and num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
 class SharedEpoch:
     """The training epoch, seen by the main process *and* DataLoader worker processes.
 

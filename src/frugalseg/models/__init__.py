@@ -18,7 +18,7 @@ def build_model(spec: dict, pretrained: bool | str = False):
     """Rebuild a model from its spec (saved in checkpoints and exports).
 
     spec keys: arch (ocr | fcn | unet2d | unet3d | vnet3d | levelset_unet2d | levelset_unet3d |
-    levelset_vnet3d), num_classes, in_chans, and for ocr/fcn backbone and output_stride; for the medical
+    levelset_vnet3d | unet_generator), num_classes, in_chans, and for ocr/fcn backbone and output_stride; for the medical
     networks optionally channels (U-Nets) and dropout.
     """
     from frugalseg.errors import ConfigError
@@ -40,6 +40,11 @@ def build_model(spec: dict, pretrained: bool | str = False):
         from frugalseg.models.medical import vnet3d
 
         return vnet3d(spec.get("in_chans", 1), spec["num_classes"], dropout=float(spec.get("dropout", 0.5)))
+    if arch == "unet_generator":  # the mask → image cGAN's generator (frugalseg.synth)
+        from frugalseg.models.gan import UNetGenerator
+
+        return UNetGenerator(spec["in_chans"], spec.get("out_chans", 3), spec.get("ngf", 32), spec.get("depth", 6),
+                             float(spec.get("dropout", 0.5)))
     if arch.startswith("levelset_"):  # DTC's dual-task networks (segmentation + level-set heads)
         from frugalseg.models.levelset import build_levelset
 

@@ -7,7 +7,8 @@ or SLURM `srun`: Lightning reads the environment) without code of their own.
 - `SegmentationModule`: supervised training of a segmenter (`stages.train`);
 - `SemiModule`: semi-supervised training of any method's step module (`frugalseg.semi.step.SemiStep`:
   DTC, co-training, mean teacher, the supervised-only baseline; `stages.semi`);
-- `ClassifierModule`: the multi-label tag classifier (`stages.classify`).
+- `ClassifierModule`: the multi-label tag classifier (`stages.classify`);
+- `GANModule`: the mask → image conditional GAN (`stages.synth`), two optimisers stepped by hand.
 
 The stages import this module only when they train: Lightning takes seconds to import, and the CLI
 reads the stage configs (for `--help`) without it.
@@ -42,6 +43,7 @@ from frugalseg.models.tag_classifier import tag_loss
 from frugalseg.runs import RunDir
 from frugalseg.semi.step import SemiStep
 from frugalseg.stages.options import RunOptions
+from frugalseg.synth.cgan import discriminator_loss, generator_loss
 from frugalseg.weak.group import SPEC_KIND as GROUP_SPEC_KIND
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,69 @@ class SegmentationModule(L.LightningModule):
             "labels": self.labels.to_dict(),
             "model": self.model_spec,
         }
+
+
+class GANModule(L.LightningModule):
+    """pix2pix's alternating updates: the discriminator on (condition, real) vs (condition, generated), then
+    the generator against the updated discriminator (adversarial + L1 + feature matching). Adam for both
+    (lr, beta1 from the config), constant lr, then linear decay to 0 from `cfg.decay_from` of the run
+    (pix2pix: constant for half the epochs, then linear). Checkpoints carry the generator's spec and the
+    label spec, like a segmenter's."""
+
+    def __init__(self, generator: torch.nn.Module, discriminator: torch.nn.Module, labels: LabelSpec, cfg: Any,
+                 spec: dict, total_steps: int):
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = generator
+        self.discriminator = discriminator
+        self.labels = labels
+        self.cfg = cfg
+        self.model_spec = spec
+        self.total_steps = max(1, int(total_steps))
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        cfg = self.cfg
+        opt_g, opt_d = self.optimizers()
+        cond, real = batch["cond"], batch["image"]
+        fake = self.generator(cond)
+        loss_d = discriminator_loss(self.discriminator, cond, real, fake, cfg.gan_loss)
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.discriminator.requires_grad_(False)  # the generator's step: no gradients for D's weights
+        terms = generator_loss(self.discriminator, cond, real, fake, cfg.gan_loss, cfg.l1_weight, cfg.fm_weight)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(terms["loss"])
+        opt_g.step()
+        self.discriminator.requires_grad_(True)
+        for sched in self.lr_schedulers():
+            sched.step()
+        n = real.shape[0]
+        self.log("train/loss_d", loss_d.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/loss_g", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        for name in ("adversarial", "l1", "feature_matching"):
+            self.log(f"train/g_{name}", terms[name], on_step=False, on_epoch=True, batch_size=n)
+
+    def on_train_epoch_start(self) -> None:
+        pass_epoch_to_dataset(self)
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        betas = (cfg.beta1, 0.999)
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr, betas=betas)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr, betas=betas)
+        start = int(cfg.decay_from * self.total_steps)
+        span = max(1, self.total_steps - start)
+
+        def factor(step: int) -> float:
+            return 1.0 if step < start else max(0.0, 1.0 - (step - start) / span)
+
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (opt_g, opt_d)]
+        return [opt_g, opt_d], [{"scheduler": s, "interval": "step"} for s in scheds]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "labels": self.labels.to_dict(),
+                                   "model": self.model_spec, "kind": "cgan"}
 
 
 def _resize_size(cfg: Any) -> int | None:

@@ -32,7 +32,7 @@ from frugalseg.data.io import (RASTER_SUFFIXES, make_folder, read_rgb, remove_st
 from frugalseg.data.labels import LabelSpec
 from frugalseg.data.nifti import write_nifti
 from frugalseg.data.samples import SegDataset, with_mask_folder
-from frugalseg.data.torchdata import (EvalCases, MaskedImages, first_item, input_channels, pad_collate,
+from frugalseg.data.torchdata import (EvalCases, MaskedImages, first_item, input_channels, mixed_loader, pad_collate,
                                      shuffled_loader)
 from frugalseg.data.transforms import CropTransform, ResizeTransform, to_tensor_image
 from frugalseg.data.validate import check_masks_for_training
@@ -113,6 +113,12 @@ class TrainConfig(RunOptions):
     labelled_ids: list[str] | None = option(None, "Label budget: exactly these sample ids have masks (repeat the "
                                                   "option, or @file with one id a line).")
     budget_seed: int = option(0, "Seed of the label-budget draw.", ge=0)
+    # extra pairs (e.g. synthetic: `frugalseg synth sample`)
+    extra_data: str | None = option(None, "A folder dataset of extra image/mask pairs (images/, masks/, "
+                                          "classes.txt; e.g. from `frugalseg synth sample`) trained on with the "
+                                          "real pairs.")
+    extra_weight: float = option(0.5, "Share of the training draws that come from --extra-data (the real pairs "
+                                      "are each drawn once an epoch, the extra ones make up this share).", gt=0, lt=1)
     # validation
     val_every: int = option(1, "Validate every N epochs during training.", ge=1)
     eval_batch_size: int = option(4, "Images per batch in validation and evaluation.", ge=1)
@@ -156,6 +162,25 @@ def load_training_data(cfg: TrainConfig) -> tuple[SegDataset, SegDataset | None,
     return train_ds, val_ds, budget
 
 
+def load_extra_data(cfg: TrainConfig, train_ds: SegDataset) -> SegDataset:
+    """The --extra-data pairs, checked against the training data: same classes, same image kind, masks valid."""
+    from frugalseg.data import open_dataset
+
+    extra = open_dataset(cfg.extra_data, "train")
+    if extra.labels.names != train_ds.labels.names:
+        raise DataError(f"--extra-data {cfg.extra_data}: classes {list(extra.labels.names)} differ from the "
+                        f"training data's {list(train_ds.labels.names)}.")
+    if extra.ndim != train_ds.ndim:
+        raise DataError(f"--extra-data {cfg.extra_data}: {extra.ndim}D samples, the training data is {train_ds.ndim}D.")
+    extra = extra.by_supervision("mask")
+    if len(extra) == 0:
+        raise DataError(f"--extra-data {cfg.extra_data}: no image has a mask.")
+    check_masks_for_training(extra)
+    if input_channels(extra) != input_channels(train_ds):
+        raise DataError(f"--extra-data {cfg.extra_data}: images have other channels than the training images.")
+    return extra
+
+
 def train_transform(cfg: TrainConfig):
     if cfg.policy == "crop":
         return CropTransform(crop=cfg.crop_size, scale=tuple(cfg.scale), base_size=cfg.base_size)
@@ -192,6 +217,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train_ds, val_ds, budget = load_training_data(cfg)
+    extra_ds = load_extra_data(cfg, train_ds) if cfg.extra_data else None
     run = RunDir(cfg.out)  # after the data is checked: bad input leaves no folder behind
     finished = run.stage_done("train")
     claim_run_dir(run, cfg, train_ds.labels, finished=finished, started=run.last_checkpoint.exists())
@@ -210,7 +236,12 @@ def train(cfg: TrainConfig) -> dict:
             init_weights(model, spec, cfg.init_from)
         module = SegmentationModule(model, train_ds.labels, cfg, spec)
         train_data = MaskedImages(train_ds, train_transform(cfg), seed=cfg.seed)
-        loader = shuffled_loader(train_data, cfg.batch_size, cfg.seed, cfg.num_workers, persistent_workers=True)
+        if extra_ds is not None:
+            extra = MaskedImages(extra_ds, train_transform(cfg), seed=cfg.seed + 1)
+            loader = mixed_loader(train_data, extra, cfg.extra_weight, cfg.batch_size, cfg.seed, cfg.num_workers,
+                                  persistent_workers=True)
+        else:
+            loader = shuffled_loader(train_data, cfg.batch_size, cfg.seed, cfg.num_workers, persistent_workers=True)
         fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs, max_steps=cfg.max_steps,
                       val_loader=val_loader(cfg, val_ds) if val_ds is not None else None, val_every=cfg.val_every)
         save_export(module.model, spec, train_ds.labels, run / "model")
