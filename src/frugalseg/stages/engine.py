@@ -36,7 +36,7 @@ from frugalseg.data.io import atomic_path, output_error
 from frugalseg.data.labels import LabelSpec
 from frugalseg.export import CHECKPOINT_FORMAT, RESUME_ADVICE, read_checkpoint
 from frugalseg.inference import predict_case, predict_volume_slices
-from frugalseg.losses import segmentation_loss
+from frugalseg.losses import loss_kind, segmentation_loss
 from frugalseg.metrics import ConfusionMatrix, summarise
 from frugalseg.models.group_net import group_loss
 from frugalseg.models.tag_classifier import tag_loss
@@ -108,12 +108,12 @@ class SegmentationModule(L.LightningModule):
         x, y = batch["image"], batch["mask"]
         if hasattr(self.model, "forward_train"):
             out, aux = self.model.forward_train(x)
-            loss_main = segmentation_loss(out, y, self.cfg.loss, self.labels.ignore_index)
-            loss_aux = segmentation_loss(aux, y, self.cfg.loss, self.labels.ignore_index)
+            loss_main = segmentation_loss(out, y, loss_kind(self.cfg), self.labels.ignore_index)
+            loss_aux = segmentation_loss(aux, y, loss_kind(self.cfg), self.labels.ignore_index)
             loss = loss_main + self.cfg.aux_weight * loss_aux
             self.log("train/loss_aux", loss_aux, on_step=True, on_epoch=False)
         else:
-            loss = segmentation_loss(self.model(x), y, self.cfg.loss, self.labels.ignore_index)
+            loss = segmentation_loss(self.model(x), y, loss_kind(self.cfg), self.labels.ignore_index)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
 

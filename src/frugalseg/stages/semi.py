@@ -40,6 +40,7 @@ from frugalseg.data.validate import check_masks_for_training
 from frugalseg.data.io import read_json, write_json
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.evaluation import evaluate
+from frugalseg.losses import loss_kind
 from frugalseg.export import check_checkpoint
 from frugalseg.models import build_model
 from frugalseg.report import write_report
@@ -146,9 +147,15 @@ class SemiConfig(RunOptions):
                                                                "[default: poly in 2D, step in 3D].")
     lr_step: int | None = option(None, "Step schedule: lr x 0.1 every this many iterations [default: DTC's 2500 of "
                                        "6000, scaled with --iterations].", ge=1)
-    loss: Literal["dice_ce", "ce", "dice"] | None = option(
-        None, "Supervised loss: dice_ce (0.5 CE + 0.5 soft Dice, SSL4MIS), ce, or dice [default: ce for ocr/fcn (the "
-              "OCR recipe), else dice_ce].")
+    loss: Literal["dice_ce", "ce", "dice", "lal"] | None = option(
+        None, "Supervised loss: dice_ce (0.5 CE + 0.5 soft Dice, SSL4MIS), ce, dice, or lal (locally adaptive "
+              "learning loss) [default: ce for ocr/fcn (the OCR recipe), else dice_ce].")
+    lal_window: int = option(9, "--loss lal: window side in pixels/voxels (odd: centred on a pixel).", ge=1,
+                             check=lambda v: None if v % 2 else "must be odd")
+    lal_stride: int = option(4, "--loss lal: window stride.", ge=1)
+    lal_sigma: float | None = option(None, "--loss lal: sigma of the Gaussian weight on the chessboard distance to "
+                                           "the window centre [default: window / 3].", gt=0)
+    lal_k: float = option(5.0, "--loss lal: Minkowski pooling exponent over the window costs (5: best on VOC).", gt=0)
     # evaluation
     val_overlap: float = option(0.5, "Sliding-window overlap of 3D inference.", ge=0, lt=1)
     largest_component: bool = option(False, "Keep each class's largest connected component in evaluation "
@@ -359,7 +366,7 @@ class DTCConfig(SemiConfig):
 
     def build_step(self, spec: dict, labels: LabelSpec) -> DTCStep:
         return DTCStep(self.new_model(spec), k=self.k, beta=self.beta, consistency=self.consistency,
-                       rampup=self.consistency_rampup, rampup_every=self.rampup_every, seg_loss=self.loss,
+                       rampup=self.consistency_rampup, rampup_every=self.rampup_every, seg_loss=loss_kind(self),
                        ignore_index=labels.ignore_index)
 
 
@@ -400,7 +407,7 @@ class MeanTeacherConfig(SemiConfig):
         return MeanTeacherStep(
             self.new_model(spec), ema_decay=self.ema_decay, consistency=self.consistency,
             rampup=self.consistency_rampup, rampup_every=self.rampup_every, teacher_noise=self.teacher_noise,
-            noise_clip=self.noise_clip, student_noise=self.student_noise, loss=self.loss, evaluate=self.evaluate,
+            noise_clip=self.noise_clip, student_noise=self.student_noise, loss=loss_kind(self), evaluate=self.evaluate,
             seed=self.seed, ignore_index=labels.ignore_index, aux_weight=self.aux_weight if self.natural else 0.0)
 
 
@@ -473,7 +480,7 @@ class CoTrainConfig(SemiConfig):
             adversarial=self.adversarial, pairs=self.adv_pairs, adv_source=self.adv_source, fgsm_eps=self.fgsm_eps,
             vat_xi=self.vat_xi, vat_eps=self.vat_eps, vat_power_iterations=self.vat_power_iterations,
             clamp=self.adv_clamp, attack_eval_mode=self.attack_eval_mode, adv_bn_update=self.adv_bn_update,
-            loss=self.loss, seed=self.seed,
+            loss=loss_kind(self), seed=self.seed,
             ignore_index=labels.ignore_index, aux_weight=self.aux_weight if self.natural else 0.0)
 
 
@@ -511,7 +518,7 @@ class SupervisedOnlyConfig(SemiConfig):
         return self
 
     def build_step(self, spec: dict, labels: LabelSpec) -> SupervisedOnlyStep:
-        return SupervisedOnlyStep(self.new_model(spec), loss=self.loss, ignore_index=labels.ignore_index,
+        return SupervisedOnlyStep(self.new_model(spec), loss=loss_kind(self), ignore_index=labels.ignore_index,
                                   aux_weight=self.aux_weight if self.natural else 0.0)
 
 

@@ -44,7 +44,7 @@ from frugalseg.export import load_export, save_export
 from frugalseg.runs import RunDir
 from frugalseg.stages.options import RunOptions, check_common, option, option_like
 from frugalseg.stages.run_guard import claim_run_dir
-from frugalseg.synth.cgan import GAN_LOSSES, render
+from frugalseg.synth.cgan import render
 from frugalseg.synth.conditioning import condition, condition_channels, instance_map
 from frugalseg.synth.masks import ShapeModel, aligned_nearest, nearest_mask_iou
 
@@ -77,8 +77,7 @@ class SynthTrainConfig(RunOptions):
     n_layers_d: int = option(3, "PatchGAN layers (3: 70×70 receptive field).", ge=1, le=5)
     dropout: float = option(0.5, "Generator dropout in its 3 innermost decoder levels: the sampling noise.", ge=0, lt=1)
     # objective
-    gan_loss: Literal["lsgan", "vanilla"] = option("lsgan", "Adversarial loss: lsgan (pix2pixHD) or vanilla (pix2pix).",
-                                                   choices=GAN_LOSSES)
+    gan_loss: Literal["lsgan", "vanilla"] = option("lsgan", "Adversarial loss: lsgan (pix2pixHD) or vanilla (pix2pix).")
     l1_weight: float = option(100.0, "Weight of the L1 loss to the real image (pix2pix: 100).", ge=0)
     fm_weight: float = option(10.0, "Weight of discriminator feature matching (pix2pixHD: 10; 0 = off).", ge=0)
     # optimisation
