@@ -409,6 +409,28 @@ def _data_command() -> click.Command:
     return data
 
 
+# ---- self-supervised pretraining ---------------------------------------------------------------------------
+def _pretrain_command() -> click.Command:
+    from frugalseg.cli.options import config_options
+    from frugalseg.stages.pretrain import PretrainConfig
+
+    @click.command()
+    @_config_option()
+    @config_options(PretrainConfig)
+    def pretrain(config_file: str | None, **options) -> None:
+        """Pretrain a segmenter's encoder without ImageNet: colorize, rotation, or mixmatch (after a proxy, with
+        --init); then `train --pretrained RUN`."""
+        from frugalseg.cli.options import build_config
+        from frugalseg.stages.options import load_config
+        from frugalseg.stages.pretrain import pretrain as run_pretrain
+
+        result = run_pretrain(build_config(PretrainConfig, options, config_file, load_config))
+        click.echo(f"run: {result['run']}  {result['task']} on {result['images']} images ({result['seconds']} s); "
+                   f"weights: {result['weights']}")
+
+    return pretrain
+
+
 # ---- synthetic pairs ------------------------------------------------------------------------------------
 def _synth_command() -> click.Command:
     from frugalseg.cli.options import config_options
@@ -509,6 +531,7 @@ COMMANDS: dict[str, tuple[Callable[[], click.Command], str]] = {
     "datasets": (_datasets_command, "Public datasets: list and download (with checksums)."),
     "data": (_data_command, "Inspect datasets (validate)."),
     "demo": (_demo_command, "The whole loop on generated data: few masks, a model, what to annotate next."),
+    "pretrain": (_pretrain_command, "Self-supervised encoder pretraining (colorize, rotation) and mix-and-match tuning."),
     "synth": (_synth_command, "Synthetic image/mask pairs: train a mask → image cGAN, sample a folder dataset."),
     "query": (_query_command, "What to annotate next: queries.json and a page of regions, from a trained run."),
     "annotate": (_annotate_command, "Serve a local page to answer queries; answers become partial masks."),

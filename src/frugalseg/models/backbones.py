@@ -238,12 +238,39 @@ def timm_weights(name: str) -> dict:
     return {"pretrained": True}
 
 
+PRETRAIN_WEIGHTS = "weights.safetensors"  # what `frugalseg pretrain` writes in its run folder
+
+
+def weight_file(path: str | Path) -> Path:
+    """A weight file, or the weights of a `frugalseg pretrain` run folder given instead."""
+    p = Path(path)
+    return p / PRETRAIN_WEIGHTS if p.is_dir() and (p / PRETRAIN_WEIGHTS).exists() else p
+
+
 def _weight_source(name: str, pretrained: bool | str | Path) -> Path | None:
     if pretrained is False or pretrained is None:
         return None
     if pretrained is True:
         return offline_weight_file(name)
-    return Path(pretrained)
+    return weight_file(pretrained)
+
+
+def load_network_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a whole network's state dict (e.g. a U-Net pretrained by `frugalseg pretrain`) into `model`, by name;
+    a file of another network is a DataError naming what differs, not a torch traceback."""
+    path = weight_file(path)
+    state = read_state_dict(path)
+    wanted = model.state_dict()
+    missing, unexpected = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+    if missing or unexpected:
+        raise DataError(f"{path}: weights of another network ({len(missing)} tensors missing, e.g. {missing[:2]}; "
+                        f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); pretrain with the segmenter's "
+                        f"architecture and channels.")
+    bad = [k for k in wanted if tuple(state[k].shape) != tuple(wanted[k].shape)]
+    if bad:
+        raise DataError(f"{path}: tensor shapes differ from the network's, e.g. '{bad[0]}' "
+                        f"{tuple(state[bad[0]].shape)} vs {tuple(wanted[bad[0]].shape)}.")
+    model.load_state_dict(state)
 
 
 def create_backbone(
@@ -292,12 +319,16 @@ def _load_into_features(features: nn.Module, name: str, path: Path, in_chans: in
     import timm
     from timm.models import adapt_input_conv
 
-    full = timm.create_model(name, pretrained=False)
-    mapped = map_state_dict(read_state_dict(path), full.state_dict())
+    source = read_state_dict(path)
     wanted = features.state_dict()
-    sd = {k: v for k, v in mapped.items() if k in wanted}
+    full = timm.create_model(name, pretrained=False)
+    if set(wanted) <= set(source):  # a features model's own state dict (`frugalseg pretrain`), by name
+        sd = {k: source[k] for k in wanted}
+    else:
+        mapped = map_state_dict(source, full.state_dict())
+        sd = {k: v for k, v in mapped.items() if k in wanted}
     first_conv = full.pretrained_cfg.get("first_conv", "conv_stem") + ".weight"
-    if in_chans != 3 and first_conv in sd:
+    if first_conv in sd and sd[first_conv].shape[1] != in_chans:
         sd[first_conv] = adapt_input_conv(in_chans, sd[first_conv])
     missing = [k for k in wanted if k not in sd]
     if missing:

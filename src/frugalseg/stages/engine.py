@@ -8,7 +8,8 @@ or SLURM `srun`: Lightning reads the environment) without code of their own.
 - `SemiModule`: semi-supervised training of any method's step module (`frugalseg.semi.step.SemiStep`:
   DTC, co-training, mean teacher, the supervised-only baseline; `stages.semi`);
 - `ClassifierModule`: the multi-label tag classifier (`stages.classify`);
-- `GANModule`: the mask → image conditional GAN (`stages.synth`), two optimisers stepped by hand.
+- `GANModule`: the mask → image conditional GAN (`stages.synth`), two optimisers stepped by hand;
+- `PretrainModule`: an encoder on a proxy task or mix-and-match tuning (`stages.pretrain`).
 
 The stages import this module only when they train: Lightning takes seconds to import, and the CLI
 reads the stage configs (for `--help`) without it.
@@ -217,6 +218,57 @@ class GANModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "labels": self.labels.to_dict(),
                                    "model": self.model_spec, "kind": "cgan"}
+
+
+class PretrainModule(L.LightningModule):
+    """Self-supervised training of an encoder (`selfsup.encoders.Encoder`): colourisation or rotation with a
+    small head, or mix-and-match's triplet loss on patches of the batch (no head). SGD with poly decay."""
+
+    def __init__(self, encoder: torch.nn.Module, cfg: Any, background: int | None = 0):
+        super().__init__()
+        from frugalseg.selfsup.proxies import ColorizationHead, RotationHead
+
+        self.encoder = encoder
+        self.cfg = cfg
+        self.background = background
+        heads = {"colorize": ColorizationHead, "rotation": RotationHead}
+        self.head = heads[cfg.task](encoder.channels) if cfg.task in heads else None
+        self.last_losses: dict[str, float] = {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        from frugalseg.selfsup import mixmatch, proxies
+
+        cfg, images = self.cfg, batch["image"]
+        if cfg.task == "colorize":
+            grey = proxies.lightness_input(images)
+            logits = self.head(self.encoder(grey))
+            loss = proxies.colorization_loss(logits, proxies.colorization_targets(images, logits.shape[-2:]))
+        elif cfg.task == "rotation":
+            x, y = proxies.rotation_batch(images)
+            logits = self.head(self.encoder(x))
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            self.log("train/rotation_acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
+        else:
+            g = torch.Generator().manual_seed(hash((cfg.seed, int(self.global_step))) & 0x7FFFFFFF)
+            patches, labels = mixmatch.sample_patches(images, batch["mask"], cfg.patches_per_image,
+                                                      tuple(cfg.patch_sides), cfg.patch_resize, cfg.bg_ratio,
+                                                      self.background, generator=g)
+            triplets = mixmatch.class_graph_triplets(labels.cpu(), generator=g).to(images.device)
+            emb = self.encoder.pooled(patches) if len(patches) else images.new_zeros(0, 1)
+            loss = mixmatch.triplet_loss(emb, triplets, cfg.margin) if len(patches) else images.sum() * 0.0
+            self.log("train/triplets", float(len(triplets)), on_step=False, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        self.last_losses = {"loss": float(loss.detach())}
+        return loss
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt = torch.optim.SGD(self.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lambda(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_epoch_start(self) -> None:
+        pass_epoch_to_dataset(self)
 
 
 def _resize_size(cfg: Any) -> int | None:

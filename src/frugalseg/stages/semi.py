@@ -108,7 +108,7 @@ class SemiConfig(RunOptions):
     backbone: str = option("tf_efficientnet_lite0", "ocr/fcn: any timm model name; tf_efficientnet_lite0/1/2 have "
                                                     "offline ImageNet weights.")
     pretrained: bool | str = option(True, "ocr/fcn: true (ImageNet weights), false (random init), or a path to a "
-                                          "weight file.")
+                                          "weight file; any arch: a `frugalseg pretrain` run or weight file.")
     output_stride: int = option(16, "ocr/fcn: backbone output stride: 8, 16 or 32.", choices=(8, 16, 32))
     aux_stage: Literal["last", "penultimate"] = option("penultimate", "ocr/fcn: backbone stage feeding the "
                                                                       "auxiliary head.")
@@ -186,8 +186,14 @@ class SemiConfig(RunOptions):
         return None if self.natural else self.patch_size
 
     def new_model(self, spec: dict) -> nn.Module:
-        """A new network of `spec`: ocr/fcn start from `pretrained` (ImageNet by default), U-/V-Nets from scratch."""
-        return build_model(spec, pretrained=self.pretrained if self.natural else False)
+        """A new network of `spec`: ocr/fcn start from `pretrained` (ImageNet by default), U-/V-Nets from scratch or
+        from a `pretrained` path (e.g. `frugalseg pretrain` weights)."""
+        model = build_model(spec, pretrained=self.pretrained if self.natural else False)
+        if not self.natural and isinstance(self.pretrained, str):
+            from frugalseg.models.backbones import load_network_weights
+
+            load_network_weights(model, self.pretrained)  # a U-Net from `frugalseg pretrain`
+        return model
 
     def check(self, labels: LabelSpec) -> None:
         """Refuse data the method cannot train on (a clear error before anything is written)."""

@@ -79,7 +79,8 @@ class TrainConfig(RunOptions):
                                                           "for medical slices.")
     backbone: str = option("tf_efficientnet_lite0", "Any timm model name; tf_efficientnet_lite0/1/2 have offline "
                                                     "ImageNet weights.")
-    pretrained: bool | str = option(True, "true (ImageNet weights), false (random init), or a path to a weight file.")
+    pretrained: bool | str = option(True, "true (ImageNet weights), false (random init), or a path to a weight file "
+                                          "or a `frugalseg pretrain` run (unet2d: a path only).")
     init_from: str | None = option(None, "Start from the weights of an exported model (a run's model/ folder or a "
                                          ".ckpt) of the same network.")
     output_stride: int = option(16, "Backbone output stride: 8, 16 or 32.", choices=(8, 16, 32))
@@ -239,6 +240,10 @@ def train(cfg: TrainConfig) -> dict:
         log.info("%s: training already finished; skipping (delete stages/train.done to retrain).", run.path)
     else:
         model = build_model(spec, pretrained=cfg.pretrained if cfg.arch in ("ocr", "fcn") else False)
+        if cfg.arch not in ("ocr", "fcn") and isinstance(cfg.pretrained, str):
+            from frugalseg.models.backbones import load_network_weights
+
+            load_network_weights(model, cfg.pretrained)  # e.g. a U-Net from `frugalseg pretrain`
         if cfg.init_from:
             init_weights(model, spec, cfg.init_from)
         module = SegmentationModule(model, train_ds.labels, cfg, spec)
