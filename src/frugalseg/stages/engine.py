@@ -224,7 +224,7 @@ class PretrainModule(L.LightningModule):
     """Self-supervised training of an encoder (`selfsup.encoders.Encoder`): colourisation or rotation with a
     small head, or mix-and-match's triplet loss on patches of the batch (no head). SGD with poly decay."""
 
-    def __init__(self, encoder: torch.nn.Module, cfg: Any, background: int | None = 0):
+    def __init__(self, encoder: torch.nn.Module, cfg: Any, labels: LabelSpec, background: int | None = 0):
         super().__init__()
         from frugalseg.selfsup.proxies import ColorizationHead, RotationHead
 
@@ -233,7 +233,12 @@ class PretrainModule(L.LightningModule):
         self.background = background
         heads = {"colorize": ColorizationHead, "rotation": RotationHead}
         self.head = heads[cfg.task](encoder.channels) if cfg.task in heads else None
+        self.labels = labels
         self.last_losses: dict[str, float] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "labels": self.labels.to_dict(),
+                                   "model": {"encoder": self.encoder.kind, "task": self.cfg.task}, "kind": "pretrain"}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         from frugalseg.selfsup import mixmatch, proxies

@@ -212,7 +212,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     else:
         data = PretrainCrops(ds, cfg.crop_size, cfg.scale, cfg.epoch_iterations * cfg.batch_size, seed=cfg.seed)
         loader = shuffled_loader(data, cfg.batch_size, cfg.seed, cfg.num_workers, persistent_workers=True)
-        module = PretrainModule(encoder, cfg, background=ds.labels.background)
+        module = PretrainModule(encoder, cfg, ds.labels, background=ds.labels.background)
         fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs)
         from safetensors.torch import save_file
 

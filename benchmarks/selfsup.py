@@ -1,0 +1,342 @@
+"""Self-supervised pretraining with mix-and-match tuning, and the locally adaptive learning loss, on this CPU.
+
+Pretraining (`pretrain.<setting>.<init>`, val mIoU / Dice, 3 training seeds):
+- msrc-objects, OCR on EfficientNet-Lite0: settings `msrc_10pct` (the 23 masked images of the semi-supervised
+  benchmark's 10 %) and `msrc_full` (all 276 training masks). Inits: `random`; `colorize` and `rotation`
+  (proxy tasks on the 276 training images, labels unused; 1000 iterations); `colorize_mm`, `rotation_mm`
+  (mix-and-match tuning of those on the setting's masks, 300 iterations of 8 images x 10 patches); `imagenet`
+  (the offline ImageNet weights: the ceiling). Fine-tuning: `frugalseg train` with the semi-supervised CPU
+  protocol's msrc schedule (crop 160, batch 4, 400 iterations, SGD 0.01 poly, weight decay 5e-4, aux 0.4).
+- ACDC, 7 labelled patients, the semi-supervised CPU protocol's supervised-only run (U-Net 8..128, 128²,
+  1200 iterations, Adam 0.01): `random` against `rotation_mm` (rotation on all 944 training slices, then M&M
+  on the 7 patients' slices). Colourisation needs colour: ACDC is greyscale.
+The M&M label budget is fixed (the setting's masks); the seeds vary initialisation of the new layers, data order
+and augmentation.
+
+LAL (`lal.<setting>.<loss>`): `ce` against `lal` on msrc_full, msrc_10pct (ImageNet init, the runs above for
+ce) and acdc_l7 (cross-entropy against LAL in the supervised-only protocol). Window, stride and k were chosen
+by `--lal-select`: msrc_full's train:fit → train:holdout (the reported val split never seen), one seed.
+
+Every finished run leaves a record in benchmarks/results/selfsup_runs/; runs resume from their records and
+checkpoints, across sessions. `--aggregate` writes benchmarks/results/selfsup.json.
+
+    python benchmarks/selfsup.py --part pretrain-msrc [--seeds 0 1 2]
+    python benchmarks/selfsup.py --part acdc
+    python benchmarks/selfsup.py --part lal-select
+    python benchmarks/selfsup.py --part lal
+    python benchmarks/selfsup.py --aggregate
+    python benchmarks/selfsup.py --quick            # minutes: every path once, tiny schedules
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from common import RESULTS, ROOT, default_data_root, print_table, save_results
+
+os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
+
+RECORDS = RESULTS / "selfsup_runs"
+SEEDS = (0, 1, 2)
+MSRC_INITS = ("random", "colorize", "colorize_mm", "rotation", "rotation_mm", "imagenet")
+PROXY = dict(iterations=1000, batch_size=16, crop_size=160, epoch_iterations=50)
+PROXY_ROTATION = dict(PROXY, batch_size=4)  # each image is shown 4 times: 16 images a step
+MIXMATCH = dict(iterations=300, batch_size=8, crop_size=256, scale=(0.75, 1.25), epoch_iterations=50,
+                patches_per_image=10, patch_sides=(64, 256), patch_resize=128)
+FINETUNE = dict(arch="ocr", backbone="tf_efficientnet_lite0", crop_size=160, batch_size=4, max_steps=400, epochs=-1,
+                optimizer="sgd", lr=0.01, weight_decay=5e-4, val_every=10**6)
+ACDC_CHANNELS = [8, 16, 32, 64, 128]
+ACDC_PROXY = dict(iterations=1000, batch_size=16, crop_size=128, epoch_iterations=50, scale=(0.75, 1.25))
+ACDC_MIXMATCH = dict(iterations=300, batch_size=8, crop_size=128, scale=(0.9, 1.1), epoch_iterations=50,
+                     patches_per_image=10, patch_sides=(32, 96), patch_resize=64)
+LAL_CANDIDATES = ((9, 4, 5.0), (17, 8, 5.0), (5, 2, 5.0), (9, 4, 1.0))
+LAL_DEFAULT = dict(lal_window=9, lal_stride=4, lal_k=5.0)
+QUICK = False
+
+
+def quick_schedule(d: dict, steps_key: str) -> dict:
+    return {**d, steps_key: 2, **({"epoch_iterations": 2} if "epoch_iterations" in d else {})}
+
+
+def record(name: str, settings: dict, run) -> dict:
+    """Figures of run `name` from its record when made with `settings`, else `run()`'s, kept (not in quick)."""
+    from frugalseg.data.io import read_json, write_json
+    from frugalseg.runs import git_commit, machine_info
+
+    settings = json.loads(json.dumps(settings, default=str))
+    path = RECORDS / f"{name}.json"
+    if not QUICK and path.exists():
+        kept = read_json(path)
+        if kept["settings"] == settings:
+            print(f"  {name}: from its record ({kept['date']})", flush=True)
+            return kept["figures"]
+    t0 = time.time()
+    figures = run()
+    figures["seconds"] = round(time.time() - t0, 1)
+    if not QUICK:
+        write_json(path, {"settings": settings, "figures": figures, "machine": machine_info(),
+                          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": git_commit(ROOT)})
+    print(f"  {name}: {json.dumps({k: v for k, v in figures.items() if not isinstance(v, dict)})}", flush=True)
+    return figures
+
+
+def msrc_10pct_ids() -> list[str]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from semi import msrc_labelled_ids
+
+    return list(msrc_labelled_ids())
+
+
+# ---- pretraining runs -----------------------------------------------------------------------------------
+def pretrain_run(root: Path, name: str, **kw) -> Path:
+    """A `frugalseg pretrain` run (resumable); its wall time and last loss recorded under pretrain.<name>."""
+    from frugalseg.stages.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(out=str(root / name), progress=False, devices="cpu", resume=True, **kw)
+    settings = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k not in ("out", "progress", "resume")}
+    settings["init"] = Path(cfg.init).name if cfg.init else None
+
+    def run() -> dict:
+        res = pretrain(cfg)
+        return {"pretrain_seconds": res["seconds"], "images": res["images"], "last_losses": res["last_losses"]}
+
+    record(f"pretrain_run.{name}", settings, run)
+    if not (root / name / "weights.safetensors").exists():  # recorded in another session: the weights are scratch
+        pretrain(cfg)
+    return root / name
+
+
+def msrc_inits(root: Path, setting: str, inits: tuple[str, ...]) -> dict[str, bool | str]:
+    """`init` name → TrainConfig.pretrained for msrc (runs the pretraining the inits need)."""
+    proxy = quick_schedule(PROXY, "iterations") if QUICK else PROXY
+    rot = quick_schedule(PROXY_ROTATION, "iterations") if QUICK else PROXY_ROTATION
+    mm = quick_schedule(MIXMATCH, "iterations") if QUICK else MIXMATCH
+    labels = {"labelled_ids": msrc_10pct_ids()} if setting == "msrc_10pct" else {}
+    out: dict[str, bool | str] = {}
+    for init in inits:
+        if init == "random":
+            out[init] = False
+        elif init == "imagenet":
+            out[init] = True
+        elif init in ("colorize", "rotation"):
+            out[init] = str(pretrain_run(root, f"msrc_{init}", task=init, data="msrc-objects",
+                                         **(proxy if init == "colorize" else rot)))
+        else:
+            proxy_name = init[: -len("_mm")]
+            base = pretrain_run(root, f"msrc_{proxy_name}", task=proxy_name, data="msrc-objects",
+                                **(proxy if proxy_name == "colorize" else rot))
+            out[init] = str(pretrain_run(root, f"msrc_{setting}_{init}", task="mixmatch", data="msrc-objects",
+                                         init=str(base), **labels, **mm))
+    return out
+
+
+def msrc_finetune(root: Path, setting: str, init: str, pretrained, seed: int, loss: str = "ce",
+                  lal: dict | None = None, split: tuple[str, str] = ("train", "val"), tag: str | None = None) -> dict:
+    from frugalseg.stages.train import TrainConfig, train
+
+    ft = {**FINETUNE, "max_steps": 4} if QUICK else FINETUNE
+    labels = {"labelled_ids": msrc_10pct_ids()} if setting == "msrc_10pct" else {}
+    name = tag or f"{setting}.{init}.{loss}.seed{seed}"
+    cfg = TrainConfig(data="msrc-objects", train_split=split[0], val_split=split[1], pretrained=pretrained, seed=seed,
+                      loss=loss, out=str(root / "finetune" / name), progress=False, devices="cpu", resume=True,
+                      **(lal or {}), **labels, **ft)
+    settings = {"setting": setting, "init": init, "loss": loss, "lal": lal, "seed": seed, "split": list(split),
+                "finetune": ft, "pretrained": Path(str(pretrained)).name if isinstance(pretrained, str) else pretrained}
+
+    def run() -> dict:
+        v = train(cfg)["val"]
+        return {"miou": v["miou"], "per_class_iou": {c: round(p["iou"], 4) for c, p in v["per_class"].items()},
+                "split": split[1]}
+
+    return record(f"finetune.{name}", settings, run)
+
+
+# ---- ACDC --------------------------------------------------------------------------------------------
+def acdc_labelled_ids() -> list[str]:
+    from frugalseg.data import open_split
+    from frugalseg.semi.batches import select_labelled
+
+    return list(select_labelled(open_split("acdc", "train"), patients=7))
+
+
+def acdc_pretrained(root: Path) -> str:
+    proxy = quick_schedule(ACDC_PROXY, "iterations") if QUICK else ACDC_PROXY
+    mm = quick_schedule(ACDC_MIXMATCH, "iterations") if QUICK else ACDC_MIXMATCH
+    base = pretrain_run(root, "acdc_rotation", task="rotation", data="acdc", arch="unet2d", channels=ACDC_CHANNELS,
+                        **proxy)
+    return str(pretrain_run(root, "acdc_l7_rotation_mm", task="mixmatch", data="acdc", arch="unet2d",
+                            channels=ACDC_CHANNELS, init=str(base), labelled_ids=acdc_labelled_ids(), **mm))
+
+
+def acdc_run(root: Path, init: str, pretrained, seed: int, loss: str = "dice_ce", lal: dict | None = None) -> dict:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import semi
+
+    from frugalseg.stages.semi import SEMI_METHODS
+
+    semi.QUICK = QUICK
+    cfg = semi.cpu_config("acdc_l7", "supervised_only", seed)
+    cfg.pretrained = pretrained if isinstance(pretrained, str) else False
+    cfg.loss = loss
+    for k, v in (lal or {}).items():
+        setattr(cfg, k, v)
+    name = f"acdc_l7.{init}.{loss}.seed{seed}"
+    cfg.out = str(root / "acdc" / name)
+    cfg.resume = True
+    cfg.val_every = 0  # validation at the end only
+    settings = {"setting": "acdc_l7", "init": init, "loss": loss, "lal": lal, "seed": seed,
+                "protocol": "semi.CPU_ACDC supervised_only", "iterations": cfg.iterations}
+
+    def run() -> dict:
+        res = SEMI_METHODS[cfg.semi][1](cfg)
+        v = res["val"]
+        fg = {c: p["dice"] for c, p in v["per_class"].items() if c != "background"}
+        return {"dice": round(sum(fg.values()) / len(fg), 4), "per_class_dice": {c: round(x, 4) for c, x in fg.items()},
+                "split": "val"}
+
+    return record(f"acdc.{name}", settings, run)
+
+
+# ---- aggregation -------------------------------------------------------------------------------------
+def spread(values: list[float]) -> tuple[float, float | None]:
+    return round(statistics.fmean(values), 4), (round(statistics.stdev(values), 4) if len(values) > 1 else None)
+
+
+def aggregate() -> dict:
+    from frugalseg.data.io import read_json
+
+    figs: dict = {"pretrain": {}, "lal": {}}
+    recs = {p.stem: read_json(p) for p in sorted(RECORDS.glob("*.json"))}
+
+    def block(prefix: str, metric: str) -> dict | None:
+        per_seed = {k.rsplit("seed", 1)[1]: r["figures"][metric] for k, r in recs.items()
+                    if k.startswith(prefix) and k[len(prefix):].startswith("seed")}
+        if not per_seed:
+            return None
+        mean, sd = spread(list(per_seed.values()))
+        key = "miou_mean" if metric == "miou" else "dice_mean"
+        return {key: mean, "sd": sd, "per_seed": per_seed, "split": "val"}
+
+    for setting in ("msrc_10pct", "msrc_full"):
+        for init in MSRC_INITS:
+            b = block(f"finetune.{setting}.{init}.ce.", "miou")
+            if b:
+                figs["pretrain"].setdefault(setting, {})[init] = b
+        for loss in ("ce", "lal"):
+            b = block(f"finetune.{setting}.imagenet.{loss}.", "miou")
+            if b:
+                per_class = [recs[f"finetune.{setting}.imagenet.{loss}.seed{s}"]["figures"]["per_class_iou"]
+                             for s in b["per_seed"]]
+                b["per_class_iou_mean"] = {c: round(statistics.fmean(pc[c] for pc in per_class), 4)
+                                           for c in per_class[0]}
+                figs["lal"].setdefault(setting, {})[loss] = b
+    for init in ("random", "rotation_mm"):
+        b = block(f"acdc.acdc_l7.{init}.dice_ce.", "dice")
+        if b:
+            figs["pretrain"].setdefault("acdc_l7", {})[init] = b
+    for loss in ("ce", "lal"):
+        b = block(f"acdc.acdc_l7.random.{loss}.", "dice")
+        if b:
+            figs["lal"].setdefault("acdc_l7", {})[loss] = b
+    for setting, inits in figs["pretrain"].items():
+        if "imagenet" in inits and "random" in inits:
+            gap = inits["imagenet"]["miou_mean"] - inits["random"]["miou_mean"]
+            for init, b in inits.items():
+                if init not in ("random", "imagenet") and gap > 0:
+                    b["share_of_imagenet_gain"] = round((b["miou_mean"] - inits["random"]["miou_mean"]) / gap, 3)
+    sel = {k: r["figures"] for k, r in recs.items() if k.startswith("finetune.lal_select.")}
+    if sel:
+        figs["lal"]["selection"] = {"split": "train:fit -> train:holdout (msrc_full, seed 0)", "runs": sel}
+    pre = {k[len("pretrain_run."):]: r["figures"] for k, r in recs.items() if k.startswith("pretrain_run.")}
+    if pre:
+        figs["pretrain_runs"] = pre
+    return figs
+
+
+def main() -> None:
+    global QUICK
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("pretrain-msrc", "acdc", "lal-select", "lal"), action="append")
+    ap.add_argument("--settings", nargs="+", default=["msrc_10pct", "msrc_full"])
+    ap.add_argument("--inits", nargs="+", default=list(MSRC_INITS), choices=MSRC_INITS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "bench" / "selfsup"))
+    ap.add_argument("--aggregate", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="Every path once with tiny schedules (minutes).")
+    args = ap.parse_args()
+    started = time.time()
+    QUICK = args.quick
+    root = Path(args.runs + ("_quick" if QUICK else ""))
+    parts = args.part or ([] if args.aggregate else ["pretrain-msrc", "acdc", "lal-select", "lal"])
+    if QUICK:
+        args.seeds, args.settings, parts = [0], ["msrc_10pct"], ["pretrain-msrc", "acdc", "lal"]
+    quick_rows = []
+    if "pretrain-msrc" in parts:
+        for setting in args.settings:
+            inits = msrc_inits(root, setting, tuple(args.inits))
+            for seed in args.seeds:
+                for init, pretrained in inits.items():
+                    f = msrc_finetune(root, setting, init, pretrained, seed)
+                    quick_rows.append((setting, init, "ce", seed, f["miou"]))
+    if "acdc" in parts:
+        pre = acdc_pretrained(root)
+        for seed in args.seeds:
+            for init, pretrained in (("random", False), ("rotation_mm", pre)):
+                f = acdc_run(root, init, pretrained, seed)
+                quick_rows.append(("acdc_l7", init, "dice_ce", seed, f["dice"]))
+    if "lal-select" in parts:
+        for w, s, k in LAL_CANDIDATES:
+            lal = dict(lal_window=w, lal_stride=s, lal_k=k)
+            msrc_finetune(root, "msrc_full", "imagenet", True, 0, "lal", lal, ("train:fit", "train:holdout"),
+                          tag=f"lal_select.w{w}_s{s}_k{k:g}")
+        msrc_finetune(root, "msrc_full", "imagenet", True, 0, "ce", None, ("train:fit", "train:holdout"),
+                      tag="lal_select.ce")
+    if "lal" in parts:
+        lal = chosen_lal()
+        for setting in args.settings:
+            for seed in args.seeds:
+                for loss in ("ce", "lal"):
+                    f = msrc_finetune(root, setting, "imagenet", True, seed, loss, lal if loss == "lal" else None)
+                    quick_rows.append((setting, "imagenet", loss, seed, f["miou"]))
+        for seed in args.seeds:
+            for loss in ("ce", "lal"):
+                f = acdc_run(root, "random", False, seed, loss, lal if loss == "lal" else None)
+                quick_rows.append(("acdc_l7", "random", loss, seed, f["dice"]))
+    if QUICK:
+        print_table(quick_rows, ("setting", "init", "loss", "seed", "val"))
+        save_results("selfsup_quick", {"runs": [list(r) for r in quick_rows]}, {"quick": True}, started)
+        return
+    figs = aggregate()
+    rows = [(f"{sec}.{setting}.{k}", v.get("miou_mean", v.get("dice_mean")), v.get("sd"), v.get("per_seed"))
+            for sec in ("pretrain", "lal") for setting, d in figs[sec].items() if isinstance(d, dict)
+            for k, v in d.items() if isinstance(v, dict) and "per_seed" in v]
+    print_table(rows, ("key", "mean", "sd", "per seed"))
+    settings = {"proxy": PROXY, "proxy_rotation": PROXY_ROTATION, "mixmatch": MIXMATCH, "finetune": FINETUNE,
+                "acdc_proxy": ACDC_PROXY, "acdc_mixmatch": ACDC_MIXMATCH, "acdc_channels": ACDC_CHANNELS,
+                "lal_candidates": LAL_CANDIDATES, "lal": chosen_lal()}
+    print(f"wrote {save_results('selfsup', figs, settings, started)}")
+
+
+def chosen_lal() -> dict:
+    """The LAL options with the best train:holdout mIoU of `--part lal-select` (the defaults until it ran)."""
+    from frugalseg.data.io import read_json
+
+    best, best_miou = dict(LAL_DEFAULT), -1.0
+    for w, s, k in LAL_CANDIDATES:
+        p = RECORDS / f"finetune.lal_select.w{w}_s{s}_k{k:g}.json"
+        if p.exists() and read_json(p)["figures"]["miou"] > best_miou:
+            best, best_miou = dict(lal_window=w, lal_stride=s, lal_k=k), read_json(p)["figures"]["miou"]
+    return best
+
+
+if __name__ == "__main__":
+    main()
