@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"inference", "export"},
     {"evaluation"},
-    {"weak", "semi", "active"},
+    {"weak", "semi", "active", "synth", "selfsup"},
     {"report"},
     {"runs"},
     {"stages"},
