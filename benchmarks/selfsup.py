@@ -24,6 +24,7 @@ checkpoints, across sessions. `--aggregate` writes benchmarks/results/selfsup.js
     python benchmarks/selfsup.py --part acdc
     python benchmarks/selfsup.py --part lal-select
     python benchmarks/selfsup.py --part lal
+    python benchmarks/selfsup.py --part lal-speed     # LAL vs CE forward + backward time
     python benchmarks/selfsup.py --aggregate
     python benchmarks/selfsup.py --quick            # minutes: every path once, tiny schedules
 """
@@ -262,10 +263,41 @@ def aggregate() -> dict:
     return figs
 
 
+def lal_speed(repeats: int = 7) -> dict:
+    """Forward + backward time of LAL against cross-entropy on the logits of one training step, interleaved, the
+    median of `repeats` (2D: the msrc fine-tuning batch, 4 x 16 classes x 160²; 3D: 2 x 2 classes x 64×64×48;
+    one thread)."""
+    import torch
+    import torch.nn.functional as F
+
+    from frugalseg.losses import lal_loss
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, shape, classes in (("2d_msrc", (4, 16, 160, 160), 6), ("3d_la", (2, 2, 48, 64, 64), 2)):
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(*shape, generator=g, requires_grad=True)
+        target = torch.randint(0, classes, (shape[0], *shape[2:]), generator=g)
+        times: dict[str, list[float]] = {"ce": [], "lal": []}
+        for _ in range(repeats):
+            for kind in ("ce", "lal"):
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(logits, target) if kind == "ce" else lal_loss(logits, target, **{
+                    k[len("lal_"):]: v for k, v in chosen_lal().items()})
+                loss.backward()
+                logits.grad = None
+                times[kind].append(time.perf_counter() - t0)
+        ce, lal = statistics.median(times["ce"]), statistics.median(times["lal"])
+        out[name] = {"ce_ms": round(1000 * ce, 2), "lal_ms": round(1000 * lal, 2), "lal_over_ce": round(lal / ce, 2),
+                     "shape": list(shape), "classes_present": classes, "repeats": repeats}
+        print(f"  {name}: CE {1000 * ce:.1f} ms, LAL {1000 * lal:.1f} ms", flush=True)
+    return out
+
+
 def main() -> None:
     global QUICK
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("pretrain-msrc", "acdc", "lal-select", "lal"), action="append")
+    ap.add_argument("--part", choices=("pretrain-msrc", "acdc", "lal-select", "lal", "lal-speed"), action="append")
     ap.add_argument("--settings", nargs="+", default=["msrc_10pct", "msrc_full"])
     ap.add_argument("--inits", nargs="+", default=list(MSRC_INITS), choices=MSRC_INITS)
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
@@ -311,11 +343,15 @@ def main() -> None:
             for loss in ("ce", "lal"):
                 f = acdc_run(root, "random", False, seed, loss, lal if loss == "lal" else None)
                 quick_rows.append(("acdc_l7", "random", loss, seed, f["dice"]))
+    speed = lal_speed(3 if QUICK else 7) if ("lal-speed" in parts or QUICK) else None
     if QUICK:
         print_table(quick_rows, ("setting", "init", "loss", "seed", "val"))
-        save_results("selfsup_quick", {"runs": [list(r) for r in quick_rows]}, {"quick": True}, started)
+        save_results("selfsup_quick", {"runs": [list(r) for r in quick_rows], "lal_speed": speed}, {"quick": True},
+                     started)
         return
     figs = aggregate()
+    if speed:
+        figs["lal_speed"] = speed
     rows = [(f"{sec}.{setting}.{k}", v.get("miou_mean", v.get("dice_mean")), v.get("sd"), v.get("per_seed"))
             for sec in ("pretrain", "lal") for setting, d in figs[sec].items() if isinstance(d, dict)
             for k, v in d.items() if isinstance(v, dict) and "per_seed" in v]

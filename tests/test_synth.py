@@ -269,11 +269,13 @@ def test_synth_sample_refuses_a_run_without_generator(tmp_path):
         sample_synth(tmp_path / "empty", 2, tmp_path / "o", progress=False)
 
 
-def test_synth_train_refuses_a_crop_the_generator_cannot_take(tmp_path):
+def test_synth_train_refuses_a_crop_the_generator_cannot_take_and_float_images(tmp_path):
     from frugalseg.stages.synth import train_synth
 
     with pytest.raises(ConfigError, match="multiple of 2\\*\\*depth"):
         train_synth(_tiny(tmp_path, crop_size=60))
+    with pytest.raises(DataError, match="8-bit RGB"):
+        train_synth(_tiny(tmp_path, data="acdc", train_split="train"))
     assert not (tmp_path / "synth").exists()
 
 

@@ -121,10 +121,9 @@ def labelled_pairs(cfg: SynthTrainConfig) -> tuple[SegDataset, list[np.ndarray],
     images, masks = [], []
     for s in ds:
         image, mask = ds.read_pair(s)
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.shape[-1] != 3:
-            raise DataError(f"{s.image}: expected an RGB or greyscale image, got {image.shape[-1]} channels.")
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise DataError(f"{s.image}: the GAN renders 8-bit RGB images (PNG, JPEG, TIFF); this one is "
+                            f"{image.dtype} of shape {image.shape} (e.g. a medical slice).")
         images.append(np.ascontiguousarray(image[..., :3]))
         masks.append(mask.astype(np.uint8))
     return ds, images, masks
