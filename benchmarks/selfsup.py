@@ -263,6 +263,28 @@ def aggregate() -> dict:
     return figs
 
 
+def markdown(figs: dict) -> str:
+    """README tables: pretraining inits per setting, then LAL against CE (mean ± sd, each seed)."""
+    def cell(v: dict) -> str:
+        m = v.get("miou_mean", v.get("dice_mean"))
+        sd = f" ± {v['sd']:.4f}" if v.get("sd") is not None else ""
+        return f"{m:.4f}{sd} ({' / '.join(f'{x:.4f}' for x in v['per_seed'].values())})"
+
+    rows = ["| setting | init | val (mean ± sd, per seed) | share of ImageNet's gain over random |", "|---|---|---|---|"]
+    for setting, inits in figs.get("pretrain", {}).items():
+        for init in (*MSRC_INITS,):
+            if init in inits:
+                rows.append(f"| {setting} | {init} | {cell(inits[init])} | {inits[init].get('share_of_imagenet_gain', '')} |")
+    rows += ["", "| setting | loss | val (mean ± sd, per seed) |", "|---|---|---|"]
+    for setting, losses in figs.get("lal", {}).items():
+        if setting == "selection":
+            continue
+        for loss in ("ce", "lal"):
+            if loss in losses:
+                rows.append(f"| {setting} | {loss} | {cell(losses[loss])} |")
+    return "\n".join(rows)
+
+
 def lal_speed(repeats: int = 7) -> dict:
     """Forward + backward time of LAL against cross-entropy on the logits of one training step, interleaved, the
     median of `repeats` (2D: the msrc fine-tuning batch, 4 x 16 classes x 160²; 3D: 2 x 2 classes x 64×64×48;

@@ -227,6 +227,39 @@ def aggregate(datasets=DATASETS, ks=KS, seeds=SEEDS, fd: dict | None = None, qui
     return figs
 
 
+def markdown(figs: dict) -> str:
+    """The README table: Dice on each dataset's test part per k and variant (mean ± sd, seeds, gain)."""
+    rows = ["| dataset | k | variant | Dice cytoplasm | Dice nucleus | Dice mean ± sd | per seed | gain over real only |",
+            "|---|---|---|---|---|---|---|---|"]
+    for ds, blocks in figs.items():
+        for k, block in blocks.items():
+            if not (k.startswith("k") and isinstance(block, dict)):
+                continue
+            for variant in VARIANTS:
+                v = block.get(variant)
+                if not v:
+                    continue
+                g = v.get("gain_over_real_only")
+                gain = (f"{g['mean']:+.4f} ± {g['sd']:.4f}{' (beyond spread)' if g['beyond_spread'] else ''}"
+                        if g and g.get("sd") is not None else "")
+                per = " / ".join(f"{x:.4f}" for x in v["per_seed"].values())
+                sd = f" ± {v['sd']:.4f}" if v.get("sd") is not None else ""
+                rows.append(f"| {ds} | {k[1:]} | {variant} | {v['dice_cytoplasm']['mean']:.4f} | "
+                            f"{v['dice_nucleus']['mean']:.4f} | {v['dice_mean']:.4f}{sd} | {per} | {gain} |")
+    return "\n".join(rows)
+
+
+def markdown_fd(figs: dict) -> str:
+    rows = ["| dataset | images per set | real vs real | synthetic vs real | re-rendered vs real | GAN |",
+            "|---|---|---|---|---|---|"]
+    for ds, blocks in figs.items():
+        fd = blocks.get("fd") if isinstance(blocks, dict) else None
+        if fd:
+            rows.append(f"| {ds} | {fd['images_per_set']} | {fd['real_vs_real']} | {fd['synthetic_vs_real']} | "
+                        f"{fd['rerendered_vs_real']} | {fd['gan']} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="wbc1, k 10, seed 0, short schedules (minutes).")

@@ -295,3 +295,25 @@ def test_train_with_extra_pairs_and_refusal_of_other_classes(synth_run, tmp_path
     with pytest.raises(DataError, match="differ from the training data"):
         train(bad)
     assert not (tmp_path / "seg2").exists()
+
+
+def test_synth_train_resumes_to_a_longer_schedule(tmp_path):
+    import json as _json
+
+    from safetensors.torch import load_file
+
+    from frugalseg.stages.synth import train_synth
+
+    first = train_synth(_tiny(tmp_path, gallery=0))
+    before = load_file(tmp_path / "synth" / "generator" / "model.safetensors")
+    again = train_synth(_tiny(tmp_path, gallery=0))  # finished: not retrained
+    assert again["gan_seconds"] == first["gan_seconds"]
+    longer = train_synth(_tiny(tmp_path, gallery=0, iterations=6, resume=True))
+    assert longer["iterations"] == 6
+    after = load_file(tmp_path / "synth" / "generator" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    epochs = {int(r["epoch"]) for r in __import__("csv").DictReader(open(tmp_path / "synth" / "logs" / "metrics.csv"))}
+    assert epochs == {0, 1, 2}
+    with pytest.raises(ConfigError, match="other settings"):
+        train_synth(_tiny(tmp_path, gallery=0, ngf=16))
+    assert _json.loads((tmp_path / "synth" / "summary.json").read_text())["iterations"] == 6
