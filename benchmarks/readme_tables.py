@@ -14,13 +14,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import active  # noqa: E402
+import selfsup  # noqa: E402
 import semi  # noqa: E402
-from common import ROOT  # noqa: E402
+import synth  # noqa: E402
+from common import RESULTS, ROOT  # noqa: E402
+
+
+def _synth_fd() -> str:
+    import json
+
+    path = RESULTS / "synth.json"
+    return synth.markdown_fd(json.loads(path.read_text())["figures"]) if path.exists() else ""
 
 TABLES = {
     "cpu_protocol": lambda: semi.markdown_table(semi.aggregate(semi.CPU_RECORDS)),
     "active": lambda: active.markdown(active.aggregate(active.RECORDS)),
     "plane_search": active.markdown_plane_search,
+    "synth": lambda: synth.markdown(synth.aggregate()),
+    "synth_fd": _synth_fd,
+    "selfsup": lambda: selfsup.markdown(selfsup.aggregate()),
 }
 
 
