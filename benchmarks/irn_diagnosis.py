@@ -149,7 +149,8 @@ def main() -> None:
                 ("walk", "train mIoU", "threshold"))
     print(json.dumps(fig["learned_boundary_vs_gt_edges"]))
     if not args.limit:
-        print(f"wrote {save_results('tags_to_model', {'irn_diagnosis': fig}, {'irn_diagnosis': {'sweep': SWEEP}}, started)}")
+        path = save_results("tags_to_model", {"irn_diagnosis": fig}, {"irn_diagnosis": {"sweep": SWEEP}}, started)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

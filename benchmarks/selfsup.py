@@ -270,11 +270,13 @@ def markdown(figs: dict) -> str:
         sd = f" ± {v['sd']:.4f}" if v.get("sd") is not None else ""
         return f"{m:.4f}{sd} ({' / '.join(f'{x:.4f}' for x in v['per_seed'].values())})"
 
-    rows = ["| setting | init | val (mean ± sd, per seed) | share of ImageNet's gain over random |", "|---|---|---|---|"]
+    rows = ["| setting | init | val (mean ± sd, per seed) | share of ImageNet's gain over random |",
+            "|---|---|---|---|"]
     for setting, inits in figs.get("pretrain", {}).items():
         for init in (*MSRC_INITS,):
             if init in inits:
-                rows.append(f"| {setting} | {init} | {cell(inits[init])} | {inits[init].get('share_of_imagenet_gain', '')} |")
+                share = inits[init].get("share_of_imagenet_gain", "")
+                rows.append(f"| {setting} | {init} | {cell(inits[init])} | {share} |")
     rows += ["", "| setting | loss | val (mean ± sd, per seed) |", "|---|---|---|"]
     for setting, losses in figs.get("lal", {}).items():
         if setting == "selection":

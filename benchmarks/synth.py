@@ -196,7 +196,8 @@ def aggregate(datasets=DATASETS, ks=KS, seeds=SEEDS, fd: dict | None = None, qui
                     continue
                 m = summarise(list(per_seed.values()))
                 block[variant] = {"dice_mean": m["mean"], "sd": m["sd"], "per_seed": per_seed,
-                                  "dice_cytoplasm": summarise(cls["cytoplasm"]), "dice_nucleus": summarise(cls["nucleus"]),
+                                  "dice_cytoplasm": summarise(cls["cytoplasm"]),
+                                  "dice_nucleus": summarise(cls["nucleus"]),
                                   "split": TEST, "seeds": len(per_seed)}
             if "real_only" in block:
                 base = block["real_only"]
@@ -229,7 +230,8 @@ def aggregate(datasets=DATASETS, ks=KS, seeds=SEEDS, fd: dict | None = None, qui
 
 def markdown(figs: dict) -> str:
     """The README table: Dice on each dataset's test part per k and variant (mean ± sd, seeds, gain)."""
-    rows = ["| dataset | k | variant | Dice cytoplasm | Dice nucleus | Dice mean ± sd | per seed | gain over real only |",
+    rows = ["| dataset | k | variant | Dice cytoplasm | Dice nucleus | Dice mean ± sd | per seed "
+            "| gain over real only |",
             "|---|---|---|---|---|---|---|---|"]
     for ds, blocks in figs.items():
         for k, block in blocks.items():
@@ -287,7 +289,8 @@ def main() -> None:
                         f = seg_run(root, base, ds, k, seed, variant, quick)
                         quick_figs[f"{ds}.k{k}.{variant}.seed{seed}"] = f
                         print(f"    {variant}: Dice cytoplasm {f['dice']['cytoplasm']:.4f} nucleus "
-                              f"{f['dice']['nucleus']:.4f} mean {f['dice_mean']:.4f} ({f['seconds']:.0f} s)", flush=True)
+                              f"{f['dice']['nucleus']:.4f} mean {f['dice_mean']:.4f} ({f['seconds']:.0f} s)",
+                              flush=True)
     fd = None
     if args.fd or quick:
         old = RESULTS / "synth.json"

@@ -252,7 +252,8 @@ def test_synth_sample_writes_a_folder_dataset_and_resumes(synth_run, tmp_path):
     shutil.copytree(out2, partial)
     for i in (2, 3):
         (partial / "images" / f"synth_{i:05d}.png").unlink()
-    (partial / "synth.json").write_text(json.dumps({"settings": json.loads((out2 / "synth.json").read_text())["settings"]}))
+    settings = json.loads((out2 / "synth.json").read_text())["settings"]
+    (partial / "synth.json").write_text(json.dumps({"settings": settings}))
     sample_synth(result["run"], 4, tmp_path / "pairs3", progress=False)
     for i in range(4):
         a = (out2 / "images" / f"synth_{i:05d}.png").read_bytes()

@@ -186,7 +186,8 @@ def build_encoder(cfg: PretrainConfig, in_chans: int, num_classes: int):
         try:
             enc.network.load_state_dict({k: state[k] for k in wanted})
         except RuntimeError as exc:
-            raise DataError(f"--init {cfg.init}: tensor shapes differ from this encoder's ({str(exc)[:200]}).") from None
+            raise DataError(f"--init {cfg.init}: tensor shapes differ from this encoder's ({str(exc)[:200]}).") \
+                from None
     return enc
 
 

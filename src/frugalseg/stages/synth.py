@@ -20,7 +20,6 @@ CPU-sized defaults: generator and discriminator at half pix2pix's widths (ngf = 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os

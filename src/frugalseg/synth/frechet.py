@@ -26,7 +26,8 @@ def pooled_features(backbone, images: list[torch.Tensor] | torch.Tensor, size: i
     out = []
     for i in range(0, len(images), batch_size):
         chunk = [torch.nn.functional.interpolate(im[None].float(), size=(size, size), mode="bilinear",
-                                                 align_corners=False, antialias=True) for im in images[i:i + batch_size]]
+                                                 align_corners=False, antialias=True)
+                 for im in images[i:i + batch_size]]
         x = (torch.cat(chunk) - mean) / std
         out.append(model(x)[-1].mean((2, 3)).double().numpy())
     return np.concatenate(out)
