@@ -58,8 +58,8 @@ def lal_loss(logits: torch.Tensor, target: torch.Tensor, window: int = 9, stride
 
     An odd `window`-sided window, centred on every `stride`-th pixel, slides over the predicted probabilities.
     Inside each window, the probability vectors of the pixels of each class c present are merged with Gaussian
-    weights on their chessboard distance to the window centre, p̄_c = Σ_{y_i=c} w_i p_i / Σ_{y_i=c} w_i, and the window costs
-    -log p̄_c[c]. All window costs of the batch are Minkowski-pooled, (mean ℓ^k)^(1/k): k = 1 is their mean,
+    weights on their chessboard distance to the window centre, p̄_c = Σ_{y_i=c} w_i p_i / Σ_{y_i=c} w_i, and
+    the window costs -log p̄_c[c]. All window costs of the batch are Minkowski-pooled, (mean ℓ^k)^(1/k): k = 1 is their mean,
     larger k weighs hard windows more (k = 5 was best on VOC 2012). A pixel no longer pays alone: a window is
     cheap when its pixels of a class are right on average, so the loss adapts to local context; small objects
     get their own windows and are not drowned by the background's pixel count.
