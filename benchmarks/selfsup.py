@@ -247,7 +247,8 @@ def aggregate() -> dict:
     for loss in ("ce", "lal"):
         b = block(f"acdc.acdc_l7.random.{loss}.", "dice")
         if b:
-            per_class = [recs[f"acdc.acdc_l7.random.{loss}.seed{s}"]["figures"]["per_class_dice"] for s in b["per_seed"]]
+            per_class = [recs[f"acdc.acdc_l7.random.{loss}.seed{s}"]["figures"]["per_class_dice"]
+                         for s in b["per_seed"]]
             b["per_class_dice_mean"] = {c: round(statistics.fmean(pc[c] for pc in per_class), 4) for c in per_class[0]}
             figs["lal"].setdefault("acdc_l7", {})[loss] = b
     for setting, inits in figs["pretrain"].items():
