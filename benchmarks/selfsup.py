@@ -48,13 +48,13 @@ MSRC_INITS = ("random", "colorize", "colorize_mm", "rotation", "rotation_mm", "i
 PROXY = dict(iterations=1000, batch_size=16, crop_size=160, epoch_iterations=50)
 PROXY_ROTATION = dict(PROXY, batch_size=4)  # each image is shown 4 times: 16 images a step
 MIXMATCH = dict(iterations=300, batch_size=8, crop_size=256, scale=(0.75, 1.25), epoch_iterations=50,
-                patches_per_image=10, patch_sides=(64, 256), patch_resize=128)
+                patches_per_image=10, patch_sides=(64, 256), patch_resize=128, embedding_grid=4)
 FINETUNE = dict(arch="ocr", backbone="tf_efficientnet_lite0", crop_size=160, batch_size=4, max_steps=400, epochs=-1,
                 optimizer="sgd", lr=0.01, weight_decay=5e-4, val_every=10**6)
 ACDC_CHANNELS = [8, 16, 32, 64, 128]
 ACDC_PROXY = dict(iterations=1000, batch_size=16, crop_size=128, epoch_iterations=50, scale=(0.75, 1.25))
-ACDC_MIXMATCH = dict(iterations=300, batch_size=8, crop_size=128, scale=(0.9, 1.1), epoch_iterations=50,
-                     patches_per_image=10, patch_sides=(32, 96), patch_resize=64)
+ACDC_MIXMATCH = dict(iterations=1000, batch_size=8, crop_size=128, scale=(0.9, 1.1), epoch_iterations=50,
+                     patches_per_image=10, patch_sides=(32, 96), patch_resize=64, embedding_grid=4)
 LAL_CANDIDATES = ((9, 4, 5.0), (17, 8, 5.0), (5, 2, 5.0), (9, 4, 1.0))
 LAL_DEFAULT = dict(lal_window=9, lal_stride=4, lal_k=5.0)
 QUICK = False

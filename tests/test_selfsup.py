@@ -55,7 +55,8 @@ def test_unet_encoder_is_the_unets_own_down_path():
     assert len(unet_down_blocks(enc.network)) == 4
     feats = enc(torch.rand(2, 1, 64, 64))
     assert [f.shape[1] for f in feats] == [8, 16, 32, 64] and feats[0].shape[-1] == 32
-    assert enc.pooled(torch.rand(3, 1, 64, 64)).shape == (3, 64)
+    assert enc.embedding(torch.rand(3, 1, 64, 64)).shape == (3, 64 * 4 * 4)  # bottleneck 8×8 at 64 px, pooled
+    assert enc.embedding(torch.rand(3, 1, 16, 16), grid=4).shape == (3, 64 * 2 * 2)  # fewer cells than the grid
     seg = build_model({"arch": "unet2d", "in_chans": 1, "num_classes": 4, "channels": [8, 16, 32, 64]})
     for p in enc.network.parameters():
         p.data.fill_(0.25)
@@ -141,3 +142,17 @@ def test_pretrain_stage_then_train_loads_the_backbone(tmp_path):
         pretrain(PretrainConfig(task="mixmatch", arch="unet2d", init=proxy["run"], out=str(tmp_path / "x"),
                                 **{**common, "data": "acdc"}))
     assert not (tmp_path / "c").exists() and not (tmp_path / "x").exists()
+
+
+def test_unet_patch_embeddings_differ_between_patches():
+    """The U-Net's blocks end in InstanceNorm: a global average of its bottleneck is nearly the same for every
+    patch (M&M's triplet loss then cannot move); the grid embedding keeps them apart."""
+    torch.manual_seed(0)
+    enc = make_encoder("unet2d", 1, channels=(8, 16, 32, 64), num_classes=4).eval()
+    x = torch.rand(6, 1, 64, 64)
+    x[3:] = x[3:] * torch.linspace(0, 1, 64).view(1, 1, 1, 64)  # three patches with a ramp
+    with torch.no_grad():
+        grid = torch.nn.functional.normalize(enc.embedding(x), dim=1)
+        mean = torch.nn.functional.normalize(enc(x)[-1].mean((-2, -1)), dim=1)
+    spread = lambda e: torch.cdist(e, e).pow(2).mean().item()  # noqa: E731
+    assert spread(grid) > 3 * spread(mean) and spread(grid) > 0.01

@@ -11,7 +11,8 @@ there are, before the segmentation head exists:
   each new node is linked to a random node of its class and a random node of another class among those
   already in the graph (falling back to any such node of the set, or itself for the positive). Each link
   pair is a triplet (anchor, positive, negative).
-- Triplet loss on L2-normalised pooled features with squared Euclidean distances and margin 2.1:
+- Triplet loss on L2-normalised embeddings (the deepest feature map pooled to a 4×4 grid and flattened, as
+  the official pool5 keeps its spatial layout) with squared Euclidean distances and margin 2.1:
   L = 1/(2N) Σ max(0, α + ||a − p||² − ||a − n||²).
 
 Not reproduced: the official de-duplication of overlapping patches (> 0.6 overlap) and its 5x oversampling of

@@ -259,7 +259,7 @@ class PretrainModule(L.LightningModule):
                                                       tuple(cfg.patch_sides), cfg.patch_resize, cfg.bg_ratio,
                                                       self.background, generator=g)
             triplets = mixmatch.class_graph_triplets(labels.cpu(), generator=g).to(images.device)
-            emb = self.encoder.pooled(patches) if len(patches) else images.new_zeros(0, 1)
+            emb = self.encoder.embedding(patches, cfg.embedding_grid) if len(patches) else images.new_zeros(0, 1)
             loss = mixmatch.triplet_loss(emb, triplets, cfg.margin) if len(patches) else images.sum() * 0.0
             self.log("train/triplets", float(len(triplets)), on_step=False, on_epoch=True)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])

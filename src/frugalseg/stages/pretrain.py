@@ -76,6 +76,8 @@ class PretrainConfig(RunOptions):
     bg_ratio: float = option(0.1, "mixmatch: share of patches seeded on background (official 0.1).", ge=0, le=1)
     margin: float = option(2.1, "mixmatch: triplet margin on squared distances of L2-normalised features "
                                 "(official 2.1).", gt=0)
+    embedding_grid: int = option(4, "mixmatch: the deepest features are pooled to at most this grid per side and "
+                                    "flattened (the official pool5 keeps AlexNet's 6×6 layout).", ge=1)
     mask_fraction: float | None = option(None, "mixmatch label budget: masks of this fraction of images.", gt=0, le=1)
     mask_count: int | None = option(None, "mixmatch label budget: masks of this many images.", ge=1)
     labelled_ids: list[str] | None = option(None, "mixmatch label budget: exactly these ids (repeat, or @file).")
