@@ -710,6 +710,9 @@ def main() -> None:
         name = "tags_to_model_quick" if args.quick else "tags_to_model"
         fig = irn_study(root, common, args.seeds, args.irn, args.advcam_maps, args.irn_epochs)
         key = next(iter(fig))
+        old = RESULTS / f"{name}.json"
+        if key == "irn" and old.exists():  # a pseudo-masks run keeps the segmenter figures of an earlier one
+            fig["irn"] = {**json.loads(old.read_text())["figures"].get("irn", {}), **fig["irn"]}
         path = save_results(name, fig, {key: {"pipeline": {k: v for k, v in common.items() if k != "progress"},
                                               "seeds": args.seeds, "stage": args.irn,
                                               "irn_epochs": args.irn_epochs}}, started)
