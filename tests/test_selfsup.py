@@ -156,3 +156,17 @@ def test_unet_patch_embeddings_differ_between_patches():
         mean = torch.nn.functional.normalize(enc(x)[-1].mean((-2, -1)), dim=1)
     spread = lambda e: torch.cdist(e, e).pow(2).mean().item()  # noqa: E731
     assert spread(grid) > 3 * spread(mean) and spread(grid) > 0.01
+
+
+def test_resume_of_a_finished_pretraining_keeps_its_record(tmp_path):
+    import json as _json
+
+    from frugalseg.stages.pretrain import PretrainConfig, pretrain
+
+    cfg = dict(task="rotation", data="msrc-objects", iterations=2, epoch_iterations=2, batch_size=2, crop_size=64,
+               progress=False, devices="cpu", out=str(tmp_path / "rot"))
+    first = pretrain(PretrainConfig(**cfg))
+    done = (tmp_path / "rot" / "stages" / "pretrain.done").read_text()
+    again = pretrain(PretrainConfig(**cfg, resume=True))  # same schedule: nothing to train, nothing rewritten
+    assert (tmp_path / "rot" / "stages" / "pretrain.done").read_text() == done
+    assert again["seconds"] == first["seconds"] and _json.loads(done)["iterations"] == 2

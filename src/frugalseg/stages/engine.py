@@ -454,6 +454,12 @@ def fit_resumable(module: L.LightningModule, options: RunOptions, run: RunDir, t
     return trainer
 
 
+def schedule_done(run: RunDir, epochs: int) -> bool:
+    """Whether the run's last.ckpt already finished `epochs` epochs: a `--resume` of a finished run with the
+    same schedule has nothing to train (and must not overwrite what the finished run recorded)."""
+    return run.last_checkpoint.exists() and _checkpoint_epoch(run.last_checkpoint) + 1 >= epochs
+
+
 def _checkpoint_epoch(path: Path) -> int:
     """The last finished epoch of a last.ckpt (written at that epoch's end); a clear error when it is damaged."""
     return int(read_checkpoint(path, RESUME_ADVICE, mmap=True)["epoch"])

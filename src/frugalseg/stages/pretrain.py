@@ -199,7 +199,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     import lightning as L
 
     from frugalseg.data.torchdata import input_channels
-    from frugalseg.stages.engine import PretrainModule, fit_resumable
+    from frugalseg.stages.engine import PretrainModule, fit_resumable, schedule_done
 
     cfg.validate()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -210,7 +210,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     finished = run.stage_done("pretrain")
     claim_run_dir(run, cfg, ds.labels, finished=finished, started=run.last_checkpoint.exists())
     t0 = time.time()
-    if finished and not cfg.resume:
+    if finished and (not cfg.resume or schedule_done(run, cfg.epochs)):
         log.info("%s: pretraining already finished; skipping (delete stages/pretrain.done to rerun).", run.path)
     else:
         data = PretrainCrops(ds, cfg.crop_size, cfg.scale, cfg.epoch_iterations * cfg.batch_size, seed=cfg.seed)

@@ -199,7 +199,7 @@ def train_synth(cfg: SynthTrainConfig) -> dict:
 
     from frugalseg.models import build_model
     from frugalseg.models.gan import MultiScaleDiscriminator, PatchDiscriminator
-    from frugalseg.stages.engine import GANModule, fit_resumable
+    from frugalseg.stages.engine import GANModule, fit_resumable, schedule_done
 
     cfg.validate()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -218,7 +218,7 @@ def train_synth(cfg: SynthTrainConfig) -> dict:
                 np.savez_compressed(f, **shapes.to_arrays())
     shape_seconds = round(time.time() - t0, 1)
     spec = generator_spec(cfg, labels)
-    if finished and not cfg.resume:
+    if finished and (not cfg.resume or schedule_done(run, cfg.epochs)):
         log.info("%s: GAN training already finished; skipping (delete stages/synth.done to retrain).", run.path)
     else:
         generator = build_model(spec)
