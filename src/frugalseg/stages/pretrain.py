@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from frugalseg.data import LabelBudget, apply_budget, open_split
+from frugalseg.data import apply_budget, open_split
 from frugalseg.data.io import atomic_path, read_json, write_json
 from frugalseg.data.labels import IGNORE_INDEX
 from frugalseg.data.samples import SegDataset
@@ -106,13 +106,9 @@ def pretrain_data(cfg: PretrainConfig) -> SegDataset:
     if ds.ndim != 2:
         raise DataError(f"{ds.name}: pretraining works on 2D images or slices; this split holds volumes.")
     if cfg.task == "mixmatch":
-        budget = None
-        if cfg.labelled_ids:
-            budget = LabelBudget(listed=tuple(cfg.labelled_ids), rest="none", seed=cfg.budget_seed)
-        elif cfg.mask_count is not None:
-            budget = LabelBudget(mask_count=cfg.mask_count, rest="none", seed=cfg.budget_seed)
-        elif cfg.mask_fraction is not None:
-            budget = LabelBudget(mask_fraction=cfg.mask_fraction, rest="none", seed=cfg.budget_seed)
+        from frugalseg.stages.train import masks_budget
+
+        budget = masks_budget(cfg.labelled_ids, cfg.mask_count, cfg.mask_fraction, cfg.budget_seed)
         if budget is not None:
             ds = apply_budget(ds, budget)
         ds = ds.by_supervision("mask")

@@ -130,13 +130,9 @@ def labelled_pairs(cfg: SynthTrainConfig) -> tuple[SegDataset, list[np.ndarray],
 
 def synth_budget(cfg: SynthTrainConfig) -> LabelBudget | None:
     """The label budget as `frugalseg train` draws it from the same numbers and seed (same images)."""
-    if cfg.labelled_ids:
-        return LabelBudget(listed=tuple(cfg.labelled_ids), rest="none", seed=cfg.budget_seed)
-    if cfg.labelled_count is not None:
-        return LabelBudget(mask_count=cfg.labelled_count, rest="none", seed=cfg.budget_seed)
-    if cfg.labelled_fraction is not None:
-        return LabelBudget(mask_fraction=cfg.labelled_fraction, rest="none", seed=cfg.budget_seed)
-    return None
+    from frugalseg.stages.train import masks_budget
+
+    return masks_budget(cfg.labelled_ids, cfg.labelled_count, cfg.labelled_fraction, cfg.budget_seed)
 
 
 class GANCrops(EpochAware, Dataset):

@@ -137,14 +137,20 @@ class TrainConfig(RunOptions):
 
 
 # ---- data -------------------------------------------------------------------------------------
-def budget_of(cfg: TrainConfig) -> LabelBudget | None:
-    if cfg.labelled_ids:
-        return LabelBudget(listed=tuple(cfg.labelled_ids), rest="none", seed=cfg.budget_seed)
-    if cfg.mask_count is not None:
-        return LabelBudget(mask_count=cfg.mask_count, rest="none", seed=cfg.budget_seed)
-    if cfg.mask_fraction is not None:
-        return LabelBudget(mask_fraction=cfg.mask_fraction, rest="none", seed=cfg.budget_seed)
+def masks_budget(ids: list[str] | None, count: int | None, fraction: float | None, seed: int) -> LabelBudget | None:
+    """The label budget of listed ids, a count or a fraction (first given wins; None: every mask), the rest of
+    the images without labels: the one draw `train`, `synth train` and `pretrain` share."""
+    if ids:
+        return LabelBudget(listed=tuple(ids), rest="none", seed=seed)
+    if count is not None:
+        return LabelBudget(mask_count=count, rest="none", seed=seed)
+    if fraction is not None:
+        return LabelBudget(mask_fraction=fraction, rest="none", seed=seed)
     return None
+
+
+def budget_of(cfg: TrainConfig) -> LabelBudget | None:
+    return masks_budget(cfg.labelled_ids, cfg.mask_count, cfg.mask_fraction, cfg.budget_seed)
 
 
 def _open(cfg: RunOptions, split: str) -> SegDataset:
