@@ -74,7 +74,7 @@ def shuffled_loader(data: Dataset, batch_size: int, seed: int, num_workers: int 
                       generator=torch.Generator().manual_seed(seed))
 
 
-class MixedShuffle(Sampler[int]):
+class MixedShuffle(SeededShuffle):
     """Each epoch: every one of the `n_real` items once, plus extra items (indices n_real..n_real+n_extra-1)
     making up the share `extra_share` of the epoch's draws, drawn without repetition until all were seen
     (then a new pass). The order is a function of (seed, epoch), as `SeededShuffle`'s.
@@ -90,17 +90,7 @@ class MixedShuffle(Sampler[int]):
             raise ValueError(f"extra_share must be in (0, 1), got {extra_share}")
         self.n_real, self.n_extra, self.share = int(n_real), int(n_extra), float(extra_share)
         self.n_draws_extra = max(1, round(self.n_real * self.share / (1 - self.share)))
-        self.seed = int(seed)
-        self.epoch = 0
-        self.on_epoch = on_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        if self.on_epoch is not None:
-            self.on_epoch(self.epoch)
-
-    def __len__(self) -> int:
-        return self.n_real + self.n_draws_extra
+        super().__init__(self.n_real + self.n_draws_extra, seed, on_epoch)  # its epoch and length
 
     def _extra(self, epoch: int) -> list[int]:
         """The extra items of `epoch`: a slice of the seeded permutation of its pass over the extra set."""
