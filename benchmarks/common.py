@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -67,6 +69,39 @@ def save_results(name: str, figures: dict, settings: dict, started: float) -> Pa
     }
     write_json(path, data)
     return path
+
+
+def as_json(value: object) -> object:
+    """`value` as it reads back from a JSON file (tuples as lists, paths and other objects as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def recorded(records: Path, name: str, settings: dict, run: Callable[[], dict], keep: bool = True,
+             defaults: dict | None = None) -> dict:
+    """The figures of one benchmark run, `name`: from its record `<records>/<name>.json` when that was made with
+    `settings`, else `run()`'s, then kept as the record (unless `keep` is false, as in --quick) with machine,
+    date and commit. Long studies resume run by run this way.
+
+    `defaults` (a config's field defaults) lets a record made before the config gained a field still match
+    while the new field holds its default: the code that made the record behaved as the default does, so
+    re-running would only overwrite the record's timings with a no-op's."""
+    settings = as_json(settings)
+    path = records / f"{name}.json"
+    if keep and path.exists():
+        kept = read_json(path)["settings"]
+        added = settings.keys() - kept.keys()
+        new_fields_at_default = defaults is not None and all(
+            k in defaults and settings[k] == as_json(defaults[k]) for k in added)
+        if kept.keys() <= settings.keys() and all(kept[k] == settings[k] for k in kept) and \
+                (not added or new_fields_at_default):
+            print(f"  {name}: from its record ({read_json(path)['date']})", flush=True)
+            return read_json(path)["figures"]
+        print(f"  {name}: its record was made with other settings; run again", flush=True)
+    figures = run()
+    if keep:
+        write_json(path, {"settings": settings, "figures": figures, "machine": machine_info(),
+                          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": git_commit(ROOT)})
+    return figures
 
 
 def print_table(rows: list[tuple], header: tuple) -> None:

@@ -38,7 +38,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, default_data_root, print_table, save_results
+from common import RESULTS, ROOT, default_data_root, print_table, recorded, save_results
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
@@ -65,25 +65,16 @@ def quick_schedule(d: dict, steps_key: str) -> dict:
 
 
 def record(name: str, settings: dict, run) -> dict:
-    """Figures of run `name` from its record when made with `settings`, else `run()`'s, kept (not in quick)."""
-    from frugalseg.data.io import read_json, write_json
-    from frugalseg.runs import git_commit, machine_info
+    """Figures of run `name` (`common.recorded`: from its record when made with `settings`, else `run()`'s timed,
+    printed and kept; --quick keeps none)."""
+    def timed() -> dict:
+        t0 = time.time()
+        figures = run()
+        figures["seconds"] = round(time.time() - t0, 1)
+        print(f"  {name}: {json.dumps({k: v for k, v in figures.items() if not isinstance(v, dict)})}", flush=True)
+        return figures
 
-    settings = json.loads(json.dumps(settings, default=str))
-    path = RECORDS / f"{name}.json"
-    if not QUICK and path.exists():
-        kept = read_json(path)
-        if kept["settings"] == settings:
-            print(f"  {name}: from its record ({kept['date']})", flush=True)
-            return kept["figures"]
-    t0 = time.time()
-    figures = run()
-    figures["seconds"] = round(time.time() - t0, 1)
-    if not QUICK:
-        write_json(path, {"settings": settings, "figures": figures, "machine": machine_info(),
-                          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": git_commit(ROOT)})
-    print(f"  {name}: {json.dumps({k: v for k, v in figures.items() if not isinstance(v, dict)})}", flush=True)
-    return figures
+    return recorded(RECORDS, name, settings, timed, keep=not QUICK)
 
 
 def msrc_10pct_ids() -> list[str]:

@@ -36,7 +36,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, default_data_root, print_table, save_results
+from common import RESULTS, ROOT, default_data_root, print_table, recorded, save_results
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
@@ -56,24 +56,6 @@ CROP = {"wbc2": 192, "wbc1": 112}
 QUICK_GAN = dict(GAN, iterations=40, epoch_iterations=20)
 QUICK_SEG = dict(SEG, max_steps=40)
 QUICK_N = {"n100": 8, "n500": 16}
-
-
-def record(name: str, settings: dict, run, quick: bool) -> dict:
-    """Figures of run `name` from its record when made with `settings`, else `run()`'s, then kept (not in quick)."""
-    from frugalseg.data.io import read_json, write_json
-    from frugalseg.runs import git_commit, machine_info
-
-    path = RECORDS / f"{name}.json"
-    if not quick and path.exists():
-        kept = read_json(path)
-        if kept["settings"] == json.loads(json.dumps(settings, default=str)):
-            print(f"  {name}: from its record ({kept['date']})", flush=True)
-            return kept["figures"]
-    figures = run()
-    if not quick:
-        write_json(path, {"settings": settings, "figures": figures, "machine": machine_info(),
-                          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": git_commit(ROOT)})
-    return figures
 
 
 def gan_run(root: Path, ds: str, k: int, seed: int, quick: bool) -> tuple[Path, dict]:
@@ -102,7 +84,7 @@ def gan_run(root: Path, ds: str, k: int, seed: int, quick: bool) -> tuple[Path, 
         figs["seconds"] = round(time.time() - t0, 1)
         return figs
 
-    figs = record(f"{ds}.k{k}.gan.seed{seed}", settings, run, quick)
+    figs = recorded(RECORDS, f"{ds}.k{k}.gan.seed{seed}", settings, run, keep=not quick)
     for tag in ("synth_n100", "synth_n500", "rerendered_n500"):
         if not (base / tag).exists():  # a record from another session whose run folder is gone: sample again
             if not (base / "gan" / "generator").exists():
@@ -132,7 +114,7 @@ def seg_run(root: Path, base: Path, ds: str, k: int, seed: int, variant: str, qu
         return {"dice": dice, "dice_mean": round((dice["cytoplasm"] + dice["nucleus"]) / 2, 4),
                 "miou": v["miou"], "split": TEST, "seconds": round(time.time() - t0, 1)}
 
-    return record(f"{ds}.k{k}.{variant}.seed{seed}", settings, run, quick)
+    return recorded(RECORDS, f"{ds}.k{k}.{variant}.seed{seed}", settings, run, keep=not quick)
 
 
 def fd_study(root: Path, ds: str, k: int, quick: bool) -> dict:

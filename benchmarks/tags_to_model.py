@@ -33,7 +33,7 @@ import os
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, default_data_root, print_table, save_results
+from common import RESULTS, ROOT, default_data_root, print_table, recorded, save_results
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
@@ -244,25 +244,20 @@ def config_settings(cfg, root: Path) -> dict:
     return json.loads(text.replace(json.dumps(str(root))[1:-1], "<runs>"))
 
 
-def recorded(root: Path, name: str, settings: dict, run) -> dict:
-    """The figures of run `name`: from its record when the record was made with `settings`, else `run()`'s, kept
-    (`--quick` runs keep no record)."""
-    from frugalseg.data.io import read_json, write_json
-    from frugalseg.runs import git_commit, machine_info
+def config_defaults(cfg) -> dict:
+    """The defaults of `cfg`'s fields (those that have one): `recorded` keeps a record made before a field existed."""
+    import dataclasses
 
-    if root.name.endswith("_quick"):
-        return run()
-    path = RUN_RECORDS / f"{name}.json"
-    if path.exists():
-        kept = read_json(path)
-        if kept["settings"] == settings:
-            print(f"  {name}: finished earlier ({kept['date']}), from its record", flush=True)
-            return kept["figures"]
-        print(f"  {name}: its record was made with other settings; run again", flush=True)
-    figures = run()
-    write_json(path, {"settings": settings, "figures": figures, "machine": machine_info(),
-                      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": git_commit(ROOT)})
-    return figures
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cfg)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
+def run_record(root: Path, name: str, cfg, run) -> dict:
+    """The figures of the run of `cfg` called `name`, from its record or `run()` (`common.recorded`; `--quick`
+    runs keep no record)."""
+    return recorded(RUN_RECORDS, name, config_settings(cfg, root), run, keep=not root.name.endswith("_quick"),
+                    defaults=config_defaults(cfg))
 
 
 def irn_pseudo_masks(root: Path, common: dict, method: str, maps_from: str | None = None, irn_epochs: int = 3) -> dict:
@@ -310,7 +305,7 @@ def irn_pseudo_masks(root: Path, common: dict, method: str, maps_from: str | Non
                 "irn_loss_last": train["loss_last"],
                 "seconds_this_call": round(time.time() - t0, 1)}
 
-    return recorded(root, f"pseudo_masks.{name}", config_settings(cfg, root), measure)
+    return run_record(root, f"pseudo_masks.{name}", cfg, measure)
 
 
 def chosen_refinement(table: dict) -> str:
@@ -342,8 +337,8 @@ def irn_segmenters(root: Path, common: dict, refine: str, seeds: list[int]) -> d
                     "seed_stage_miou": stages.get("seed"), "pseudo_mask_miou": stages,
                     "seconds": summ["seconds"], "stage_seconds": summ["stage_seconds"]}
 
-        per_seed[str(seed)] = recorded(root, f"segmenter.cam_{refine.replace('+', '_')}{tag}.seed{seed}",
-                                       config_settings(cfg, root), measure)
+        per_seed[str(seed)] = run_record(root, f"segmenter.cam_{refine.replace('+', '_')}{tag}.seed{seed}", cfg,
+                                        measure)
         fig = per_seed[str(seed)]
         print(f"  seed {seed}: val mIoU {fig['val_miou']:.4f} (round {fig['final_round']} chosen on "
               f"calibration images)", flush=True)
@@ -387,7 +382,7 @@ def full_supervision_seeds(root: Path, common: dict, seeds: list[int]) -> dict:
             metrics = json.loads((out / "metrics" / "val.json").read_text())
             return {"val_miou": metrics["miou"], "epochs": epochs, "seconds_this_call": round(time.time() - t0, 1)}
 
-        per_seed[str(seed)] = recorded(root, f"full_supervision{schedule_tag(common)}.seed{seed}", config_settings(train_cfg, root), measure)
+        per_seed[str(seed)] = run_record(root, f"full_supervision{schedule_tag(common)}.seed{seed}", train_cfg, measure)
         print(f"  full supervision seed {seed}: val mIoU {per_seed[str(seed)]['val_miou']:.4f}", flush=True)
     return per_seed
 

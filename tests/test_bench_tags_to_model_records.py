@@ -26,18 +26,39 @@ def test_recorded_runs_once_reads_back_and_reruns_on_other_settings(ttm, tmp_pat
             return {"val_miou": value}
         return go
 
-    assert ttm.recorded(root, "segmenter.x.seed0", {"lr": 0.01}, run(0.5)) == {"val_miou": 0.5}
-    assert ttm.recorded(root, "segmenter.x.seed0", {"lr": 0.01}, run(0.7)) == {"val_miou": 0.5}
+    cfg = ttm.PipelineConfig(data="msrc-objects", out=str(root / "x"))
+    assert ttm.run_record(root, "segmenter.x.seed0", cfg, run(0.5)) == {"val_miou": 0.5}
+    assert ttm.run_record(root, "segmenter.x.seed0", cfg, run(0.7)) == {"val_miou": 0.5}
     assert calls == [0.5]
-    assert ttm.recorded(root, "segmenter.x.seed0", {"lr": 0.02}, run(0.6)) == {"val_miou": 0.6}
+    other = ttm.PipelineConfig(data="msrc-objects", out=str(root / "x"), seed=3)
+    assert ttm.run_record(root, "segmenter.x.seed0", other, run(0.6)) == {"val_miou": 0.6}
     assert calls == [0.5, 0.6]
     record = (tmp_path / "records" / "segmenter.x.seed0.json").read_text()
-    assert '"lr": 0.02' in record and '"git_commit"' in record and '"machine"' in record
+    assert '"seed": 3' in record and '"git_commit"' in record and '"machine"' in record
     # --quick keeps no record
     quick = tmp_path / "runs" / "tags_to_model_quick"
-    ttm.recorded(quick, "q", {}, run(0.1))
-    ttm.recorded(quick, "q", {}, run(0.2))
+    ttm.run_record(quick, "q", cfg, run(0.1))
+    ttm.run_record(quick, "q", cfg, run(0.2))
     assert calls[-2:] == [0.1, 0.2] and not (tmp_path / "records" / "q.json").exists()
+
+
+def test_record_from_before_a_new_field_matches_while_it_holds_its_default(ttm, tmp_path):
+    records = tmp_path / "records"
+    calls = []
+
+    def run():
+        calls.append(1)
+        return {"val_miou": 0.5}
+
+    ttm.recorded(records, "r", {"lr": 0.01}, run)
+    # the config gained `lal_k` (default 5.0) since the record: still the same run
+    assert ttm.recorded(records, "r", {"lr": 0.01, "lal_k": 5.0}, run, defaults={"lal_k": 5.0}) == {"val_miou": 0.5}
+    assert calls == [1]
+    # ... but not with another value, nor without the defaults to tell
+    ttm.recorded(records, "r", {"lr": 0.01, "lal_k": 2.0}, run, defaults={"lal_k": 5.0})
+    assert calls == [1, 1]
+    ttm.recorded(records, "r", {"lr": 0.01}, run)  # the record now holds lal_k 2.0: a field gone is a change
+    assert calls == [1, 1, 1]
 
 
 def test_config_settings_relative_paths_and_no_output_fields(ttm, tmp_path):

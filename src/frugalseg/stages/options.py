@@ -345,6 +345,19 @@ class RunOptions:
             raise ConfigError("No dataset given: pass --data FOLDER or a task name such as msrc-objects.")
 
 
+@dataclass
+class LalOptions:
+    """The locally adaptive learning loss's options (`--loss lal`, `losses.LocallyAdaptiveLoss`): one declaration for
+    supervised and semi-supervised training, whose configs both offer the loss."""
+
+    lal_window: int = option(9, "--loss lal: window side in pixels/voxels (odd: centred on a pixel).", ge=1,
+                             check=lambda v: None if v % 2 else "must be odd")
+    lal_stride: int = option(4, "--loss lal: window stride.", ge=1)
+    lal_sigma: float | None = option(None, "--loss lal: sigma of the Gaussian weight on the chessboard distance to "
+                                           "the window centre [default: window / 3].", gt=0)
+    lal_k: float = option(5.0, "--loss lal: Minkowski pooling exponent over the window costs (5: best on VOC).", gt=0)
+
+
 RUN_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(RunOptions))
 
 

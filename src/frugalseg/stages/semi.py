@@ -55,7 +55,15 @@ from frugalseg.semi.ramps import (
 )
 from frugalseg.semi.step import SemiStep
 from frugalseg.semi.supervised_only import SupervisedOnlyStep
-from frugalseg.stages.options import RunOptions, ascending, device_of, option, option_like, read_config_file
+from frugalseg.stages.options import (
+    LalOptions,
+    RunOptions,
+    ascending,
+    device_of,
+    option,
+    option_like,
+    read_config_file,
+)
 from frugalseg.stages.run_guard import claim_run_dir
 
 log = logging.getLogger(__name__)
@@ -69,7 +77,7 @@ __all__ = [
 
 # ---- configuration shared by the semi-supervised methods ------------------------------------------
 @dataclass
-class SemiConfig(RunOptions):
+class SemiConfig(LalOptions, RunOptions):
     """Fields every semi-supervised method shares. `None` fields are resolved from the training data
     (`resolved`, saved resolved in config.yaml): 2D data (ACDC slices) follow the SSL4MIS ACDC protocol,
     3D data (LA volumes) the UA-MT/DTC LA protocol:
@@ -150,12 +158,6 @@ class SemiConfig(RunOptions):
     loss: Literal["dice_ce", "ce", "dice", "lal"] | None = option(
         None, "Supervised loss: dice_ce (0.5 CE + 0.5 soft Dice, SSL4MIS), ce, dice, or lal (locally adaptive "
               "learning loss) [default: ce for ocr/fcn (the OCR recipe), else dice_ce].")
-    lal_window: int = option(9, "--loss lal: window side in pixels/voxels (odd: centred on a pixel).", ge=1,
-                             check=lambda v: None if v % 2 else "must be odd")
-    lal_stride: int = option(4, "--loss lal: window stride.", ge=1)
-    lal_sigma: float | None = option(None, "--loss lal: sigma of the Gaussian weight on the chessboard distance to "
-                                           "the window centre [default: window / 3].", gt=0)
-    lal_k: float = option(5.0, "--loss lal: Minkowski pooling exponent over the window costs (5: best on VOC).", gt=0)
     # evaluation
     val_overlap: float = option(0.5, "Sliding-window overlap of 3D inference.", ge=0, lt=1)
     largest_component: bool = option(False, "Keep each class's largest connected component in evaluation "

@@ -48,6 +48,7 @@ from frugalseg.runs import RunDir
 from frugalseg.semi.cotrain import ENSEMBLE_FILE, load_ensemble
 from frugalseg.stages import semi as semi_stage
 from frugalseg.stages.options import (
+    LalOptions,
     RunOptions,
     ascending,
     check_common,
@@ -66,7 +67,7 @@ __all__ = ["TrainConfig", "evaluate_run", "init_weights", "load_training_data", 
 
 
 @dataclass
-class TrainConfig(RunOptions):
+class TrainConfig(LalOptions, RunOptions):
     """Supervised training of a segmenter on masks (optionally a label budget); the run options on top."""
 
     out: str = option_like(RunOptions, "out", "runs/train")
@@ -99,12 +100,6 @@ class TrainConfig(RunOptions):
     momentum: float = option(0.9, "SGD momentum.", ge=0, lt=1)
     loss: Literal["ce", "dice_ce", "lal"] = option("ce", "ce (cross-entropy), dice_ce (0.5 CE + 0.5 soft Dice) or lal "
                                                         "(locally adaptive learning loss, Guo et al. 2018).")
-    lal_window: int = option(9, "--loss lal: window side in pixels/voxels (odd: centred on a pixel).", ge=1,
-                             check=lambda v: None if v % 2 else "must be odd")
-    lal_stride: int = option(4, "--loss lal: window stride.", ge=1)
-    lal_sigma: float | None = option(None, "--loss lal: sigma of the Gaussian weight on the chessboard distance to "
-                                           "the window centre [default: window / 3].", gt=0)
-    lal_k: float = option(5.0, "--loss lal: Minkowski pooling exponent over the window costs (5: best on VOC).", gt=0)
     aux_weight: float = option(0.4, "Weight of the auxiliary head's loss (OCR: 0.4).", ge=0)
     # data
     policy: Literal["crop", "resize"] = option("crop", "Augmentation: crop (rescale/crop/flip, natural images) or "
