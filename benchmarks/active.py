@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, default_data_root, print_table, save_results  # noqa: E402
+from common import RESULTS, ROOT, default_data_root, mean_sd, print_table, save_results  # noqa: E402
 
 RECORDS = RESULTS / "active"
 RUN_ROOT = ROOT / "runs" / "bench" / "active"
@@ -204,11 +204,6 @@ def run_all(settings: list[str], seeds: list[int] | None, records: Path, run_roo
                   f"{rec['curve'][-1]['dice']:.4f} ({rec['wall_s']:.0f} s)", flush=True)
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float | None]:
-    a = np.asarray(values, float)
-    return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
-
-
 def common_range_aulc(runs: dict, lo: float, hi: float, key: str = "dice") -> float:
     """Mean score over [lo, hi] of annotated fraction (linear interpolation between rounds)."""
     if hi <= lo:
@@ -242,8 +237,8 @@ def aggregate(records: Path) -> dict:
             dice = np.array([[r["curve"][i]["dice"] for i in range(n)] for r in recs])
             jac = np.array([[r["curve"][i]["jaccard"] for i in range(n)] for r in recs])
             regions = np.array([[r["curve"][i]["regions"] for i in range(n)] for r in recs])
-            m, sd = _mean_sd(aulcs)
-            mr, sdr = _mean_sd(aulcs_regions)
+            m, sd = mean_sd(aulcs, digits=None)
+            mr, sdr = mean_sd(aulcs_regions, digits=None)
             entry = {
                 "aulc_mean": round(m, 4), "aulc_sd": None if sd is None else round(sd, 4), "repeats": len(recs),
                 "per_seed": {str(r["seed"]): round(a, 4) for r, a in zip(recs, aulcs)},
@@ -284,7 +279,7 @@ def aggregate(records: Path) -> dict:
             # make most of the seed-to-seed spread; the per-repeat difference removes it.
             seeds = sorted(set(ea["per_seed"]) & set(eb["per_seed"]), key=int)
             diffs = [ea["per_seed"][k] - eb["per_seed"][k] for k in seeds]
-            dm, dsd = _mean_sd(diffs) if diffs else (None, None)
+            dm, dsd = mean_sd(diffs, digits=None) if diffs else (None, None)
             agg[setting].setdefault("comparisons", {})[f"{a}_vs_{b}"] = {
                 "aulc_gain": round(gain, 4), "beyond_spread": bool(beyond),
                 "paired_per_seed": {k: round(d, 4) for k, d in zip(seeds, diffs)},
@@ -313,7 +308,7 @@ def dice_at_fractions(entries: dict, records: Path, setting: str) -> dict:
             vals = [float(np.interp(f, [c["fraction"] for c in r["curve"]], [c["dice"] for c in r["curve"]]))
                     for r in recs if r["curve"][0]["fraction"] <= f <= r["curve"][-1]["fraction"]]
             if vals:
-                m, sd = _mean_sd(vals)
+                m, sd = mean_sd(vals, digits=None)
                 row[f"{f:g}"] = {"mean": round(m, 4), "sd": None if sd is None else round(sd, 4), "n": len(vals)}
         out[strategy] = row
     return out
@@ -462,7 +457,7 @@ def full_annotation_ceiling(pool, seeds: tuple[int, ...]) -> dict:
         probs, _ = predict_probabilities(model, test_x)
         dice[str(seed)] = round(foreground_scores(probs, test_y)["dice"], 4)
         print(f"  full annotation, seed {seed}: Dice {dice[str(seed)]:.4f}", flush=True)
-    m, sd = _mean_sd(list(dice.values()))
+    m, sd = mean_sd(list(dice.values()), digits=None)
     return {"dice_per_seed": dice, "dice_mean": round(m, 4), "dice_sd": None if sd is None else round(sd, 4),
             "iterations": iterations, "split": "sections 20-29 (held out)"}
 

@@ -71,6 +71,21 @@ def save_results(name: str, figures: dict, settings: dict, started: float) -> Pa
     return path
 
 
+def mean_sd(values: list[float | None], digits: int | None = 4) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None from one value) of the values that are not None, rounded to
+    `digits` (None: not rounded); (None, None) when there are none."""
+    import statistics
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    if digits is None:
+        return mean, sd
+    return round(mean, digits), (round(sd, digits) if sd is not None else None)
+
+
 def as_json(value: object) -> object:
     """`value` as it reads back from a JSON file (tuples as lists, paths and other objects as strings)."""
     return json.loads(json.dumps(value, default=str))

@@ -38,7 +38,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, default_data_root, print_table, recorded, save_results
+from common import RESULTS, ROOT, default_data_root, mean_sd, print_table, recorded, save_results
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
@@ -199,10 +199,6 @@ def acdc_run(root: Path, init: str, pretrained, seed: int, loss: str = "dice_ce"
 
 
 # ---- aggregation -------------------------------------------------------------------------------------
-def spread(values: list[float]) -> tuple[float, float | None]:
-    return round(statistics.fmean(values), 4), (round(statistics.stdev(values), 4) if len(values) > 1 else None)
-
-
 def aggregate() -> dict:
     from frugalseg.data.io import read_json
 
@@ -214,7 +210,7 @@ def aggregate() -> dict:
                     if k.startswith(prefix) and k[len(prefix):].startswith("seed")}
         if not per_seed:
             return None
-        mean, sd = spread(list(per_seed.values()))
+        mean, sd = mean_sd(list(per_seed.values()))
         key = "miou_mean" if metric == "miou" else "dice_mean"
         return {key: mean, "sd": sd, "per_seed": per_seed, "split": "val"}
 

@@ -40,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from common import ROOT, default_data_root, print_table, save_results
+from common import ROOT, default_data_root, mean_sd, print_table, save_results
 from frugalseg.runs import git_commit, machine_info
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
@@ -311,15 +311,6 @@ def read_record(records: Path, setting: str, method: str, seed: int, protocol: s
                                                                                 fraction)) else None
 
 
-def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    import statistics
-
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return round(statistics.fmean(values), 5), round(statistics.stdev(values), 5) if len(values) > 1 else None
-
-
 def aggregate(records: Path, protocol: str = "cpu", fraction: float = 1.0) -> dict:
     """`<protocol>_protocol.<setting>.<method>` from every finished run on disk: mean ± sd over seeds, each seed,
     the gain over supervised-only and whether it is beyond the spread (larger than both methods' seed sd)."""
@@ -333,18 +324,18 @@ def aggregate(records: Path, protocol: str = "cpu", fraction: float = 1.0) -> di
             if not runs:
                 continue
             score = "miou" if setting.startswith("msrc") else "dice"
-            mean, sd = _mean_sd([r[score] for r in runs])
+            mean, sd = mean_sd([r[score] for r in runs], digits=5)
             entry = {f"{score}_mean": mean, "sd": sd, "per_seed": [r[score] for r in runs],
-                     "seeds": [r["seed"] for r in runs], "wall_s": _mean_sd([r["wall_s"] for r in runs])[0],
-                     "s_per_iteration": _mean_sd([r["s_per_iteration"] for r in runs])[0], "split": runs[0]["split"],
+                     "seeds": [r["seed"] for r in runs], "wall_s": mean_sd([r["wall_s"] for r in runs], digits=5)[0],
+                     "s_per_iteration": mean_sd([r["s_per_iteration"] for r in runs], digits=5)[0], "split": runs[0]["split"],
                      "cases": runs[0]["cases"], "labelled": runs[0]["labelled"], "unlabelled": runs[0]["unlabelled"],
                      "curves": {str(r["seed"]): r["curve"] for r in runs}}
             entry.update(curve_shape([r["curve"] for r in runs]))
             if score == "dice":
-                entry["hd95_mean"], entry["hd95_sd"] = _mean_sd([r["hd95"] for r in runs])
+                entry["hd95_mean"], entry["hd95_sd"] = mean_sd([r["hd95"] for r in runs], digits=5)
                 entry["hd95_per_seed"] = [r["hd95"] for r in runs]
-                entry["jaccard_mean"] = _mean_sd([r["jaccard"] for r in runs])[0]
-                entry["asd_mean"] = _mean_sd([r["asd"] for r in runs])[0]
+                entry["jaccard_mean"] = mean_sd([r["jaccard"] for r in runs], digits=5)[0]
+                entry["asd_mean"] = mean_sd([r["asd"] for r in runs], digits=5)[0]
                 entry["units"] = runs[0]["units"]
             if method in CPU_DIAGNOSTICS.get(setting, ()):
                 entry["diagnostic"] = True

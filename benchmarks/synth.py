@@ -32,11 +32,10 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, default_data_root, print_table, recorded, save_results
+from common import RESULTS, ROOT, default_data_root, mean_sd, print_table, recorded, save_results
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
@@ -151,9 +150,10 @@ def fd_study(root: Path, ds: str, k: int, quick: bool) -> dict:
     return out
 
 
-def summarise(values: list[float]) -> dict:
-    return {"mean": round(statistics.fmean(values), 4),
-            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None}
+def summarise(values: list[float | None]) -> dict:
+    """{'mean', 'sd'} of the values given (None where a run did not measure it, e.g. a GAN trained earlier)."""
+    mean, sd = mean_sd(values)
+    return {"mean": mean, "sd": sd}
 
 
 def aggregate(datasets=DATASETS, ks=KS, seeds=SEEDS, fd: dict | None = None, quick: bool = False) -> dict:

@@ -33,7 +33,7 @@ import os
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, default_data_root, print_table, recorded, save_results
+from common import RESULTS, ROOT, default_data_root, mean_sd, print_table, recorded, save_results
 
 os.environ.setdefault("FRUGALSEG_DATA", str(default_data_root()))
 
@@ -89,7 +89,6 @@ def seed_study(root: Path, common: dict, seeds: list[int], rounds: int) -> dict:
     Only what trains after the maps varies (region classifiers, segmenters, data order); the tag classifier,
     its maps and the calibration draw are the main run's, so differences are those of the mining rounds.
     """
-    import statistics
 
     main_dir = root / "cam_crf_mining"
     if not (main_dir / "summary.json").exists():
@@ -109,8 +108,8 @@ def seed_study(root: Path, common: dict, seeds: list[int], rounds: int) -> dict:
         }
 
     def spread(values: list[float]) -> dict:
-        return {"mean": round(statistics.fmean(values), 4),
-                "std": round(statistics.stdev(values), 4) if len(values) > 1 else None, "n": len(values)}
+        mean, sd = mean_sd(values)
+        return {"mean": mean, "std": sd, "n": len(values)}
 
     over = {f"val_round{r}": spread([t["val_miou_by_round"][str(r)] for t in table.values()]) for r in range(1, rounds + 1)}
     over.update({f"regions_train_round{r}": spread([t["regions_miou_train"][str(r)] for t in table.values()])
@@ -319,7 +318,7 @@ def irn_segmenters(root: Path, common: dict, refine: str, seeds: list[int]) -> d
     the CRF, IRN, mining rounds and segmenters train with the seed); each run's model is its best round on the
     calibration images. Each finished seed is kept as a record (`recorded`)."""
     per_seed = {}
-    tag = schedule_tag(common)
+    tag = schedule_tag(root, common)
     for seed in seeds:
         out = root / f"cam_{refine.replace('+', '_')}{tag}_seed{seed}"
         cfg = PipelineConfig(**{**common, "seed": seed}, out=str(out), seeds="cam", refine=refine,
@@ -349,9 +348,11 @@ def irn_segmenters(root: Path, common: dict, refine: str, seeds: list[int]) -> d
     return per_seed
 
 
-def schedule_tag(common: dict) -> str:
-    """'' for the benchmark's segmenter schedule, '_se<N>' for another --seg-epochs (its runs and records apart)."""
-    return "" if common["seg_epochs"] == settings(False)["seg_epochs"] else f"_se{common['seg_epochs']}"
+def schedule_tag(root: Path, common: dict) -> str:
+    """'' for the benchmark's segmenter schedule (--quick's in a quick study folder), '_se<N>' for another
+    --seg-epochs (its runs and records apart)."""
+    default = settings(root.name.endswith("_quick"))["seg_epochs"]
+    return "" if common["seg_epochs"] == default else f"_se{common['seg_epochs']}"
 
 
 def ensure_shared_maps(root: Path, common: dict) -> None:
@@ -372,7 +373,7 @@ def full_supervision_seeds(root: Path, common: dict, seeds: list[int]) -> dict:
     per_seed = {}
     epochs = common["seg_epochs"] * max(1, common["rounds"])
     for seed in seeds:
-        out = root / f"full_supervision{schedule_tag(common)}_seed{seed}"
+        out = root / f"full_supervision{schedule_tag(root, common)}_seed{seed}"
         cfg = PipelineConfig(**{**common, "seed": seed}, out=str(root / "unused"))
         train_cfg = segmenter_config(cfg, out, epochs=epochs)
 
@@ -382,15 +383,9 @@ def full_supervision_seeds(root: Path, common: dict, seeds: list[int]) -> dict:
             metrics = json.loads((out / "metrics" / "val.json").read_text())
             return {"val_miou": metrics["miou"], "epochs": epochs, "seconds_this_call": round(time.time() - t0, 1)}
 
-        per_seed[str(seed)] = run_record(root, f"full_supervision{schedule_tag(common)}.seed{seed}", train_cfg, measure)
+        per_seed[str(seed)] = run_record(root, f"full_supervision{schedule_tag(root, common)}.seed{seed}", train_cfg, measure)
         print(f"  full supervision seed {seed}: val mIoU {per_seed[str(seed)]['val_miou']:.4f}", flush=True)
     return per_seed
-
-
-def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    import statistics
-
-    return round(statistics.fmean(values), 4), (round(statistics.stdev(values), 4) if len(values) > 1 else None)
 
 
 def irn_study(root: Path, common: dict, seeds: list[int], stage: str, advcam_maps: str | None,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from frugalseg.losses import LocallyAdaptiveLoss, chessboard_gaussian, lal_loss, loss_kind, segmentation_loss
+from frugalseg.losses import LocallyAdaptiveLoss, chessboard_gaussian, lal_loss, segmentation_loss
 
 
 def test_window_one_and_k_one_is_pixelwise_cross_entropy_2d_and_3d():
@@ -77,13 +77,22 @@ def test_large_k_approaches_the_hardest_window_and_void_gives_zero_with_graph():
 
 
 def test_loss_kind_carries_the_options_into_segmentation_loss():
-    class Cfg:
-        loss, lal_window, lal_stride, lal_sigma, lal_k = "lal", 5, 2, None, 3.0
+    from frugalseg.stages.semi import SemiConfig
+    from frugalseg.stages.train import TrainConfig
 
-    kind = loss_kind(Cfg())
+    cfg = TrainConfig(loss="lal", lal_window=5, lal_stride=2, lal_k=3.0)
+    kind = cfg.loss_kind()
     assert kind == LocallyAdaptiveLoss(5, 2, None, 3.0)
     logits, target = torch.randn(1, 2, 8, 8), torch.randint(0, 2, (1, 8, 8))
     assert segmentation_loss(logits, target, kind).item() == pytest.approx(
         lal_loss(logits, target, 5, 2, None, 3.0).item())
-    Cfg.loss = "ce"
-    assert loss_kind(Cfg()) == "ce"
+    assert TrainConfig(loss="ce").loss_kind() == "ce"
+    assert SemiConfig(loss="lal", lal_window=3).loss_kind() == LocallyAdaptiveLoss(3, 4, None, 5.0)
+
+
+def test_lal_gradient_is_finite_when_every_window_is_perfect():
+    target = torch.randint(0, 3, (2, 16, 16))
+    logits = (torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 200).requires_grad_()
+    loss = lal_loss(logits, target, 5, 2, None, 5.0)
+    loss.backward()
+    assert loss.item() < 1e-2 and torch.isfinite(logits.grad).all()

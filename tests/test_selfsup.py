@@ -138,7 +138,7 @@ def test_pretrain_stage_then_train_loads_the_backbone(tmp_path):
     assert not torch.equal(load_file(proxy["weights"])["conv_stem.weight"], saved["conv_stem.weight"])
     with pytest.raises(DataError, match="colour"):
         pretrain(PretrainConfig(task="colorize", data="acdc", out=str(tmp_path / "c")))
-    with pytest.raises(DataError, match="not this encoder's"):
+    with pytest.raises(DataError, match="weights of another network"):
         pretrain(PretrainConfig(task="mixmatch", arch="unet2d", init=proxy["run"], out=str(tmp_path / "x"),
                                 **{**common, "data": "acdc"}))
     assert not (tmp_path / "c").exists() and not (tmp_path / "x").exists()
@@ -170,3 +170,37 @@ def test_resume_of_a_finished_pretraining_keeps_its_record(tmp_path):
     again = pretrain(PretrainConfig(**cfg, resume=True))  # same schedule: nothing to train, nothing rewritten
     assert (tmp_path / "rot" / "stages" / "pretrain.done").read_text() == done
     assert again["seconds"] == first["seconds"] and _json.loads(done)["iterations"] == 2
+
+
+def test_pretrain_crops_never_pad_a_small_image():
+    """A black band from padding would tell a rotation's angle: proxy crops stay inside the image."""
+    from frugalseg.data.transforms import CropTransform
+
+    image = torch.rand(3, 40, 90) + 0.5  # no pixel is 0 in the image itself
+    mask = torch.zeros(40, 90, dtype=torch.long)
+    for seed in range(20):
+        out, m = CropTransform(crop=64, scale=(0.5, 1.0), pad=False)(image, mask, torch.Generator().manual_seed(seed))
+        assert out.shape == (3, 64, 64) and bool((out > 0.3).all()) and bool((m == 0).all())
+
+
+def test_weights_of_another_backbone_are_refused(tmp_path):
+    """lite1's features share every lite0 tensor name and shape: a lite1 pretrain run or weight file must not load
+    silently into lite0."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from frugalseg.errors import ConfigError, DataError
+    from frugalseg.models.backbones import create_backbone
+
+    lite1 = create_backbone("tf_efficientnet_lite1", pretrained=False, output_stride=32)
+    run = tmp_path / "pre"
+    run.mkdir()
+    save_file({k: v.contiguous() for k, v in lite1.model.state_dict().items()}, str(run / "weights.safetensors"))
+    (run / "pretrain.json").write_text(json.dumps({"arch": "ocr", "backbone": "tf_efficientnet_lite1"}))
+    with pytest.raises(ConfigError, match="not the tf_efficientnet_lite0 backbone"):
+        create_backbone("tf_efficientnet_lite0", pretrained=str(run), output_stride=32)
+    with pytest.raises(DataError, match="another network than tf_efficientnet_lite0"):
+        create_backbone("tf_efficientnet_lite0", pretrained=str(run / "weights.safetensors"), output_stride=32)
+    with pytest.raises(ConfigError, match="no such weight file"):
+        create_backbone("tf_efficientnet_lite0", pretrained=str(tmp_path / "missing.safetensors"), output_stride=32)

@@ -277,7 +277,25 @@ def test_synth_train_refuses_a_crop_the_generator_cannot_take_and_float_images(t
         train_synth(_tiny(tmp_path, crop_size=60))
     with pytest.raises(DataError, match="8-bit RGB"):
         train_synth(_tiny(tmp_path, data="acdc", train_split="train"))
+    with pytest.raises(ConfigError, match="too large for the smallest labelled image \\(120 px"):
+        train_synth(_tiny(tmp_path, crop_size=256))  # wbc1 is 120 x 120: reflection padding cannot reach 256
     assert not (tmp_path / "synth").exists()
+
+
+def test_synth_train_refuses_masks_without_objects(tmp_path):
+    from PIL import Image
+
+    from frugalseg.stages.synth import train_synth
+
+    data = tmp_path / "blank"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 90 + i, np.uint8)).save(data / "images" / f"b{i}.png")
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(data / "masks" / f"b{i}.png")
+    (data / "classes.txt").write_text("background\ncell\n")
+    with pytest.raises(DataError, match="no mask of blank:train holds a foreground class"):
+        train_synth(_tiny(tmp_path, data=str(data), train_split="train", labelled_count=None))
 
 
 def test_train_with_extra_pairs_and_refusal_of_other_classes(synth_run, tmp_path, shapes_dataset):

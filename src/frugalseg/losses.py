@@ -28,7 +28,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     return 1 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: "str | LocallyAdaptiveLoss" = "ce",
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: LossKind = "ce",
                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """`kind`: "ce", "dice_ce", or a `LocallyAdaptiveLoss` (its options travel with it)."""
     if not (target != ignore_index).any():  # a crop of pure void: no signal, but keep the graph
@@ -66,7 +66,7 @@ def lal_loss(logits: torch.Tensor, target: torch.Tensor, window: int = 9, stride
 
     Only p̄_c[c] is needed, so each class is two channels of one depthwise convolution with the Gaussian
     kernel: of 1[y=c]·p[c] and of 1[y=c] (no loop over windows). Windows are zero-padded by window // 2 at the borders;
-    void pixels belong to no class. window 1 and k 1 give pixel-wise cross-entropy.
+    void pixels belong to no class. window 1, stride 1 and k 1 give pixel-wise cross-entropy.
     """
     dims = logits.ndim - 2
     if dims not in (2, 3):
@@ -91,9 +91,10 @@ def lal_loss(logits: torch.Tensor, target: torch.Tensor, window: int = 9, stride
     present = den > 1e-6 * float(kernel.min())
     if not bool(present.any()):
         return logits.sum() * 0.0
-    merged = (num[present] / den[present]).clamp_min(1e-8)
+    merged = (num[present] / den[present]).clamp(1e-8, 1.0)  # rounding must not make a cost negative
     cost = -torch.log(merged)
-    return cost.pow(k).mean().pow(1.0 / k)
+    # the tiny offset keeps the root's gradient finite when every window is perfect (all costs 0)
+    return (cost.pow(k).mean() + 1e-12).pow(1.0 / k)
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,5 @@ class LocallyAdaptiveLoss:
         return lal_loss(logits, target, self.window, self.stride, self.sigma, self.k, ignore_index)
 
 
-def loss_kind(cfg) -> "str | LocallyAdaptiveLoss":
-    """A config's loss as `segmentation_loss` takes it: its `loss` name, or for "lal" the loss with the
-    config's `lal_window`, `lal_stride`, `lal_sigma`, `lal_k`."""
-    if cfg.loss != "lal":
-        return cfg.loss
-    return LocallyAdaptiveLoss(cfg.lal_window, cfg.lal_stride, cfg.lal_sigma, cfg.lal_k)
+#: What `segmentation_loss` takes as its kind: a loss name ("ce", "dice_ce", "dice"), or the LAL with its options.
+LossKind = str | LocallyAdaptiveLoss

@@ -107,15 +107,23 @@ class RunDir:
     def _marker(self, stage: str, kind: str = "done") -> Path:
         return self.path / "stages" / f"{stage}.{kind}"
 
-    def _recorded_key(self, stage: str, kind: str) -> Any:
-        """The settings a stage marker records; a `DataError` naming the marker when it is damaged (edited or
-        truncated outside frugalseg, whose writes are atomic)."""
+    def _record(self, stage: str, kind: str) -> dict:
+        """A stage marker's record; a `DataError` naming the marker when it is damaged (edited or truncated
+        outside frugalseg, whose writes are atomic)."""
         path = self._marker(stage, kind)
         record = read_json(path)
         if not isinstance(record, dict):
             raise DataError(f"{path}: not a stage marker (a JSON object was expected); the file is damaged: delete "
                             f"it so the stage '{stage}' runs again.")
-        return record.get("key")
+        return record
+
+    def _recorded_key(self, stage: str, kind: str) -> Any:
+        """The settings a stage marker records."""
+        return self._record(stage, kind).get("key")
+
+    def stage_info(self, stage: str) -> dict:
+        """What `mark_done` recorded for a finished `stage` (seconds, iterations, ...); {} if it has not finished."""
+        return self._record(stage, "done") if self._marker(stage).exists() else {}
 
     def stage_done(self, stage: str, key: dict | None = None, retired: Collection[str] = ()) -> bool:
         """Whether `stage` finished; with `key` (the settings it depends on), only if it finished with those.

@@ -34,19 +34,26 @@ def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, size: tuple[int,
 
 @dataclass
 class CropTransform:
-    """Random scale in `scale`, pad to `crop` with void, random crop, horizontal flip."""
+    """Random scale in `scale`, pad to `crop` with void, random crop, horizontal flip.
+
+    `pad=False` never pads: the scale is raised where needed so the rescaled image covers the crop. Proxy tasks
+    need that: a black band at the bottom/right tells a rotation's angle without looking at the image."""
 
     crop: int = 256
     scale: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
     base_size: int | None = None  # rescale the longer side to this before the random scale
+    pad: bool = True
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, gen: torch.Generator):
         h, w = image.shape[-2:]
         s = self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand((), generator=gen).item()
         if self.base_size:
             s *= self.base_size / max(h, w)
-        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        if not self.pad:
+            s = max(s, self.crop / min(h, w))
+        least = 1 if self.pad else self.crop  # rounding must not leave the covering image a pixel short
+        nh, nw = max(least, round(h * s)), max(least, round(w * s))
         image, mask = resize_pair(image, mask, (nh, nw))
         ph, pw = max(self.crop - nh, 0), max(self.crop - nw, 0)
         if ph or pw:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from frugalseg.models.backbones import create_backbone, create_classifier
+from pathlib import Path
+
+from frugalseg.models.backbones import create_backbone, create_classifier, load_network_weights
 from frugalseg.models.segmenter import Segmenter, create_segmenter
 
 __all__ = ["Segmenter", "build_model", "create_backbone", "create_classifier", "create_segmenter", "first_output"]
@@ -20,7 +22,18 @@ def build_model(spec: dict, pretrained: bool | str = False):
     spec keys: arch (ocr | fcn | unet2d | unet3d | vnet3d | levelset_unet2d | levelset_unet3d |
     levelset_vnet3d | unet_generator), num_classes, in_chans, and for ocr/fcn backbone and output_stride; for the medical
     networks optionally channels (U-Nets) and dropout.
+
+    pretrained: for ocr/fcn the backbone's weights (True: ImageNet; a path: a weight file or a `frugalseg pretrain`
+    run). The other networks have no ImageNet weights: True or False is a random init, a path a state dict of the
+    whole network (e.g. a U-Net from `frugalseg pretrain`), checked tensor by tensor.
     """
+    model = _new_network(spec, pretrained if spec["arch"] in ("ocr", "fcn") else False)
+    if spec["arch"] not in ("ocr", "fcn") and isinstance(pretrained, (str, Path)):
+        load_network_weights(model, pretrained)
+    return model
+
+
+def _new_network(spec: dict, pretrained: bool | str):
     from frugalseg.errors import ConfigError
 
     arch = spec["arch"]

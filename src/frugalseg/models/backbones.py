@@ -239,12 +239,33 @@ def timm_weights(name: str) -> dict:
 
 
 PRETRAIN_WEIGHTS = "weights.safetensors"  # what `frugalseg pretrain` writes in its run folder
+PRETRAIN_META = "pretrain.json"  # ... and what it pretrained: task, arch, backbone, channels
 
 
 def weight_file(path: str | Path) -> Path:
     """A weight file, or the weights of a `frugalseg pretrain` run folder given instead."""
     p = Path(path)
-    return p / PRETRAIN_WEIGHTS if p.is_dir() and (p / PRETRAIN_WEIGHTS).exists() else p
+    if p.is_dir():
+        if not (p / PRETRAIN_WEIGHTS).exists():
+            raise DataError(f"{p}: no {PRETRAIN_WEIGHTS}; not a finished `frugalseg pretrain` run.")
+        return p / PRETRAIN_WEIGHTS
+    if not p.exists():
+        raise ConfigError(f"{p}: no such weight file or `frugalseg pretrain` run folder.")
+    return p
+
+
+def check_pretrain_run(path: str | Path, backbone: str) -> None:
+    """A `frugalseg pretrain` run folder handed to a `backbone` must have pretrained that backbone: a deeper
+    sibling (lite1 for lite0) shares every tensor name and shape of the shallower one and would load silently."""
+    meta_path = Path(path) / PRETRAIN_META
+    if not meta_path.exists():
+        return
+    import json
+
+    meta = json.loads(meta_path.read_text())
+    if meta.get("arch") not in ("ocr", "fcn") or meta.get("backbone") != backbone:
+        raise ConfigError(f"{path}: pretrained {meta.get('arch')} on {meta.get('backbone')}, not the {backbone} "
+                          f"backbone asked for; pretrain with --backbone {backbone}.")
 
 
 def _weight_source(name: str, pretrained: bool | str | Path) -> Path | None:
@@ -252,6 +273,7 @@ def _weight_source(name: str, pretrained: bool | str | Path) -> Path | None:
         return None
     if pretrained is True:
         return offline_weight_file(name)
+    check_pretrain_run(pretrained, name)
     return weight_file(pretrained)
 
 
@@ -264,8 +286,8 @@ def load_network_weights(model: nn.Module, path: str | Path) -> None:
     missing, unexpected = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
     if missing or unexpected:
         raise DataError(f"{path}: weights of another network ({len(missing)} tensors missing, e.g. {missing[:2]}; "
-                        f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); pretrain with the segmenter's "
-                        f"architecture and channels.")
+                        f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); pretrain with the same --arch, "
+                        f"--backbone and --channels.")
     bad = [k for k in wanted if tuple(state[k].shape) != tuple(wanted[k].shape)]
     if bad:
         raise DataError(f"{path}: tensor shapes differ from the network's, e.g. '{bad[0]}' "
@@ -323,6 +345,10 @@ def _load_into_features(features: nn.Module, name: str, path: Path, in_chans: in
     wanted = features.state_dict()
     full = timm.create_model(name, pretrained=False)
     if set(wanted) <= set(source):  # a features model's own state dict (`frugalseg pretrain`), by name
+        foreign = sorted(set(source) - set(full.state_dict()))
+        if foreign:  # e.g. a deeper network's extra blocks
+            raise DataError(f"{path}: weights of another network than {name} ({len(foreign)} tensors it lacks, e.g. "
+                            f"{foreign[:2]}).")
         sd = {k: source[k] for k in wanted}
     else:
         mapped = map_state_dict(source, full.state_dict())
@@ -333,4 +359,8 @@ def _load_into_features(features: nn.Module, name: str, path: Path, in_chans: in
     missing = [k for k in wanted if k not in sd]
     if missing:
         raise DataError(f"{path}: weights lack {len(missing)} backbone tensors, e.g. {missing[:3]}.")
+    bad = [k for k in wanted if tuple(sd[k].shape) != tuple(wanted[k].shape)]
+    if bad:
+        raise DataError(f"{path}: tensor shapes differ from {name}'s, e.g. '{bad[0]}' {tuple(sd[bad[0]].shape)} vs "
+                        f"{tuple(wanted[bad[0]].shape)}.")
     features.load_state_dict(sd)

@@ -144,11 +144,11 @@ def receptive_field(n_layers: int = 3) -> int:
     return rf
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad (B, C, H, W) at the bottom/right to multiples of `multiple`; returns the padded tensor and (H, W)
-    to crop back to."""
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad (B, C, H, W) at the bottom/right to multiples of `multiple` (edges replicated: no new boundary in the
+    condition); returns the padded tensor and (H, W) to crop back to."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
     return x, (h, w)

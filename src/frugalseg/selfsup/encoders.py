@@ -71,14 +71,13 @@ class Encoder(nn.Module):
 
 
 def make_encoder(arch: str, in_chans: int, backbone: str = "tf_efficientnet_lite0",
-                 channels: tuple[int, ...] = (8, 16, 32, 64, 128), num_classes: int = 2,
-                 pretrained: bool | str = False) -> Encoder:
-    """A fresh encoder: arch 'timm' (a `backbone` name, ImageNet weights only with `pretrained`) or 'unet2d'
-    (the medical U-Net of `channels`; `num_classes` only sizes its unused output layer)."""
+                 channels: tuple[int, ...] = (8, 16, 32, 64, 128), num_classes: int = 2) -> Encoder:
+    """A fresh, randomly initialised encoder (proxy tasks learn without ImageNet): arch 'timm' (a `backbone`
+    name) or 'unet2d' (the medical U-Net of `channels`; `num_classes` only sizes its unused output layer)."""
     if arch == "timm":
         from frugalseg.models.backbones import create_backbone
 
-        bb = create_backbone(backbone, pretrained=pretrained, output_stride=32, in_chans=in_chans)
+        bb = create_backbone(backbone, pretrained=False, output_stride=32, in_chans=in_chans)
         return Encoder(bb.model, "timm", list(bb.channels), bb.mean, bb.std)
     if arch == "unet2d":
         from frugalseg.models import build_model

@@ -67,6 +67,7 @@ from frugalseg.data.io import read_json, write_text
 from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.export import load_export, save_export
+from frugalseg.losses import LossKind
 from frugalseg.models import first_output
 from frugalseg.semi.adversarial import batchnorm_statistics_frozen, fgsm, kl_divergence, vat
 from frugalseg.semi.batches import split_batch
@@ -228,7 +229,7 @@ def cotraining_loss(
     clamp: Sequence[float] | None = (0.0, 1.0),
     attack_eval_mode: bool = True,
     adv_bn_update: bool = False,
-    loss_kind: str = "dice_ce",
+    loss_kind: LossKind = "dice_ce",
     ignore_index: int = IGNORE_INDEX,
     generator: torch.Generator | None = None,
     aux_weight: float = 0.0,
@@ -299,7 +300,7 @@ class CoTrainStep(SemiStep):
                  adversarial: bool = True, pairs: str = "all", adv_source: str = "coin", fgsm_eps: float = 0.05,
                  vat_xi: float = 1e-3, vat_eps: float = 0.05, vat_power_iterations: int = 1,
                  clamp: Sequence[float] | None = (0.0, 1.0), attack_eval_mode: bool = True,
-                 adv_bn_update: bool = False, loss: str = "dice_ce",
+                 adv_bn_update: bool = False, loss: LossKind = "dice_ce",
                  seed: int = 0, ignore_index: int = IGNORE_INDEX, aux_weight: float = 0.0):
         if len(models) < 2:
             raise ConfigError("co-training needs at least two models.")

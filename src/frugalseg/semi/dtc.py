@@ -41,12 +41,13 @@ with `dtc_loss`).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX
+from frugalseg.losses import LossKind
 from frugalseg.semi.ramps import DTC_CONSISTENCY, DTC_RAMPUP, RAMPUP_EVERY, consistency_weight
 from frugalseg.semi.sdf import sdf_targets
 from frugalseg.semi.step import SemiStep, supervised_loss
@@ -81,7 +82,7 @@ def dtc_loss(
     consistency: float = DTC_CONSISTENCY,
     rampup: float = DTC_RAMPUP,
     rampup_every: int = RAMPUP_EVERY,
-    seg_loss: Literal["dice_ce", "ce", "dice"] = "dice_ce",
+    seg_loss: LossKind = "dice_ce",
     ignore_index: int = IGNORE_INDEX,
 ) -> dict[str, torch.Tensor]:
     """DTC loss terms of one mixed batch.
@@ -149,7 +150,7 @@ class DTCStep(SemiStep):
 
     def __init__(self, model: nn.Module, *, k: float = K_TRANSFORM, beta: float = SDF_WEIGHT,
                  consistency: float = DTC_CONSISTENCY, rampup: float = DTC_RAMPUP, rampup_every: int = RAMPUP_EVERY,
-                 seg_loss: str = "dice_ce", ignore_index: int = IGNORE_INDEX):
+                 seg_loss: LossKind = "dice_ce", ignore_index: int = IGNORE_INDEX):
         super().__init__()
         self.model = model
         self.k, self.beta, self.seg_loss, self.ignore_index = k, beta, seg_loss, ignore_index

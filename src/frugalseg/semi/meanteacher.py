@@ -39,6 +39,7 @@ from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
 from frugalseg.export import save_export
+from frugalseg.losses import LossKind
 from frugalseg.models import first_output
 from frugalseg.semi.batches import split_batch
 from frugalseg.semi.ramps import RAMPUP_EVERY, SSL4MIS_CONSISTENCY, SSL4MIS_RAMPUP, consistency_weight
@@ -84,7 +85,7 @@ def mean_teacher_loss(
     teacher_noise: float = 0.1,
     noise_clip: float = 0.2,
     student_noise: float = 0.0,
-    loss_kind: str = "dice_ce",
+    loss_kind: LossKind = "dice_ce",
     ignore_index: int = IGNORE_INDEX,
     generator: torch.Generator | None = None,
     x_unl_student: torch.Tensor | None = None,
@@ -122,7 +123,7 @@ class MeanTeacherStep(SemiStep):
 
     def __init__(self, model: nn.Module, *, ema_decay: float = 0.99, consistency: float = SSL4MIS_CONSISTENCY,
                  rampup: float = SSL4MIS_RAMPUP, rampup_every: int = RAMPUP_EVERY, teacher_noise: float = 0.1,
-                 noise_clip: float = 0.2, student_noise: float = 0.0, loss: str = "dice_ce",
+                 noise_clip: float = 0.2, student_noise: float = 0.0, loss: LossKind = "dice_ce",
                  evaluate: str = "student", seed: int = 0, ignore_index: int = IGNORE_INDEX, aux_weight: float = 0.0):
         super().__init__()
         self.model = model

@@ -29,13 +29,13 @@ from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
 from frugalseg.export import load_export, save_export
-from frugalseg.losses import segmentation_loss, soft_dice_loss
+from frugalseg.losses import LossKind, segmentation_loss, soft_dice_loss
 from frugalseg.models import first_output
 
 __all__ = ["SemiStep", "segment", "supervised_loss", "supervised_with_aux"]
 
 
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "dice_ce",
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, kind: LossKind = "dice_ce",
                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """ce | dice_ce (0.5 CE + 0.5 soft Dice, SSL4MIS) | dice (soft Dice over all classes, closest to DTC's)."""
     if kind == "dice":
@@ -52,7 +52,7 @@ def segment(model: nn.Module, x: torch.Tensor, aux: bool = False) -> tuple[torch
     return first_output(model(x)), None
 
 
-def supervised_with_aux(logits: torch.Tensor, aux: torch.Tensor | None, labels: torch.Tensor, kind: str,
+def supervised_with_aux(logits: torch.Tensor, aux: torch.Tensor | None, labels: torch.Tensor, kind: LossKind,
                         aux_weight: float, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The supervised term with the auxiliary head's loss added at `aux_weight` (OCR: 0.4), as `frugalseg
     train` trains ocr / fcn."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from frugalseg.data.labels import IGNORE_INDEX
+from frugalseg.losses import LossKind
 from frugalseg.semi.step import SemiStep, segment, supervised_with_aux
 
 __all__ = ["SupervisedOnlyStep"]
@@ -35,7 +36,7 @@ class SupervisedOnlyStep(SemiStep):
     kind: ClassVar[str] = "supervised"
     uses_unlabelled: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module, *, loss: str = "dice_ce", ignore_index: int = IGNORE_INDEX,
+    def __init__(self, model: nn.Module, *, loss: LossKind = "dice_ce", ignore_index: int = IGNORE_INDEX,
                  aux_weight: float = 0.0):
         super().__init__()
         self.model = model

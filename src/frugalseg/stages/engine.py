@@ -37,7 +37,7 @@ from frugalseg.data.io import atomic_path, output_error
 from frugalseg.data.labels import LabelSpec
 from frugalseg.export import CHECKPOINT_FORMAT, RESUME_ADVICE, read_checkpoint
 from frugalseg.inference import predict_case, predict_volume_slices
-from frugalseg.losses import loss_kind, segmentation_loss
+from frugalseg.losses import segmentation_loss
 from frugalseg.metrics import ConfusionMatrix, summarise
 from frugalseg.models.group_net import group_loss
 from frugalseg.models.tag_classifier import tag_loss
@@ -101,6 +101,7 @@ class SegmentationModule(L.LightningModule):
         self.cfg = cfg
         self.model_spec = model_spec
         self.val_cm = ConfusionMatrix(labels.num_classes, labels.ignore_index)
+        self.loss_kind = cfg.loss_kind()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -109,12 +110,12 @@ class SegmentationModule(L.LightningModule):
         x, y = batch["image"], batch["mask"]
         if hasattr(self.model, "forward_train"):
             out, aux = self.model.forward_train(x)
-            loss_main = segmentation_loss(out, y, loss_kind(self.cfg), self.labels.ignore_index)
-            loss_aux = segmentation_loss(aux, y, loss_kind(self.cfg), self.labels.ignore_index)
+            loss_main = segmentation_loss(out, y, self.loss_kind, self.labels.ignore_index)
+            loss_aux = segmentation_loss(aux, y, self.loss_kind, self.labels.ignore_index)
             loss = loss_main + self.cfg.aux_weight * loss_aux
             self.log("train/loss_aux", loss_aux, on_step=True, on_epoch=False)
         else:
-            loss = segmentation_loss(self.model(x), y, loss_kind(self.cfg), self.labels.ignore_index)
+            loss = segmentation_loss(self.model(x), y, self.loss_kind, self.labels.ignore_index)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
         return loss
 
@@ -240,7 +241,7 @@ class PretrainModule(L.LightningModule):
         checkpoint["frugalseg"] = {"format_version": CHECKPOINT_FORMAT, "labels": self.labels.to_dict(),
                                    "model": {"encoder": self.encoder.kind, "task": self.cfg.task}, "kind": "pretrain"}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         from frugalseg.selfsup import mixmatch, proxies
 
         cfg, images = self.cfg, batch["image"]
@@ -259,9 +260,10 @@ class PretrainModule(L.LightningModule):
                                                       tuple(cfg.patch_sides), cfg.patch_resize, cfg.bg_ratio,
                                                       self.background, generator=g)
             triplets = mixmatch.class_graph_triplets(labels.cpu(), generator=g).to(images.device)
-            emb = self.encoder.embedding(patches, cfg.embedding_grid) if len(patches) else images.new_zeros(0, 1)
-            loss = mixmatch.triplet_loss(emb, triplets, cfg.margin) if len(patches) else images.sum() * 0.0
             self.log("train/triplets", float(len(triplets)), on_step=False, on_epoch=True)
+            if len(triplets) == 0:  # no seed pixel in any image of the batch (all void): nothing to learn from
+                return None  # Lightning skips the step
+            loss = mixmatch.triplet_loss(self.encoder.embedding(patches, cfg.embedding_grid), triplets, cfg.margin)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
         self.last_losses = {"loss": float(loss.detach())}
         return loss

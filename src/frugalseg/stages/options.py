@@ -38,6 +38,8 @@ from frugalseg.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from frugalseg.losses import LossKind
+
 #: `stage=` value of fields that change no output (where to write, how much to print, parallel workers).
 NO_OUTPUT = "none"
 #: Largest seed Lightning's `seed_everything` takes (a larger or negative one is silently replaced by a random one).
@@ -356,6 +358,15 @@ class LalOptions:
     lal_sigma: float | None = option(None, "--loss lal: sigma of the Gaussian weight on the chessboard distance to "
                                            "the window centre [default: window / 3].", gt=0)
     lal_k: float = option(5.0, "--loss lal: Minkowski pooling exponent over the window costs (5: best on VOC).", gt=0)
+
+    def loss_kind(self) -> LossKind:
+        """The config's supervised loss as `losses.segmentation_loss` takes it: the `loss` name its class declares,
+        or for "lal" the loss with these options (torch is imported here, not when a config loads)."""
+        from frugalseg.losses import LocallyAdaptiveLoss
+
+        loss = getattr(self, "loss")
+        return LocallyAdaptiveLoss(self.lal_window, self.lal_stride, self.lal_sigma, self.lal_k) if loss == "lal" \
+            else loss
 
 
 RUN_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(RunOptions))

@@ -18,7 +18,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -32,16 +31,15 @@ from frugalseg.data.samples import SegDataset
 from frugalseg.data.torchdata import EpochAware, SharedEpoch, sample_generator, shuffled_loader
 from frugalseg.data.transforms import CropTransform, to_tensor_image
 from frugalseg.errors import ConfigError, DataError
+from frugalseg.models.backbones import PRETRAIN_META, PRETRAIN_WEIGHTS
 from frugalseg.runs import RunDir
 from frugalseg.stages.options import RunOptions, ascending, check_common, option, option_like
 from frugalseg.stages.run_guard import claim_run_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PretrainConfig", "pretrain", "pretrained_weights"]
+__all__ = ["PretrainConfig", "pretrain"]
 
-WEIGHTS_FILE = "weights.safetensors"
-META_FILE = "pretrain.json"
 
 
 @dataclass
@@ -124,12 +122,12 @@ def pretrain_data(cfg: PretrainConfig) -> SegDataset:
 
 
 class PretrainCrops(EpochAware, Dataset):
-    """`length` random crops per epoch (images in turn), rescaled and flipped: {'image', 'mask'} (void where
-    an image has no mask)."""
+    """`length` random crops per epoch (images in turn), rescaled and flipped, always inside the image (no
+    padding a proxy task could read): {'image', 'mask'} (void where an image has no mask)."""
 
     def __init__(self, ds: SegDataset, crop: int, scale: tuple[float, float], length: int, seed: int = 0):
         self.ds = ds
-        self.transform = CropTransform(crop=crop, scale=tuple(scale))
+        self.transform = CropTransform(crop=crop, scale=tuple(scale), pad=False)
         self.length = length
         self.seed = seed
         self._shared_epoch = SharedEpoch()
@@ -156,36 +154,14 @@ class PretrainCrops(EpochAware, Dataset):
 
 
 # ---- weights ------------------------------------------------------------------------------------
-def pretrained_weights(path: str | Path) -> Path:
-    """The weights file of a pretrain run folder, or `path` itself when it is a file."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / WEIGHTS_FILE).exists():
-            raise DataError(f"{p}: no {WEIGHTS_FILE}; not a finished `frugalseg pretrain` run.")
-        return p / WEIGHTS_FILE
-    if not p.exists():
-        raise ConfigError(f"{p}: no such pretrain run folder or weight file.")
-    return p
-
-
 def build_encoder(cfg: PretrainConfig, in_chans: int, num_classes: int):
-    from frugalseg.models.backbones import read_state_dict
+    from frugalseg.models.backbones import load_network_weights
     from frugalseg.selfsup.encoders import make_encoder
 
     kind = "unet2d" if cfg.arch == "unet2d" else "timm"
     enc = make_encoder(kind, in_chans, backbone=cfg.backbone, channels=tuple(cfg.channels), num_classes=num_classes)
     if cfg.init:
-        state = read_state_dict(pretrained_weights(cfg.init))
-        wanted = enc.network.state_dict()
-        if set(wanted) - set(state):
-            raise DataError(f"--init {cfg.init}: its weights are not this encoder's ({len(set(wanted) - set(state))} "
-                            f"tensors missing, e.g. {sorted(set(wanted) - set(state))[:2]}); pretrain with the same "
-                            "--arch, --backbone and --channels.")
-        try:
-            enc.network.load_state_dict({k: state[k] for k in wanted})
-        except RuntimeError as exc:
-            raise DataError(f"--init {cfg.init}: tensor shapes differ from this encoder's ({str(exc)[:200]}).") \
-                from None
+        load_network_weights(enc.network, cfg.init)  # a run of another arch, backbone or channels: a DataError
     return enc
 
 
@@ -215,14 +191,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
         fit_resumable(module, cfg, run, loader, max_epochs=cfg.epochs)
         from safetensors.torch import save_file
 
-        with atomic_path(run / WEIGHTS_FILE) as tmp:
+        with atomic_path(run / PRETRAIN_WEIGHTS) as tmp:
             save_file(encoder.saved_state(), str(tmp))
-        write_json(run / META_FILE, {"task": cfg.task, "arch": cfg.arch, "backbone": cfg.backbone,
+        write_json(run / PRETRAIN_META, {"task": cfg.task, "arch": cfg.arch, "backbone": cfg.backbone,
                                      "channels": list(cfg.channels), "in_chans": in_chans, "init": cfg.init,
                                      "images": len(ds), "iterations": cfg.iterations,
                                      "last_losses": module.last_losses, "labels": ds.labels.to_dict()})
         run.mark_done("pretrain", {"seconds": round(time.time() - t0, 1), "iterations": cfg.iterations})
-    meta = read_json(run / META_FILE)
-    done = read_json(run / "stages" / "pretrain.done")
-    return {"run": str(run.path), "weights": str(run / WEIGHTS_FILE), "task": meta["task"], "images": meta["images"],
+    meta = read_json(run / PRETRAIN_META)
+    done = run.stage_info("pretrain")
+    return {"run": str(run.path), "weights": str(run / PRETRAIN_WEIGHTS), "task": meta["task"], "images": meta["images"],
             "seconds": done.get("seconds"), "last_losses": meta.get("last_losses")}

@@ -40,7 +40,6 @@ from frugalseg.data.validate import check_masks_for_training
 from frugalseg.data.io import read_json, write_json
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.evaluation import evaluate
-from frugalseg.losses import loss_kind
 from frugalseg.export import check_checkpoint
 from frugalseg.models import build_model
 from frugalseg.report import write_report
@@ -190,12 +189,7 @@ class SemiConfig(LalOptions, RunOptions):
     def new_model(self, spec: dict) -> nn.Module:
         """A new network of `spec`: ocr/fcn start from `pretrained` (ImageNet by default), U-/V-Nets from scratch or
         from a `pretrained` path (e.g. `frugalseg pretrain` weights)."""
-        model = build_model(spec, pretrained=self.pretrained if self.natural else False)
-        if not self.natural and isinstance(self.pretrained, str):
-            from frugalseg.models.backbones import load_network_weights
-
-            load_network_weights(model, self.pretrained)  # a U-Net from `frugalseg pretrain`
-        return model
+        return build_model(spec, pretrained=self.pretrained)
 
     def check(self, labels: LabelSpec) -> None:
         """Refuse data the method cannot train on (a clear error before anything is written)."""
@@ -374,7 +368,7 @@ class DTCConfig(SemiConfig):
 
     def build_step(self, spec: dict, labels: LabelSpec) -> DTCStep:
         return DTCStep(self.new_model(spec), k=self.k, beta=self.beta, consistency=self.consistency,
-                       rampup=self.consistency_rampup, rampup_every=self.rampup_every, seg_loss=loss_kind(self),
+                       rampup=self.consistency_rampup, rampup_every=self.rampup_every, seg_loss=self.loss_kind(),
                        ignore_index=labels.ignore_index)
 
 
@@ -415,7 +409,7 @@ class MeanTeacherConfig(SemiConfig):
         return MeanTeacherStep(
             self.new_model(spec), ema_decay=self.ema_decay, consistency=self.consistency,
             rampup=self.consistency_rampup, rampup_every=self.rampup_every, teacher_noise=self.teacher_noise,
-            noise_clip=self.noise_clip, student_noise=self.student_noise, loss=loss_kind(self), evaluate=self.evaluate,
+            noise_clip=self.noise_clip, student_noise=self.student_noise, loss=self.loss_kind(), evaluate=self.evaluate,
             seed=self.seed, ignore_index=labels.ignore_index, aux_weight=self.aux_weight if self.natural else 0.0)
 
 
@@ -488,7 +482,7 @@ class CoTrainConfig(SemiConfig):
             adversarial=self.adversarial, pairs=self.adv_pairs, adv_source=self.adv_source, fgsm_eps=self.fgsm_eps,
             vat_xi=self.vat_xi, vat_eps=self.vat_eps, vat_power_iterations=self.vat_power_iterations,
             clamp=self.adv_clamp, attack_eval_mode=self.attack_eval_mode, adv_bn_update=self.adv_bn_update,
-            loss=loss_kind(self), seed=self.seed,
+            loss=self.loss_kind(), seed=self.seed,
             ignore_index=labels.ignore_index, aux_weight=self.aux_weight if self.natural else 0.0)
 
 
@@ -526,7 +520,7 @@ class SupervisedOnlyConfig(SemiConfig):
         return self
 
     def build_step(self, spec: dict, labels: LabelSpec) -> SupervisedOnlyStep:
-        return SupervisedOnlyStep(self.new_model(spec), loss=loss_kind(self), ignore_index=labels.ignore_index,
+        return SupervisedOnlyStep(self.new_model(spec), loss=self.loss_kind(), ignore_index=labels.ignore_index,
                                   aux_weight=self.aux_weight if self.natural else 0.0)
 
 
@@ -692,7 +686,7 @@ def train_semi(cfg: SemiConfig) -> dict:
     t0 = time.time()
     if finished and not cfg.resume:
         log.info("%s: training already finished; skipping (delete stages/train.done to retrain).", run.path)
-        info = read_json(run / "stages" / "train.done")
+        info = run.stage_info("train")
         predictor = step_class.load_predictor(run.path)
     else:
         method = cfg.build_step(spec, labels)

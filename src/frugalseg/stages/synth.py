@@ -41,9 +41,9 @@ from frugalseg.data.validate import check_masks_for_training
 from frugalseg.errors import ConfigError, DataError
 from frugalseg.export import load_export, save_export
 from frugalseg.runs import RunDir
-from frugalseg.stages.options import RunOptions, check_common, option, option_like
+from frugalseg.stages.options import RunOptions, check_common, option, option_like, read_config_file
 from frugalseg.stages.run_guard import claim_run_dir
-from frugalseg.synth.cgan import render
+from frugalseg.synth.cgan import render_mask
 from frugalseg.synth.conditioning import condition, condition_channels, instance_map
 from frugalseg.synth.masks import ShapeModel, aligned_nearest, nearest_mask_iou
 
@@ -123,7 +123,7 @@ def labelled_pairs(cfg: SynthTrainConfig) -> tuple[SegDataset, list[np.ndarray],
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise DataError(f"{s.image}: the GAN renders 8-bit RGB images (PNG, JPEG, TIFF); this one is "
                             f"{image.dtype} of shape {image.shape} (e.g. a medical slice).")
-        images.append(np.ascontiguousarray(image[..., :3]))
+        images.append(np.ascontiguousarray(image))
         masks.append(mask.astype(np.uint8))
     return ds, images, masks
 
@@ -201,14 +201,23 @@ def train_synth(cfg: SynthTrainConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ds, images, masks = labelled_pairs(cfg)
     labels = ds.labels
+    smallest = min(min(m.shape) for m in masks)
+    if cfg.crop_size >= 2 * smallest:  # reflection padding needs less padding than the image's side
+        raise ConfigError(f"--crop-size {cfg.crop_size} is too large for the smallest labelled image ({smallest} "
+                          f"px a side); choose a crop below {2 * smallest}.")
+    if labels.background != 0:
+        raise DataError(f"{cfg.data}: the mask shape model needs background as class 0 (objects are the classes "
+                        f"above it); this dataset's background is class {labels.background}.")
     run = RunDir(cfg.out)
     finished = run.stage_done("synth")
     claim_run_dir(run, cfg, labels, finished=finished, started=run.last_checkpoint.exists())
-    write_json(run / TRAINING_FILE, {"data": cfg.data, "split": cfg.train_split, "ids": [s.id for s in ds],
-                                     "labels": labels.to_dict()})
+    write_json(run / TRAINING_FILE, {"ids": [s.id for s in ds], "labels": labels.to_dict()})  # data: config.yaml
     t0 = time.time()
     if not (run / SHAPES_FILE).exists():
-        shapes = ShapeModel.fit(masks, labels.num_classes, variance_kept=cfg.shape_variance)
+        try:
+            shapes = ShapeModel.fit(masks, labels.num_classes, variance_kept=cfg.shape_variance)
+        except ValueError as exc:  # e.g. every labelled mask is background only
+            raise DataError(f"{cfg.data}: cannot fit the mask shape model: {exc}.") from None
         with atomic_path(run / SHAPES_FILE) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **shapes.to_arrays())
@@ -231,7 +240,7 @@ def train_synth(cfg: SynthTrainConfig) -> dict:
         save_export(module.generator, spec, labels, run / GENERATOR_DIR)
         run.mark_done("synth", {"seconds": round(time.time() - t1, 1), "iterations": total,
                                 "labelled_images": len(images)})
-    info = read_json(run / "stages" / "synth.done") if (run / "stages" / "synth.done").exists() else {}
+    info = run.stage_info("synth")
     summary = {"run": str(run.path), "labelled_images": len(images), "shape_model_seconds": shape_seconds,
                "gan_seconds": info.get("seconds"), "iterations": info.get("iterations")}
     if cfg.gallery:
@@ -258,25 +267,20 @@ def load_shapes(run: RunDir) -> ShapeModel:
         raise DataError(f"{path}: truncated or corrupt ({exc}); re-run `frugalseg synth train`.") from None
 
 
-def training_masks(run: RunDir) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
-    """(ids, images, masks) of the labelled images the run was trained on, read again from its dataset."""
+def training_masks(run: RunDir, with_images: bool = False) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """(ids, images, masks) of the labelled images the run was trained on, read again from its dataset (the
+    images only `with_images`, else an empty list)."""
     meta = read_json(run / TRAINING_FILE)
-    cfg = _saved_config(run)
-    ds = open_split(meta["data"], meta["split"], background_classes=cfg.get("background_classes"),
+    cfg = read_config_file(run / "config.yaml")
+    ds = open_split(cfg["data"], cfg["train_split"], background_classes=cfg.get("background_classes"),
                     ignore_classes=cfg.get("ignore_classes"))
     by_id = {s.id: s for s in ds}
     missing = [i for i in meta["ids"] if i not in by_id]
     if missing:
-        raise DataError(f"{run / TRAINING_FILE}: training images {missing[:3]} are no longer in {meta['data']}.")
-    pairs = [ds.read_pair(by_id[i]) for i in meta["ids"]]
-    return list(meta["ids"]), [p[0] for p in pairs], [p[1].astype(np.uint8) for p in pairs]
-
-
-def _saved_config(run: RunDir) -> dict:
-    import yaml
-
-    path = run / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
+        raise DataError(f"{run / TRAINING_FILE}: training images {missing[:3]} are no longer in {cfg['data']}.")
+    masks = [ds.read_mask(by_id[i]).astype(np.uint8) for i in meta["ids"]]
+    images = [ds.read_image(by_id[i]) for i in meta["ids"]] if with_images else []
+    return list(meta["ids"]), images, masks
 
 
 def mask_source(run: RunDir, source: str, seed: int, temperature: float = 1.0):
@@ -325,9 +329,7 @@ def sample_synth(run_path: str | Path, n: int, out: str | Path, masks: Literal["
     draw = mask_source(run, masks, seed, temperature)
     for i in range(done, n):
         mask = draw(i)
-        torch.manual_seed(hash((seed, i)) & 0x7FFFFFFF)  # the dropout noise of pair i: resumable, reproducible
-        cond = condition(torch.from_numpy(mask.astype(np.int64))[None], labels.num_classes).to(device)
-        image = render(generator, cond)[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        image = render_mask(generator, mask, labels.num_classes, noise_seed=hash((seed, i)) & 0x7FFFFFFF)
         write_label_png(partial / "masks" / f"synth_{i:05d}.png", mask, palette)
         write_rgb(partial / "images" / f"synth_{i:05d}.png", image)
         bar.update(1)
@@ -370,20 +372,18 @@ def write_synth_report(run: RunDir, n: int = 8, seed: int = 0) -> Path:
     from frugalseg.report.synth_page import write_synth_page
 
     generator, spec, labels = load_generator(run) if (run / GENERATOR_DIR).exists() else (None, None, None)
-    ids, images, train = training_masks(run)
+    ids, images, train = training_masks(run, with_images=True)
     shapes = load_shapes(run)
     rows = []
     if generator is not None:
         generator.sample_mode()
         for i in range(n):
             mask = shapes.sample(np.random.default_rng([seed, 10**6 + i]))
-            torch.manual_seed(i)
-            cond = condition(torch.from_numpy(mask.astype(np.int64))[None], labels.num_classes)
-            image = render(generator, cond)[0].clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()
+            image = render_mask(generator, mask, labels.num_classes, noise_seed=hash((seed, 10**6 + i)) & 0x7FFFFFFF)
             iou, j = aligned_nearest(mask, train, labels.num_classes, shapes.window)
             rows.append({"mask": mask, "synthetic": image, "nearest_image": images[j], "nearest_mask": train[j],
                          "nearest_id": ids[j], "iou": iou})
-    done = read_json(run / "stages" / "synth.done") if (run / "stages" / "synth.done").exists() else {}
+    done = run.stage_info("synth")
     return write_synth_page(run.path, rows, LabelSpec.from_dict(read_json(run / TRAINING_FILE)["labels"]),
                             facts={"labelled images": len(ids), "GAN seconds": done.get("seconds"),
                                    "iterations": done.get("iterations"), "shape modes": len(shapes.sd)})

@@ -240,11 +240,7 @@ def train(cfg: TrainConfig) -> dict:
     if finished and not cfg.resume:
         log.info("%s: training already finished; skipping (delete stages/train.done to retrain).", run.path)
     else:
-        model = build_model(spec, pretrained=cfg.pretrained if cfg.arch in ("ocr", "fcn") else False)
-        if cfg.arch not in ("ocr", "fcn") and isinstance(cfg.pretrained, str):
-            from frugalseg.models.backbones import load_network_weights
-
-            load_network_weights(model, cfg.pretrained)  # e.g. a U-Net from `frugalseg pretrain`
+        model = build_model(spec, pretrained=cfg.pretrained)
         if cfg.init_from:
             init_weights(model, spec, cfg.init_from)
         module = SegmentationModule(model, train_ds.labels, cfg, spec)

@@ -15,13 +15,15 @@ Images are in [-1, 1] inside the GAN; `render` returns [0, 1].
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from frugalseg.models.gan import pad_to_multiple
+from frugalseg.synth.conditioning import condition
 
-__all__ = ["adversarial_loss", "discriminator_features", "discriminator_loss", "generator_loss", "render"]
+__all__ = ["adversarial_loss", "discriminator_features", "discriminator_loss", "generator_loss", "render", "render_mask"]
 
 GAN_LOSSES = ("lsgan", "vanilla")
 
@@ -70,9 +72,17 @@ def generator_loss(disc: nn.Module, cond: torch.Tensor, real: torch.Tensor, fake
 
 
 @torch.no_grad()
-def render(generator: nn.Module, cond: torch.Tensor, generator_multiple: int | None = None) -> torch.Tensor:
+def render(generator: nn.Module, cond: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] for conditions (B, C, H, W) of any size: padded (replicated edges) to the generator's
     multiple and cropped back. Call `generator.sample_mode()` first for dropout noise (a new draw per call)."""
-    multiple = generator_multiple or 2 ** getattr(generator, "depth", 0)
-    x, (h, w) = pad_to_multiple(cond, multiple)
+    x, (h, w) = pad_to_multiple(cond, 2 ** generator.depth)
     return (generator(x)[..., :h, :w] + 1) / 2
+
+
+def render_mask(generator: nn.Module, mask: np.ndarray, num_classes: int, noise_seed: int) -> np.ndarray:
+    """One (H, W) class-id mask → an (H, W, 3) uint8 image; `noise_seed` fixes the generator's dropout noise, so
+    a pair is reproducible (and a resumed sampling draws what the first one would have)."""
+    device = next(generator.parameters()).device
+    torch.manual_seed(noise_seed)
+    cond = condition(torch.from_numpy(mask.astype(np.int64))[None], num_classes).to(device)
+    return render(generator, cond)[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()

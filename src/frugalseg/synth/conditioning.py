@@ -18,8 +18,8 @@ __all__ = ["boundary_map", "condition", "condition_channels", "instance_map"]
 
 
 def instance_map(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """(H, W) int32 instance ids: the 8-connected components of each class (void keeps id 0 of its own
-    class-free group: it is labelled as one more 'class')."""
+    """(H, W) int32 instance ids from 1: the 8-connected components of each class, void (255) treated as one
+    more class (its components get ids too)."""
     out = np.zeros(mask.shape, dtype=np.int32)
     next_id = 1
     for cls in np.unique(mask):

@@ -35,14 +35,15 @@ def pooled_features(backbone, images: list[torch.Tensor] | torch.Tensor, size: i
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """||μa − μb||² + Tr(Σa + Σb − 2 (Σa Σb)^½) of two (N, C) feature sets (N may be below C: the covariances
-    are then singular, and the matrix square root is taken of the product with a small ridge)."""
+    are then singular; where the matrix square root of their product is not finite, it is taken again with a
+    small ridge on both)."""
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sets must be (N, C) with the same C, got {a.shape} and {b.shape}")
     if len(a) < 2 or len(b) < 2:
         raise ValueError("each set needs at least 2 images")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():
         eps = 1e-6 * np.eye(len(cov_a))
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
