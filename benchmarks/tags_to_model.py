@@ -470,6 +470,12 @@ def four_scale_study(root: Path, quick: bool, name: str) -> dict:
         return res
 
     def summary() -> dict:
+        for tag in ("cam", "cam_stride16", "advcam"):
+            if tag in fig and all((out / f"{tag}_{split}" / "maps").is_dir() for split in ("train", "val")):
+                secs = [seconds_from_write_times(out / f"{tag}_{split}" / "maps") for split in ("train", "val")]
+                fig[tag]["seconds_from_map_write_times"] = round(sum(secs), 1)
+                fig[tag]["seconds_per_image_from_map_write_times"] = round(
+                    sum(secs) / (fig[tag]["train_images"] + fig[tag]["val_images"]), 2)
         out_fig = dict(fig)
         if "cam" in fig and "advcam" in fig:
             out_fig.update(cam_val_miou=fig[cam_tag()]["val_miou"], advcam_val_miou=fig["advcam"]["val_miou"],
@@ -486,6 +492,14 @@ def four_scale_study(root: Path, quick: bool, name: str) -> dict:
     fig["high_res_chosen_on_train"] = high_res
     variant("advcam", "advcam", high_res=high_res)
     return summary()
+
+
+def seconds_from_write_times(folder: Path, pause: float = 600.0) -> float:
+    """The time spent writing a maps folder, from its files' write times: the gaps between consecutive files
+    summed, those longer than `pause` left out (a stop between sessions). A maps run resumed across sessions
+    reports only its last call's seconds; this counts every call (all but the first batch of each)."""
+    times = sorted(p.stat().st_mtime for p in folder.glob("*.npz"))
+    return float(sum(b - a for a, b in zip(times, times[1:]) if b - a <= pause))
 
 
 def calibrated_seed_miou(maps_dir: Path, ds, calibration: set[str]) -> dict:
@@ -692,7 +706,9 @@ def main() -> None:
         return
 
     if args.four_scale:
-        fig = four_scale_study(root, args.quick, "tags_to_model_quick" if args.quick else "tags_to_model")
+        name = "tags_to_model_quick" if args.quick else "tags_to_model"
+        fig = four_scale_study(root, args.quick, name)
+        save_results(name, {"four_scale": fig}, {}, started)
         print(json.dumps({k: v for k, v in fig.items() if not isinstance(v, dict)}, indent=1))
         return
 
