@@ -525,6 +525,7 @@ GROUP_VARIANTS = {
     "g3_e12": (3, 12, 0.8, ("mean",)),
     "g2_e4": (2, 4, 0.8, ("mean",)),
     "g3_e4_no_graph_dropout": (3, 4, 0.0, ("mean",)),
+    "g3_e1": (3, 1, 0.8, ("mean",)),  # the trend in training length, towards the classifier's own CAM (0 epochs)
 }
 
 
