@@ -647,6 +647,8 @@ def main() -> None:
     started = time.time()
     s = settings(args.quick)
     if args.seg_epochs:
+        if args.irn != "segmenters":  # the other parts' run folders are named for the benchmark's schedule
+            ap.error("--seg-epochs applies to --irn segmenters only.")
         s["seg_epochs"] = args.seg_epochs
     root = Path(args.runs) / ("tags_to_model_quick" if args.quick else "tags_to_model")
     common = dict(data="msrc-objects", train_split="train", val_split="val", progress=False, calibration_fraction=0.25,
