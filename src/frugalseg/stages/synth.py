@@ -213,6 +213,7 @@ def train_synth(cfg: SynthTrainConfig) -> dict:
     claim_run_dir(run, cfg, labels, finished=finished, started=run.last_checkpoint.exists())
     write_json(run / TRAINING_FILE, {"ids": [s.id for s in ds], "labels": labels.to_dict()})  # data: config.yaml
     t0 = time.time()
+    shape_seconds = None  # fitted by an earlier call: its time is not this call's
     if not (run / SHAPES_FILE).exists():
         try:
             shapes = ShapeModel.fit(masks, labels.num_classes, variance_kept=cfg.shape_variance)
@@ -221,7 +222,7 @@ def train_synth(cfg: SynthTrainConfig) -> dict:
         with atomic_path(run / SHAPES_FILE) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **shapes.to_arrays())
-    shape_seconds = round(time.time() - t0, 1)
+        shape_seconds = round(time.time() - t0, 1)
     spec = generator_spec(cfg, labels)
     if finished and (not cfg.resume or schedule_done(run, cfg.epochs)):
         log.info("%s: GAN training already finished; skipping (delete stages/synth.done to retrain).", run.path)

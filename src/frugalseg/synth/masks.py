@@ -196,7 +196,9 @@ def nearest_mask_iou(mask: np.ndarray, training: list[np.ndarray], num_classes: 
 def aligned_nearest(mask: np.ndarray, training: list[np.ndarray], num_classes: int, window: int) -> tuple[float, int]:
     """(IoU, index) of the most similar training mask with position and orientation factored out: both masks
     centred on their objects' centroid and the training mask in its best of 8 rotations/reflections. A new
-    *shape*, not just a new place, scores below 1 here. (0.0, -1) for an empty mask."""
+    *shape*, not just a new place, scores below 1 here. (0.0, -1) for an empty mask. Made for masks of one
+    object each (a blood-smear crop around one cell): with several objects the whole layout is centred on their
+    common centroid, which measures the layout rather than each shape."""
     if not (mask > 0).any():
         return 0.0, -1
     a = _centred_window(mask, window)
