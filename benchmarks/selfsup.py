@@ -9,7 +9,7 @@ Pretraining (`pretrain.<setting>.<init>`, val mIoU / Dice, 3 training seeds):
   protocol's msrc schedule (crop 160, batch 4, 400 iterations, SGD 0.01 poly, weight decay 5e-4, aux 0.4).
 - ACDC, 7 labelled patients, the semi-supervised CPU protocol's supervised-only run (U-Net 8..128, 128²,
   1200 iterations, Adam 0.01): `random` against `rotation_mm` (rotation on all 944 training slices, then M&M
-  on the 7 patients' slices). Colourisation needs colour: ACDC is greyscale.
+  on the 7 patients' slices), and `rotation` alone (what M&M adds). Colourisation needs colour: ACDC is greyscale.
 The M&M label budget is fixed (the setting's masks); the seeds vary initialisation of the new layers, data order
 and augmentation.
 
@@ -158,13 +158,16 @@ def acdc_labelled_ids() -> list[str]:
     return list(select_labelled(open_split("acdc", "train"), patients=7))
 
 
-def acdc_pretrained(root: Path) -> str:
+def acdc_pretrained(root: Path) -> dict[str, str]:
+    """{'rotation': the proxy run, 'rotation_mm': M&M on top of it}: the proxy alone is fine-tuned too, to tell
+    what M&M adds from what the proxy does."""
     proxy = quick_schedule(ACDC_PROXY, "iterations") if QUICK else ACDC_PROXY
     mm = quick_schedule(ACDC_MIXMATCH, "iterations") if QUICK else ACDC_MIXMATCH
     base = pretrain_run(root, "acdc_rotation", task="rotation", data="acdc", arch="unet2d", channels=ACDC_CHANNELS,
                         **proxy)
-    return str(pretrain_run(root, "acdc_l7_rotation_mm", task="mixmatch", data="acdc", arch="unet2d",
-                            channels=ACDC_CHANNELS, init=str(base), labelled_ids=acdc_labelled_ids(), **mm))
+    tuned = pretrain_run(root, "acdc_l7_rotation_mm", task="mixmatch", data="acdc", arch="unet2d",
+                         channels=ACDC_CHANNELS, init=str(base), labelled_ids=acdc_labelled_ids(), **mm)
+    return {"rotation": str(base), "rotation_mm": str(tuned)}
 
 
 def acdc_run(root: Path, init: str, pretrained, seed: int, loss: str = "dice_ce", lal: dict | None = None) -> dict:
@@ -227,7 +230,7 @@ def aggregate() -> dict:
                 b["per_class_iou_mean"] = {c: round(statistics.fmean(pc[c] for pc in per_class), 4)
                                            for c in per_class[0]}
                 figs["lal"].setdefault(setting, {})[loss] = b
-    for init in ("random", "rotation_mm"):
+    for init in ("random", "rotation", "rotation_mm"):
         b = block(f"acdc.acdc_l7.{init}.dice_ce.", "dice")
         if b:
             figs["pretrain"].setdefault("acdc_l7", {})[init] = b
@@ -336,7 +339,8 @@ def main() -> None:
     if "acdc" in parts:
         pre = acdc_pretrained(root)
         for seed in args.seeds:
-            for init, pretrained in (("random", False), ("rotation_mm", pre)):
+            for init, pretrained in (("random", False), ("rotation_mm", pre["rotation_mm"]),
+                                     ("rotation", pre["rotation"])):
                 f = acdc_run(root, init, pretrained, seed)
                 quick_rows.append(("acdc_l7", init, "dice_ce", seed, f["dice"]))
     if "lal-select" in parts:
