@@ -156,6 +156,50 @@ def summarise(values: list[float | None]) -> dict:
     return {"mean": mean, "sd": sd}
 
 
+def gallery_figure(root: Path, out: Path, k: int = 10, rows: int = 4) -> Path | None:
+    """The README gallery: per dataset, the first `rows` shape-model masks of seed 0's n500 sampling, their
+    synthetic images, and the training pair whose mask is nearest in shape (IoU after centring and the best of 8
+    rotations/reflections, in the title). None when no dataset has its seed-0 run folder here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from frugalseg.data.io import read_label_png, read_rgb
+    from frugalseg.report.overlays import colourise
+    from frugalseg.runs import RunDir
+    from frugalseg.stages.synth import load_generator, load_shapes, training_masks
+    from frugalseg.synth.masks import aligned_nearest
+
+    runs = [(ds, root / f"{ds}_k{k}_s0") for ds in DATASETS if (root / f"{ds}_k{k}_s0" / "synth_n500").is_dir()]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(rows * len(runs), 4, figsize=(8, 2.1 * rows * len(runs)), squeeze=False)
+    for d, (ds, base) in enumerate(runs):
+        run = RunDir(base / "gan")
+        _, _, labels = load_generator(run)
+        ids, images, masks = training_masks(run, with_images=True)
+        window = load_shapes(run).window
+        for i in range(rows):
+            mask = read_label_png(base / "synth_n500" / "masks" / f"synth_{i:05d}.png")
+            image = read_rgb(base / "synth_n500" / "images" / f"synth_{i:05d}.png")
+            iou, j = aligned_nearest(mask, masks, labels.num_classes, window)
+            panels = ((colourise(mask, labels), f"{ds}: drawn mask"), (image, "synthetic image"),
+                      (images[j], f"nearest real ({ids[j]})"), (colourise(masks[j], labels), f"its mask, IoU {iou:.2f}"))
+            for c, (picture, title) in enumerate(panels):
+                ax = axes[d * rows + i, c]
+                ax.imshow(picture)
+                ax.set_title(title, fontsize=7)
+                ax.axis("off")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".partial.png")
+    fig.savefig(tmp, dpi=70)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
 def aggregate(datasets=DATASETS, ks=KS, seeds=SEEDS, fd: dict | None = None) -> dict:
     """synth.json's figures from the records (--quick keeps none and reports what it just measured)."""
     from frugalseg.data.io import read_json
@@ -291,6 +335,9 @@ def main() -> None:
                          "fd": fd.get("wbc1") if fd else None}}
     else:
         figs = aggregate(fd=fd)
+        gallery = gallery_figure(root, RESULTS / "synth_gallery.png")
+        if gallery:
+            print(f"gallery: {gallery}", flush=True)
         old = RESULTS / "synth.json"
         if fd is None and old.exists():  # keep the Fréchet distances of an earlier --fd run
             for ds, v in json.loads(old.read_text())["figures"].items():
