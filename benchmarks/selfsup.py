@@ -25,6 +25,7 @@ checkpoints, across sessions. `--aggregate` writes benchmarks/results/selfsup.js
     python benchmarks/selfsup.py --part lal-select
     python benchmarks/selfsup.py --part lal
     python benchmarks/selfsup.py --part lal-speed     # LAL vs CE forward + backward time
+    python benchmarks/selfsup.py --part mm-patches    # how different M&M's anchors and negatives are in content
     python benchmarks/selfsup.py --aggregate
     python benchmarks/selfsup.py --quick            # minutes: every path once, tiny schedules
 """
@@ -280,6 +281,67 @@ def markdown(figs: dict) -> str:
     return "\n".join(rows)
 
 
+def patch_content(ds, crop: int, scale: tuple, sides: tuple, resize: int, batches: int = 30, batch_size: int = 8,
+                  patches_per_image: int = 10) -> dict:
+    """How different M&M's triplets are in what they show: each patch's class histogram (its mask content, cut
+    and resized exactly as its image is), cosine similarity anchor-positive against anchor-negative over the
+    official class-wise graph's triplets, crops and patches as the benchmark's M&M draws them (seed 0). Near equal
+    similarities mean the triplet loss asks to tell apart patches that show the same thing."""
+    import numpy as np
+    import torch
+
+    from frugalseg.data.labels import IGNORE_INDEX
+    from frugalseg.selfsup.mixmatch import class_graph_triplets, sample_patches
+    from frugalseg.stages.pretrain import PretrainCrops
+
+    n_cls = ds.labels.num_classes
+    crops = PretrainCrops(ds, crop, scale, length=batches * batch_size, seed=0)
+    g = torch.Generator().manual_seed(0)
+    sim_p, sim_n, same_image = [], [], []
+    for b in range(batches):
+        items = [crops[b * batch_size + i] for i in range(batch_size)]
+        masks = torch.stack([it["mask"] for it in items])
+        valid = masks != IGNORE_INDEX
+        onehot = torch.zeros(batch_size, n_cls, *masks.shape[-2:])
+        onehot.scatter_(1, torch.where(valid, masks, 0)[:, None], 1.0)
+        onehot *= valid[:, None]
+        source = torch.arange(1, batch_size + 1).float().view(-1, 1, 1, 1).expand(-1, 1, *masks.shape[-2:])
+        patches, labels = sample_patches(torch.cat([onehot, source], 1), masks, patches_per_image, sides, resize,
+                                         0.1, ds.labels.background, generator=g)
+        triplets = class_graph_triplets(labels, generator=g)
+        if len(triplets) == 0:
+            continue
+        hist = patches[:, :n_cls].mean((2, 3))
+        hist = hist / hist.sum(1, keepdim=True).clamp_min(1e-6)
+        src = patches[:, n_cls].amax((1, 2))
+        a, p, n = (hist[triplets[:, i]] for i in range(3))
+        sim_p.append(torch.nn.functional.cosine_similarity(a, p).numpy())
+        sim_n.append(torch.nn.functional.cosine_similarity(a, n).numpy())
+        same_image.append((src[triplets[:, 0]] == src[triplets[:, 2]]).float().numpy())
+    sp, sn, si = (np.concatenate(v) for v in (sim_p, sim_n, same_image))
+    return {"triplets": int(len(sp)), "class_histogram_cosine_anchor_positive": round(float(sp.mean()), 4),
+            "class_histogram_cosine_anchor_negative": round(float(sn.mean()), 4),
+            "negative_from_anchor_image": round(float(si.mean()), 4), "crop": crop, "scale": list(scale),
+            "patch_sides": list(sides), "patch_resize": resize, "batches": batches}
+
+
+def patch_content_study() -> dict:
+    """`patch_content` for the two M&M settings the benchmark tunes: ACDC's 7 patients and msrc's 10 %."""
+    from frugalseg.data import open_split
+
+    acdc = open_split("acdc", "train")
+    ids = set(acdc_labelled_ids())
+    msrc = open_split("msrc-objects", "train")
+    mids = set(msrc_10pct_ids())
+    mm, amm = MIXMATCH, ACDC_MIXMATCH
+    return {
+        "acdc_l7": patch_content(acdc.with_samples([s for s in acdc.samples if s.id in ids]), amm["crop_size"],
+                                 amm["scale"], amm["patch_sides"], amm["patch_resize"]),
+        "msrc_10pct": patch_content(msrc.with_samples([s for s in msrc.samples if s.id in mids]), mm["crop_size"],
+                                    mm["scale"], mm["patch_sides"], mm["patch_resize"]),
+        "split": "train (the settings' labelled images)"}
+
+
 def lal_speed(repeats: int = 7) -> dict:
     """Forward + backward time of LAL against cross-entropy on the logits of one training step, interleaved, the
     median of `repeats` (2D: the msrc fine-tuning batch, 4 x 16 classes x 160²; 3D: 2 x 2 classes x 64×64×48;
@@ -314,7 +376,8 @@ def lal_speed(repeats: int = 7) -> dict:
 def main() -> None:
     global QUICK
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("pretrain-msrc", "acdc", "lal-select", "lal", "lal-speed"), action="append")
+    ap.add_argument("--part", choices=("pretrain-msrc", "acdc", "lal-select", "lal", "lal-speed", "mm-patches"),
+                    action="append")
     ap.add_argument("--settings", nargs="+", default=["msrc_10pct", "msrc_full"])
     ap.add_argument("--inits", nargs="+", default=list(MSRC_INITS), choices=MSRC_INITS)
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
@@ -370,6 +433,9 @@ def main() -> None:
     figs = aggregate()
     if speed:
         figs["lal_speed"] = speed
+    if "mm-patches" in parts:
+        figs["mixmatch_patch_content"] = patch_content_study()
+        print(json.dumps(figs["mixmatch_patch_content"], indent=1))
     rows = [(f"{sec}.{setting}.{k}", v.get("miou_mean", v.get("dice_mean")), v.get("sd"), v.get("per_seed"))
             for sec in ("pretrain", "lal") for setting, d in figs[sec].items() if isinstance(d, dict)
             for k, v in d.items() if isinstance(v, dict) and "per_seed" in v]
