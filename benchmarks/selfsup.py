@@ -339,6 +339,10 @@ def patch_content_study() -> dict:
                                  amm["scale"], amm["patch_sides"], amm["patch_resize"]),
         "msrc_10pct": patch_content(msrc.with_samples([s for s in msrc.samples if s.id in mids]), mm["crop_size"],
                                     mm["scale"], mm["patch_sides"], mm["patch_resize"]),
+        # smaller patches on ACDC, nearer the size of its structures in a 128 px crop
+        **{f"acdc_l7_sides_{lo}_{hi}": patch_content(acdc.with_samples([s for s in acdc.samples if s.id in ids]),
+                                                     amm["crop_size"], amm["scale"], (lo, hi), amm["patch_resize"])
+           for lo, hi in ((16, 48), (8, 24))},
         "split": "train (the settings' labelled images)"}
 
 
