@@ -103,14 +103,15 @@ def recorded(records: Path, name: str, settings: dict, run: Callable[[], dict], 
     settings = as_json(settings)
     path = records / f"{name}.json"
     if keep and path.exists():
-        kept = read_json(path)["settings"]
+        record = read_json(path)
+        kept = record["settings"]
         added = settings.keys() - kept.keys()
         new_fields_at_default = defaults is not None and all(
             k in defaults and settings[k] == as_json(defaults[k]) for k in added)
         if kept.keys() <= settings.keys() and all(kept[k] == settings[k] for k in kept) and \
                 (not added or new_fields_at_default):
-            print(f"  {name}: from its record ({read_json(path)['date']})", flush=True)
-            return read_json(path)["figures"]
+            print(f"  {name}: from its record ({record['date']})", flush=True)
+            return record["figures"]
         print(f"  {name}: its record was made with other settings; run again", flush=True)
     figures = run()
     if keep:

@@ -165,10 +165,11 @@ def gallery_figure(root: Path, out: Path, k: int = 10, rows: int = 4) -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from frugalseg.data.io import read_label_png, read_rgb
+    from frugalseg.data.io import read_json, read_label_png, read_rgb
     from frugalseg.report.overlays import colourise
     from frugalseg.runs import RunDir
-    from frugalseg.stages.synth import load_generator, load_shapes, training_masks
+    from frugalseg.data.labels import LabelSpec
+    from frugalseg.stages.synth import TRAINING_FILE, load_shapes, training_masks
     from frugalseg.synth.masks import aligned_nearest
 
     runs = [(ds, root / f"{ds}_k{k}_s0") for ds in DATASETS if (root / f"{ds}_k{k}_s0" / "synth_n500").is_dir()]
@@ -177,7 +178,7 @@ def gallery_figure(root: Path, out: Path, k: int = 10, rows: int = 4) -> Path | 
     fig, axes = plt.subplots(rows * len(runs), 4, figsize=(8, 2.1 * rows * len(runs)), squeeze=False)
     for d, (ds, base) in enumerate(runs):
         run = RunDir(base / "gan")
-        _, _, labels = load_generator(run)
+        labels = LabelSpec.from_dict(read_json(run / TRAINING_FILE)["labels"])  # no need to load the generator
         ids, images, masks = training_masks(run, with_images=True)
         window = load_shapes(run).window
         for i in range(rows):
@@ -185,7 +186,8 @@ def gallery_figure(root: Path, out: Path, k: int = 10, rows: int = 4) -> Path | 
             image = read_rgb(base / "synth_n500" / "images" / f"synth_{i:05d}.png")
             iou, j = aligned_nearest(mask, masks, labels.num_classes, window)
             panels = ((colourise(mask, labels), f"{ds}: drawn mask"), (image, "synthetic image"),
-                      (images[j], f"nearest real ({ids[j]})"), (colourise(masks[j], labels), f"its mask, IoU {iou:.2f}"))
+                      (images[j], f"nearest real ({ids[j]})"),
+                      (colourise(masks[j], labels), f"its mask, IoU {iou:.2f}"))
             for c, (picture, title) in enumerate(panels):
                 ax = axes[d * rows + i, c]
                 ax.imshow(picture)
