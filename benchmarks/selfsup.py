@@ -25,7 +25,7 @@ checkpoints, across sessions. `--aggregate` writes benchmarks/results/selfsup.js
     python benchmarks/selfsup.py --part pretrain-msrc [--seeds 0 1 2]
     python benchmarks/selfsup.py --part acdc
     python benchmarks/selfsup.py --part lal-select
-    python benchmarks/selfsup.py --part lal
+    python benchmarks/selfsup.py --part lal [--settings acdc_l7]
     python benchmarks/selfsup.py --part lal-speed     # LAL vs CE forward + backward time
     python benchmarks/selfsup.py --part mm-patches    # how different M&M's anchors and negatives are in content
     python benchmarks/selfsup.py --aggregate
@@ -395,7 +395,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("pretrain-msrc", "acdc", "lal-select", "lal", "lal-speed", "mm-patches"),
                     action="append")
-    ap.add_argument("--settings", nargs="+", default=["msrc_10pct", "msrc_full"])
+    ap.add_argument("--settings", nargs="+", default=["msrc_10pct", "msrc_full", "acdc_l7"],
+                    choices=("msrc_10pct", "msrc_full", "acdc_l7"),
+                    help="Which settings --part pretrain-msrc (msrc ones) and --part lal run.")
     ap.add_argument("--inits", nargs="+", default=list(MSRC_INITS), choices=MSRC_INITS)
     ap.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     ap.add_argument("--runs", default=str(ROOT / "runs" / "bench" / "selfsup"))
@@ -407,10 +409,11 @@ def main() -> None:
     root = Path(args.runs + ("_quick" if QUICK else ""))
     parts = args.part or ([] if args.aggregate else ["pretrain-msrc", "acdc", "lal-select", "lal"])
     if QUICK:
-        args.seeds, args.settings, parts = [0], ["msrc_10pct"], ["pretrain-msrc", "acdc", "lal"]
+        args.seeds, args.settings, parts = [0], ["msrc_10pct", "acdc_l7"], ["pretrain-msrc", "acdc", "lal"]
     quick_rows = []
+    msrc_settings = [s for s in args.settings if s.startswith("msrc")]
     if "pretrain-msrc" in parts:
-        for setting in args.settings:
+        for setting in msrc_settings:
             inits = msrc_inits(root, setting, tuple(args.inits))
             for seed in args.seeds:
                 for init, pretrained in inits.items():
@@ -431,13 +434,13 @@ def main() -> None:
                       tag="lal_select.ce")
     if "lal" in parts:
         lal = chosen_lal()
-        for setting in args.settings:
+        for setting in msrc_settings:
             for seed in args.seeds:
                 for loss in ("ce", "lal"):
                     f = msrc_finetune(root, setting, "imagenet", True, seed, loss, lal if loss == "lal" else None)
                     quick_rows.append((setting, "imagenet", loss, seed, f["miou"]))
         acdc_lal = {k: v for k, v in lal.items() if k.startswith("lal_")}  # msrc's SGD rate is not Adam's
-        for seed in args.seeds:
+        for seed in args.seeds if "acdc_l7" in args.settings else ():
             for loss in ("ce", "lal"):
                 f = acdc_run(root, "random", False, seed, loss, acdc_lal if loss == "lal" else None)
                 quick_rows.append(("acdc_l7", "random", loss, seed, f["dice"]))

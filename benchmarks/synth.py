@@ -55,6 +55,9 @@ CROP = {"wbc2": 192, "wbc1": 112}
 QUICK_GAN = dict(GAN, iterations=40, epoch_iterations=20)
 QUICK_SEG = dict(SEG, max_steps=40)
 QUICK_N = {"n100": 8, "n500": 16}
+DIAGNOSIS = ("background_sd: grey-level sd of the pixels the mask calls background, mean over images (the GAN's k "
+             "training images; the first 100 synthetic / re-rendered images); cytoplasm_false_discovery: share of "
+             "each segmenter's cytoplasm pixels on the test part that are background in the truth")
 
 
 def gan_run(root: Path, ds: str, k: int, seed: int, quick: bool) -> tuple[Path, dict]:
@@ -114,6 +117,56 @@ def seg_run(root: Path, base: Path, ds: str, k: int, seed: int, variant: str, qu
                 "miou": v["miou"], "split": TEST, "seconds": round(time.time() - t0, 1)}
 
     return recorded(RECORDS, f"{ds}.k{k}.{variant}.seed{seed}", settings, run, keep=not quick)
+
+
+def diagnosis_run(root: Path, base: Path, ds: str, k: int, seed: int, quick: bool) -> dict:
+    """Why a seed's synthetic pairs help or hurt, from its run folders: how much texture the images show where the
+    mask says background (grey-level sd of the background pixels, mean over images: the GAN's k training images,
+    the first 100 synthetic and re-rendered ones), and how often each segmenter calls test-part background
+    cytoplasm (share of its cytoplasm pixels that are background in the truth). The masks do not label red blood
+    cells, so a generator that ignores its noise draws flat backgrounds; a segmenter trained on them learns
+    "anything not flat is a cell"."""
+    import numpy as np
+
+    from frugalseg.data import open_split
+    from frugalseg.data.io import read_label_png, read_rgb
+    from frugalseg.runs import RunDir
+    from frugalseg.stages.synth import training_masks
+
+    def background_sd(pairs) -> float:
+        sds = [float((read_rgb(i) if isinstance(i, Path) else i).astype(np.float32).mean(-1)[m == 0].std())
+               for i, m in pairs]
+        return round(float(np.mean(sds)), 2)
+
+    def folder(tag: str, n: int = 100):
+        images = sorted((base / tag / "images").glob("*.png"))[:n]
+        return [(p, read_label_png(base / tag / "masks" / p.name)) for p in images]
+
+    settings = {"data": ds, "k": k, "seed": seed, "images_per_synthetic_set": 100, "test": TEST,
+                "variants": list(VARIANTS)}
+
+    def run() -> dict:
+        _, images, masks = training_masks(RunDir(base / "gan"), with_images=True)
+        test = open_split(ds, TEST)
+        cyto = test.labels.names.index("cytoplasm")
+        false_cyto = {}
+        for variant in VARIANTS:
+            pred_dir = base / f"seg_{variant}" / "predictions" / TEST
+            if not pred_dir.is_dir():
+                continue
+            called = wrong = 0
+            for smp in test.samples:
+                pred = read_label_png(pred_dir / f"{smp.id}.png")
+                truth = test.read_mask(smp)
+                called += int((pred == cyto).sum())
+                wrong += int(((pred == cyto) & (truth == 0)).sum())
+            false_cyto[variant] = round(wrong / max(called, 1), 4)
+        return {"background_sd": {"real_labelled": background_sd(zip(images, masks)),
+                                  "synthetic": background_sd(folder("synth_n500")),
+                                  "rerendered": background_sd(folder("rerendered_n500"))},
+                "cytoplasm_false_discovery": false_cyto}
+
+    return recorded(RECORDS, f"{ds}.k{k}.diagnosis.seed{seed}", settings, run, keep=not quick)
 
 
 def fd_study(root: Path, ds: str, k: int, quick: bool) -> dict:
@@ -250,6 +303,10 @@ def aggregate(datasets=DATASETS, ks=KS, seeds=SEEDS, fd: dict | None = None) -> 
                                                           ["mean"] for g in gans]),
                     "rerendered_nearest_iou_aligned_mean": summarise(
                         [g["samples"]["rerendered_n500"]["novelty"]["nearest_iou_aligned"]["mean"] for g in gans])}
+            diag = {str(s): read_json(p)["figures"] for s in seeds
+                    if (p := RECORDS / f"{ds}.k{k}.diagnosis.seed{s}.json").exists()}
+            if diag:
+                block["diagnosis"] = {"per_seed": diag, "what": DIAGNOSIS}
             if block:
                 figs[ds][f"k{k}"] = block
         if fd and ds in fd:
@@ -320,6 +377,8 @@ def main() -> None:
                         print(f"    {variant}: Dice cytoplasm {f['dice']['cytoplasm']:.4f} nucleus "
                               f"{f['dice']['nucleus']:.4f} mean {f['dice_mean']:.4f} ({f['seconds']:.0f} s)",
                               flush=True)
+                    if set(args.variants) == set(VARIANTS):
+                        print(f"    diagnosis: {diagnosis_run(root, base, ds, k, seed, quick)}", flush=True)
     fd = None
     if args.fd or quick:
         old = RESULTS / "synth.json"
