@@ -96,3 +96,21 @@ def test_lal_gradient_is_finite_when_every_window_is_perfect():
     loss = lal_loss(logits, target, 5, 2, None, 5.0)
     loss.backward()
     assert loss.item() < 1e-2 and torch.isfinite(logits.grad).all()
+
+
+def test_a_window_below_the_floor_keeps_a_gradient_towards_its_class():
+    """A confidently wrong window must still push: a clamped cost would dominate the k = 5 pool with no gradient."""
+    from frugalseg.losses import LAL_FLOOR, lal_window_costs
+
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 4:, 4:] = 1
+    logits = torch.zeros(1, 2, 8, 8)
+    logits[0, 0, 4:, 4:] = 40.0  # class 1's pixels say class 0 with p(1) ~ e^-40, far below the floor
+    logits.requires_grad_()
+    costs = lal_window_costs(logits, target, window=3, stride=4)
+    assert costs.max().item() > -math.log(LAL_FLOOR) and costs.max().item() <= -math.log(LAL_FLOOR) + 1.001
+    loss = lal_loss(logits, target, window=3, stride=4, k=5.0)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    wrong = logits.grad[0, :, 4:, 4:]
+    assert wrong[0].max().item() > 0 and wrong[1].min().item() < 0  # descent lowers class 0, raises class 1 there

@@ -8,6 +8,7 @@ loss, as in the OCR code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,42 @@ def chessboard_gaussian(window: int, sigma: float, dims: int) -> torch.Tensor:
     return torch.exp(-(d**2) / (2 * sigma**2))
 
 
+#: Below this merged probability a window's cost continues as a straight line, -log(floor) + (floor - p̄) / floor,
+#: instead of being clamped: a clamped cost has no gradient, yet with k = 5 it dominates the pooled loss and
+#: divides every other window's gradient by its size, so the hardest windows would stall all learning.
+LAL_FLOOR = 1e-8
+
+
+def lal_window_costs(logits: torch.Tensor, target: torch.Tensor, window: int = 9, stride: int = 4,
+                     sigma: float | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The cost -log p̄_c[c] of every (window, present class) of the batch, flattened (see `lal_loss`)."""
+    dims = logits.ndim - 2
+    if dims not in (2, 3):
+        raise ValueError(f"expected (B, C, H, W) or (B, C, D, H, W) logits, got shape {tuple(logits.shape)}")
+    if window < 1 or window % 2 == 0 or stride < 1:
+        raise ValueError(f"window must be odd (centred on a pixel) and stride >= 1; got {window}, {stride}")
+    sigma = float(sigma) if sigma is not None else max(window / 3.0, 0.5)
+    probs = torch.softmax(logits.float(), 1)
+    valid = target != ignore_index
+    classes = torch.unique(target[valid])  # only classes in the batch can have a window: fewer channels
+    if classes.numel() == 0:
+        return logits.new_zeros(0, dtype=torch.float32)
+    n = int(classes.numel())
+    onehot = (target.unsqueeze(1) == classes.view(1, n, *([1] * dims))).float()
+    true_prob = probs.index_select(1, classes) * onehot
+    kernel = chessboard_gaussian(window, sigma, dims).to(logits.device)
+    weight = kernel.expand(2 * n, 1, *kernel.shape).contiguous()
+    conv = F.conv2d if dims == 2 else F.conv3d
+    both = conv(torch.cat([true_prob, onehot], 1), weight, stride=stride, padding=window // 2,
+                groups=2 * n)  # one depthwise pass: numerators, then denominators
+    num, den = both[:, :n], both[:, n:]
+    present = den > 1e-6 * float(kernel.min())
+    merged = num[present] / den[present]
+    # rounding must not make a cost negative (clamp at 1); below the floor the cost goes on as a line (LAL_FLOOR)
+    return torch.where(merged > LAL_FLOOR, -torch.log(merged.clamp(LAL_FLOOR, 1.0)),
+                       -math.log(LAL_FLOOR) + (LAL_FLOOR - merged) / LAL_FLOOR)
+
+
 def lal_loss(logits: torch.Tensor, target: torch.Tensor, window: int = 9, stride: int = 4, sigma: float | None = None,
              k: float = 5.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Locally adaptive learning loss (Guo et al., arXiv 1802.08290), 2D (B, C, H, W) or 3D (B, C, D, H, W).
@@ -68,31 +105,11 @@ def lal_loss(logits: torch.Tensor, target: torch.Tensor, window: int = 9, stride
     kernel: of 1[y=c]·p[c] and of 1[y=c] (no loop over windows). Windows are zero-padded by window // 2 at the borders;
     void pixels belong to no class. window 1, stride 1 and k 1 give pixel-wise cross-entropy.
     """
-    dims = logits.ndim - 2
-    if dims not in (2, 3):
-        raise ValueError(f"expected (B, C, H, W) or (B, C, D, H, W) logits, got shape {tuple(logits.shape)}")
-    if window < 1 or window % 2 == 0 or stride < 1 or k <= 0:
-        raise ValueError(f"window must be odd (centred on a pixel), stride >= 1 and k > 0; got {window}, {stride}, {k}")
-    sigma = float(sigma) if sigma is not None else max(window / 3.0, 0.5)
-    probs = torch.softmax(logits.float(), 1)
-    valid = target != ignore_index
-    classes = torch.unique(target[valid])  # only classes in the batch can have a window: fewer channels
-    if classes.numel() == 0:
+    if k <= 0:
+        raise ValueError(f"k must be > 0; got {k}")
+    cost = lal_window_costs(logits, target, window, stride, sigma, ignore_index)
+    if cost.numel() == 0:
         return logits.sum() * 0.0
-    n = int(classes.numel())
-    onehot = (target.unsqueeze(1) == classes.view(1, n, *([1] * dims))).float()
-    true_prob = probs.index_select(1, classes) * onehot
-    kernel = chessboard_gaussian(window, sigma, dims).to(logits.device)
-    weight = kernel.expand(2 * n, 1, *kernel.shape).contiguous()
-    conv = F.conv2d if dims == 2 else F.conv3d
-    both = conv(torch.cat([true_prob, onehot], 1), weight, stride=stride, padding=window // 2,
-                groups=2 * n)  # one depthwise pass: numerators, then denominators
-    num, den = both[:, :n], both[:, n:]
-    present = den > 1e-6 * float(kernel.min())
-    if not bool(present.any()):
-        return logits.sum() * 0.0
-    merged = (num[present] / den[present]).clamp(1e-8, 1.0)  # rounding must not make a cost negative
-    cost = -torch.log(merged)
     # the tiny offset keeps the root's gradient finite when every window is perfect (all costs 0)
     return (cost.pow(k).mean() + 1e-12).pow(1.0 / k)
 
