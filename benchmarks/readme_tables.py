@@ -32,6 +32,7 @@ TABLES = {
     "plane_search": active.markdown_plane_search,
     "synth": lambda: synth.markdown(synth.aggregate()),
     "synth_fd": _synth_fd,
+    "synth_diagnosis": lambda: synth.markdown_diagnosis(synth.aggregate()),
     "selfsup": lambda: selfsup.markdown(selfsup.aggregate()),
 }
 

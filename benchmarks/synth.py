@@ -337,6 +337,27 @@ def markdown(figs: dict) -> str:
     return "\n".join(rows)
 
 
+def markdown_diagnosis(figs: dict) -> str:
+    """Per seed: background texture of the GAN's training images against its synthetic ones, and how often each
+    segmenter's cytoplasm is test-part background (the diagnosis records)."""
+    rows = ["| dataset | k | seed | background sd: real (k images) / synthetic / re-rendered "
+            "| cytoplasm false discovery: real only / + synth 100 / + synth 500 / + re-rendered 500 "
+            "| Dice mean gain, + synth 500 |",
+            "|---|---|---|---|---|---|"]
+    for ds, blocks in figs.items():
+        for k, block in blocks.items():
+            if not (k.startswith("k") and isinstance(block, dict) and "diagnosis" in block):
+                continue
+            real, synth = (block.get(v, {}).get("per_seed", {}) for v in ("real_only", "real_plus_synth_n500"))
+            for seed, d in block["diagnosis"]["per_seed"].items():
+                bg, fdr = d["background_sd"], d["cytoplasm_false_discovery"]
+                gain = f"{synth[seed] - real[seed]:+.4f}" if seed in real and seed in synth else ""
+                rows.append(f"| {ds} | {k[1:]} | {seed} | {bg['real_labelled']} / {bg['synthetic']} / "
+                            f"{bg['rerendered']} | {' / '.join(f'{fdr[v]:.3f}' for v in VARIANTS if v in fdr)} | "
+                            f"{gain} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def markdown_fd(figs: dict) -> str:
     rows = ["| dataset | images per set | real vs real | synthetic vs real | re-rendered vs real | GAN |",
             "|---|---|---|---|---|---|"]
