@@ -34,6 +34,7 @@ TABLES = {
     "synth_fd": _synth_fd,
     "synth_diagnosis": lambda: synth.markdown_diagnosis(synth.aggregate()),
     "selfsup": lambda: selfsup.markdown(selfsup.aggregate()),
+    "selfsup_lal_classes": lambda: selfsup.markdown_lal_classes(selfsup.aggregate()),
 }
 
 

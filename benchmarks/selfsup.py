@@ -281,10 +281,8 @@ def markdown(figs: dict) -> str:
     rows = ["| setting | init | val (mean ± sd, per seed) | share of ImageNet's gain over random |",
             "|---|---|---|---|"]
     for setting, inits in figs.get("pretrain", {}).items():
-        for init in (*MSRC_INITS,):
-            if init in inits:
-                share = inits[init].get("share_of_imagenet_gain", "")
-                rows.append(f"| {setting} | {init} | {cell(inits[init])} | {share} |")
+        for init, v in inits.items():
+            rows.append(f"| {setting} | {init} | {cell(v)} | {v.get('share_of_imagenet_gain', '')} |")
     rows += ["", "| setting | loss | val (mean ± sd, per seed) |", "|---|---|---|"]
     for setting, losses in figs.get("lal", {}).items():
         if setting == "selection":
@@ -293,6 +291,36 @@ def markdown(figs: dict) -> str:
             if loss in losses:
                 rows.append(f"| {setting} | {loss} | {cell(losses[loss])} |")
     return "\n".join(rows)
+
+
+def markdown_lal_classes(figs: dict) -> str:
+    """Per-class val IoU (Dice on ACDC) of CE and LAL, mean over seeds, classes from the smallest share of the val
+    split's labelled pixels to the largest: LAL's windows should help small objects most."""
+    rows = ["| setting | class | share of val pixels | CE | LAL | LAL - CE |", "|---|---|---|---|---|---|"]
+    for setting, losses in figs.get("lal", {}).items():
+        if setting == "selection" or not {"ce", "lal"} <= losses.keys():
+            continue
+        key = "per_class_iou_mean" if "per_class_iou_mean" in losses["ce"] else "per_class_dice_mean"
+        ce, lal = losses["ce"][key], losses["lal"][key]
+        share = class_pixel_share("acdc" if setting == "acdc_l7" else "msrc-objects")
+        for c in sorted(ce, key=lambda c: share.get(c, 0.0)):
+            rows.append(f"| {setting} | {c} | {share.get(c, 0.0):.4f} | {ce[c]:.4f} | {lal[c]:.4f} | "
+                        f"{lal[c] - ce[c]:+.4f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def class_pixel_share(data: str) -> dict[str, float]:
+    """Each class's share of the labelled pixels of the data's val split (void excluded)."""
+    import numpy as np
+
+    from frugalseg.data import open_split
+
+    ds = open_split(data, "val")
+    counts = np.zeros(ds.labels.num_classes, np.int64)
+    for smp in ds.samples:
+        m = ds.read_mask(smp)
+        counts += np.bincount(m[m < ds.labels.num_classes].ravel(), minlength=ds.labels.num_classes)
+    return {name: float(n) / max(int(counts.sum()), 1) for name, n in zip(ds.labels.names, counts)}
 
 
 def patch_content(ds, crop: int, scale: tuple, sides: tuple, resize: int, batches: int = 30, batch_size: int = 8,
