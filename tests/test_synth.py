@@ -262,6 +262,39 @@ def test_synth_sample_writes_a_folder_dataset_and_resumes(synth_run, tmp_path):
     assert real["novelty"]["nearest_iou_placed"]["mean"] == 1.0
 
 
+def test_void_far_background_keeps_a_ring_around_objects():
+    from frugalseg.synth.masks import void_far_background
+
+    mask = np.zeros((20, 20), np.uint8)
+    mask[8:12, 8:12] = 1
+    mask[9:11, 9:11] = 2
+    mask[0, 19] = 255
+    out = void_far_background(mask, 3)
+    assert (out[8:12, 8:12] == mask[8:12, 8:12]).all()  # objects untouched
+    assert out[8, 5] == 0 and out[8, 4] == 255  # 3 px from the object: kept; 4 px: void
+    assert out[0, 0] == 255 and out[0, 19] == 255 and out.dtype == np.uint8
+    assert (void_far_background(np.zeros((5, 5), np.uint8), 2) == 0).all()  # no object: unchanged
+
+
+def test_synth_sample_voids_far_background_with_the_same_images(synth_run, tmp_path):
+    from frugalseg.data import open_dataset
+    from frugalseg.stages.synth import sample_synth
+
+    _, result, _ = synth_run
+    plain = sample_synth(result["run"], 2, tmp_path / "plain", progress=False)
+    voided = sample_synth(result["run"], 2, tmp_path / "voided", progress=False, void_background_beyond=4)
+    for i in range(2):
+        name = f"synth_{i:05d}.png"
+        assert (tmp_path / "plain" / "images" / name).read_bytes() == \
+            (tmp_path / "voided" / "images" / name).read_bytes()
+    ds = open_dataset(tmp_path / "voided")
+    m = ds.read_mask(ds[0])
+    assert 255 in m and {1, 2} <= set(np.unique(m))
+    assert voided["novelty"] == plain["novelty"]  # void is background to the shape comparison
+    with pytest.raises(ConfigError, match="void-background-beyond"):
+        sample_synth(result["run"], 2, tmp_path / "bad", progress=False, void_background_beyond=-1)
+
+
 def test_synth_sample_refuses_a_run_without_generator(tmp_path):
     from frugalseg.stages.synth import sample_synth
 

@@ -467,11 +467,17 @@ def _synth_command() -> click.Command:
     @click.option("--temperature", type=float, default=1.0, show_default=True,
                   help="Scale of the shape model's mode coefficients (below 1: closer to the mean shape).")
     @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-    def synth_sample(run_path: str, n: int, out: str, masks: str, seed: int, temperature: float, device: str) -> None:
+    @click.option("--void-background-beyond", type=float, default=None,
+                  help="Make background pixels farther than this many pixels from every object void (255) in the "
+                       "written masks: what the masks do not label (e.g. red cells around a white cell) the "
+                       "generator cannot draw, so its backgrounds should not teach what background looks like.")
+    def synth_sample(run_path: str, n: int, out: str, masks: str, seed: int, temperature: float, device: str,
+                     void_background_beyond: float | None) -> None:
         """Write N synthetic pairs as a folder dataset; train with `train --extra-data OUT`."""
         from frugalseg.stages.synth import sample_synth
 
-        result = sample_synth(run_path, n, out, masks=masks, seed=seed, temperature=temperature, device=device)
+        result = sample_synth(run_path, n, out, masks=masks, seed=seed, temperature=temperature, device=device,
+                              void_background_beyond=void_background_beyond)
         nov = result["novelty"]["nearest_iou_aligned"]
         click.echo(f"{n} pairs in {out} ({result['seconds_this_call']} s); mask shape IoU with the nearest "
                    f"training mask: mean {nov['mean']:.3f}, max {nov['max']:.3f}")

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from frugalseg.data import LabelBudget, apply_budget, open_split
 from frugalseg.data.io import atomic_path, make_folder, read_json, write_json, write_label_png, write_rgb, write_text
-from frugalseg.data.labels import LabelSpec
+from frugalseg.data.labels import IGNORE_INDEX, LabelSpec
 from frugalseg.data.samples import SegDataset
 from frugalseg.data.torchdata import EpochAware, SharedEpoch, sample_generator, shuffled_loader
 from frugalseg.data.validate import check_masks_for_training
@@ -45,7 +45,7 @@ from frugalseg.stages.options import RunOptions, check_common, option, option_li
 from frugalseg.stages.run_guard import claim_run_dir
 from frugalseg.synth.cgan import render_mask
 from frugalseg.synth.conditioning import condition, condition_channels, instance_map
-from frugalseg.synth.masks import ShapeModel, aligned_nearest, nearest_mask_iou
+from frugalseg.synth.masks import ShapeModel, aligned_nearest, nearest_mask_iou, void_far_background
 
 log = logging.getLogger(__name__)
 
@@ -295,21 +295,28 @@ def mask_source(run: RunDir, source: str, seed: int, temperature: float = 1.0):
 
 
 def sample_synth(run_path: str | Path, n: int, out: str | Path, masks: Literal["shapes", "real"] = "shapes",
-                 seed: int = 0, temperature: float = 1.0, progress: bool = True, device: str = "cpu") -> dict:
-    """Write `n` synthetic pairs as a folder dataset at `out` (see the module docstring); returns its summary."""
+                 seed: int = 0, temperature: float = 1.0, progress: bool = True, device: str = "cpu",
+                 void_background_beyond: float | None = None) -> dict:
+    """Write `n` synthetic pairs as a folder dataset at `out` (see the module docstring); returns its summary.
+
+    `void_background_beyond`: background pixels farther than this many pixels from every object are void (255)
+    in the written masks (`synth.masks.void_far_background`); the images are the same."""
     from tqdm.auto import tqdm
 
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}.")
     if masks not in ("shapes", "real"):
         raise ConfigError(f"--masks must be 'shapes' or 'real', got '{masks}'.")
+    if void_background_beyond is not None and void_background_beyond < 0:
+        raise ConfigError(f"--void-background-beyond must be >= 0 pixels, got {void_background_beyond}.")
     run = RunDir(run_path)
     out = Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists; choose another --out or delete it.")
     generator, spec, labels = load_generator(run)
     generator = generator.to(device).sample_mode()
-    settings = {"run": str(Path(run_path).resolve()), "n": n, "masks": masks, "seed": seed, "temperature": temperature}
+    settings = {"run": str(Path(run_path).resolve()), "n": n, "masks": masks, "seed": seed, "temperature": temperature,
+                "void_background_beyond": void_background_beyond}
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         kept = read_json(partial / "synth.json") if (partial / "synth.json").exists() else None
@@ -331,6 +338,8 @@ def sample_synth(run_path: str | Path, n: int, out: str | Path, masks: Literal["
     for i in range(done, n):
         mask = draw(i)
         image = render_mask(generator, mask, labels.num_classes, noise_seed=hash((seed, i)) & 0x7FFFFFFF)
+        if void_background_beyond is not None:
+            mask = void_far_background(mask, void_background_beyond, labels.background)
         write_label_png(partial / "masks" / f"synth_{i:05d}.png", mask, palette)
         write_rgb(partial / "images" / f"synth_{i:05d}.png", image)
         bar.update(1)
@@ -355,6 +364,7 @@ def mask_novelty(run: RunDir, folder: Path, n: int, num_classes: int) -> dict:
     placed, aligned = [], []
     for i in range(n):
         m = read_label_png(folder / "masks" / f"synth_{i:05d}.png")
+        m = np.where(m == IGNORE_INDEX, 0, m)  # a voided background is still background to the shapes
         placed.append(nearest_mask_iou(m, train, num_classes))
         aligned.append(aligned_nearest(m, train, num_classes, window)[0])
     write_json(folder / "novelty.json", {"nearest_iou_placed": placed, "nearest_iou_aligned": aligned})

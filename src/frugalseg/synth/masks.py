@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from frugalseg.data.labels import IGNORE_INDEX
 
-__all__ = ["ShapeModel", "aligned_nearest", "nearest_mask_iou", "signed_distance"]
+__all__ = ["ShapeModel", "aligned_nearest", "nearest_mask_iou", "signed_distance", "void_far_background"]
 
 
 def signed_distance(region: np.ndarray, clip: float) -> np.ndarray:
@@ -36,6 +36,20 @@ def signed_distance(region: np.ndarray, clip: float) -> np.ndarray:
     inside = ndimage.distance_transform_edt(region)
     outside = ndimage.distance_transform_edt(~region)
     return np.clip(outside - inside, -clip, clip).astype(np.float32)
+
+
+def void_far_background(mask: np.ndarray, beyond: float, background: int = 0) -> np.ndarray:
+    """The mask with background pixels farther than `beyond` pixels (Euclidean) from every object pixel made void.
+
+    What the masks do not label (the red blood cells around a white cell) the generator has nothing to draw by, so
+    its backgrounds are flatter than real ones; voided, they no longer teach a segmenter what background looks
+    like, while the ring of background within `beyond` pixels still teaches the objects' borders. A mask without
+    objects is returned unchanged."""
+    objects = (mask != background) & (mask != IGNORE_INDEX)
+    if not objects.any():
+        return mask
+    far = (mask == background) & (ndimage.distance_transform_edt(~objects) > beyond)
+    return np.where(far, np.uint8(IGNORE_INDEX), mask).astype(mask.dtype)
 
 
 def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
