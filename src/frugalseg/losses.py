@@ -54,8 +54,8 @@ def chessboard_gaussian(window: int, sigma: float, dims: int) -> torch.Tensor:
 
 
 #: Below this merged probability a window's cost continues as a straight line, -log(floor) + (floor - p̄) / floor,
-#: instead of being clamped: a clamped cost has no gradient, yet with k = 5 it dominates the pooled loss and
-#: divides every other window's gradient by its size, so the hardest windows would stall all learning.
+#: instead of being clamped: a clamped cost has no gradient, yet with k = 5 it would dominate the pooled loss and
+#: divide every other window's gradient by its size, so the hardest windows would push nothing.
 LAL_FLOOR = 1e-8
 
 
