@@ -61,8 +61,10 @@ QUICK_GAN = dict(GAN, iterations=40, epoch_iterations=20)
 QUICK_SEG = dict(SEG, max_steps=40)
 QUICK_N = {"n100": 8, "n500": 16}
 DIAGNOSIS = ("background_sd: grey-level sd of the pixels the mask calls background, mean over images (the GAN's k "
-             "training images; the first 100 synthetic / re-rendered images); cytoplasm_false_discovery: share of "
-             "each segmenter's cytoplasm pixels on the test part that are background in the truth")
+             "training images; the first 100 synthetic / re-rendered images); cytoplasm_colour_distance: RGB distance "
+             "of each set's mean cytoplasm colour to the real images' mean cytoplasm and background colours; "
+             "cytoplasm_false_discovery: share of each segmenter's cytoplasm pixels on the test part that are "
+             "background in the truth")
 
 
 def gan_run(root: Path, ds: str, k: int, seed: int, quick: bool) -> tuple[Path, dict]:
@@ -142,12 +144,15 @@ def voided_copy(src: Path, out: Path) -> None:
 
 
 def diagnosis_run(root: Path, base: Path, ds: str, k: int, seed: int, quick: bool) -> dict:
-    """Why a seed's synthetic pairs help or hurt, from its run folders: how much texture the images show where the
-    mask says background (grey-level sd of the background pixels, mean over images: the GAN's k training images,
-    the first 100 synthetic and re-rendered ones), and how often each segmenter calls test-part background
-    cytoplasm (share of its cytoplasm pixels that are background in the truth). The masks do not label red blood
-    cells, so a generator that ignores its noise draws flat backgrounds; a segmenter trained on them learns
-    "anything not flat is a cell"."""
+    """Why a seed's synthetic pairs help or hurt, from its run folders (the GAN's k training images against the first
+    100 synthetic and re-rendered ones):
+    - background texture: grey-level sd of the pixels the mask calls background, mean over images (the masks do
+      not label red blood cells, so the generator's backgrounds are flatter than real ones);
+    - cytoplasm colour: distance (RGB, 0-255) of the images' mean cytoplasm colour to the real images' mean
+      cytoplasm and mean background colour (a generator that paints cytoplasm in the background's pink teaches a
+      segmenter to call red cells cytoplasm);
+    - how often each segmenter calls test-part background cytoplasm (share of its cytoplasm pixels that are
+      background in the truth)."""
     import numpy as np
 
     from frugalseg.data import open_split
@@ -155,16 +160,17 @@ def diagnosis_run(root: Path, base: Path, ds: str, k: int, seed: int, quick: boo
     from frugalseg.runs import RunDir
     from frugalseg.stages.synth import training_masks
 
-    def background_sd(pairs) -> float:
-        sds = [float((read_rgb(i) if isinstance(i, Path) else i).astype(np.float32).mean(-1)[m == 0].std())
-               for i, m in pairs]
-        return round(float(np.mean(sds)), 2)
-
-    def folder(tag: str, n: int = 100):
+    def pairs_of(tag: str, n: int = 100) -> list[tuple[np.ndarray, np.ndarray]]:
         images = sorted((base / tag / "images").glob("*.png"))[:n]
-        return [(p, read_label_png(base / tag / "masks" / p.name)) for p in images]
+        return [(read_rgb(p), read_label_png(base / tag / "masks" / p.name)) for p in images]
 
-    settings = {"data": ds, "k": k, "seed": seed, "images_per_synthetic_set": 100, "test": TEST,
+    def background_sd(pairs) -> float:
+        return round(float(np.mean([img.astype(np.float32).mean(-1)[m == 0].std() for img, m in pairs])), 2)
+
+    def mean_colour(pairs, cls: int) -> np.ndarray:
+        return np.mean([img[m == cls].astype(np.float32).mean(0) for img, m in pairs if (m == cls).any()], 0)
+
+    settings = {"data": ds, "k": k, "seed": seed, "images_per_synthetic_set": 100, "test": TEST, "colour": True,
                 "variants": [v for v in VARIANTS if (base / f"seg_{v}" / "predictions" / TEST).is_dir()]}
 
     def run() -> dict:
@@ -183,9 +189,17 @@ def diagnosis_run(root: Path, base: Path, ds: str, k: int, seed: int, quick: boo
                 called += int((pred == cyto).sum())
                 wrong += int(((pred == cyto) & (truth == 0)).sum())
             false_cyto[variant] = round(wrong / max(called, 1), 4)
-        return {"background_sd": {"real_labelled": background_sd(zip(images, masks)),
-                                  "synthetic": background_sd(folder("synth_n500")),
-                                  "rerendered": background_sd(folder("rerendered_n500"))},
+        real = list(zip(images, masks))
+        sets = {"synthetic": pairs_of("synth_n500"), "rerendered": pairs_of("rerendered_n500")}
+        real_cyto, real_bg = mean_colour(real, cyto), mean_colour(real, 0)
+        colour = {name: {"to_real_cytoplasm": round(float(np.linalg.norm(mean_colour(p, cyto) - real_cyto)), 1),
+                         "to_real_background": round(float(np.linalg.norm(mean_colour(p, cyto) - real_bg)), 1)}
+                  for name, p in sets.items()}
+        colour["real"] = {"to_real_cytoplasm": 0.0, "to_real_background": round(float(np.linalg.norm(
+            real_cyto - real_bg)), 1)}
+        return {"background_sd": {"real_labelled": background_sd(real),
+                                  **{name: background_sd(p) for name, p in sets.items()}},
+                "cytoplasm_colour_distance": colour,
                 "cytoplasm_false_discovery": false_cyto}
 
     return recorded(RECORDS, f"{ds}.k{k}.diagnosis.seed{seed}", settings, run, keep=not quick)
@@ -363,9 +377,10 @@ def markdown_diagnosis(figs: dict) -> str:
     """Per seed: background texture of the GAN's training images against its synthetic ones, and how often each
     segmenter's cytoplasm is test-part background (the diagnosis records)."""
     rows = ["| dataset | k | seed | background sd: real (k images) / synthetic / re-rendered "
+            "| synthetic cytoplasm colour: distance to real cytoplasm / to real background (real's own) "
             "| cytoplasm false discovery: real only / + synth 100 / + synth 500 / + re-rendered 500 "
             "/ + synth 500 voided | Dice mean gain, + synth 500 |",
-            "|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|"]
     for ds, blocks in figs.items():
         for k, block in blocks.items():
             if not (k.startswith("k") and isinstance(block, dict) and "diagnosis" in block):
@@ -374,9 +389,12 @@ def markdown_diagnosis(figs: dict) -> str:
             for seed, d in block["diagnosis"]["per_seed"].items():
                 bg, fdr = d["background_sd"], d["cytoplasm_false_discovery"]
                 gain = f"{synth[seed] - real[seed]:+.4f}" if seed in real and seed in synth else ""
+                col = d.get("cytoplasm_colour_distance")
+                colour = (f"{col['synthetic']['to_real_cytoplasm']} / {col['synthetic']['to_real_background']} "
+                          f"({col['real']['to_real_background']})" if col else "")
                 rows.append(f"| {ds} | {k[1:]} | {seed} | {bg['real_labelled']} / {bg['synthetic']} / "
-                            f"{bg['rerendered']} | {' / '.join(f'{fdr[v]:.3f}' for v in VARIANTS if v in fdr)} | "
-                            f"{gain} |")
+                            f"{bg['rerendered']} | {colour} | "
+                            f"{' / '.join(f'{fdr[v]:.3f}' for v in VARIANTS if v in fdr)} | {gain} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
