@@ -394,7 +394,7 @@ def markdown_diagnosis(figs: dict) -> str:
                           f"({col['real']['to_real_background']})" if col else "")
                 rows.append(f"| {ds} | {k[1:]} | {seed} | {bg['real_labelled']} / {bg['synthetic']} / "
                             f"{bg['rerendered']} | {colour} | "
-                            f"{' / '.join(f'{fdr[v]:.3f}' for v in VARIANTS if v in fdr)} | {gain} |")
+                            f"{' / '.join(f'{fdr[v]:.3f}' if v in fdr else '-' for v in VARIANTS)} | {gain} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
