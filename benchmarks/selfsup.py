@@ -17,7 +17,8 @@ and augmentation.
 LAL (`lal.<setting>.<loss>`): `ce` against `lal` on msrc_full, msrc_10pct (ImageNet init, the runs above for
 ce) and acdc_l7 (cross-entropy against LAL in the supervised-only protocol). Window, stride and k were chosen by
 `--part lal-select` at the recipe's rate: msrc_full's train:fit → train:holdout (the reported val split never seen),
-one seed; ACDC's LAL takes the chosen window, stride and k with its protocol's Adam rate.
+one seed; ACDC's LAL takes the chosen window, stride and k with its protocol's Adam rate. Besides per-class IoU,
+msrc's LAL and CE runs are scored inside a 5 px band around the val masks' class boundaries (`boundary.*`).
 
 Every finished run leaves a record in benchmarks/results/selfsup_runs/; runs resume from their records and
 checkpoints, across sessions. `--aggregate` writes benchmarks/results/selfsup.json.
@@ -163,6 +164,40 @@ def msrc_finetune(root: Path, setting: str, init: str, pretrained, seed: int, lo
     return record(f"finetune.{name}", settings, run)
 
 
+BAND = 5  # px: the boundary band of `boundary_run` (DeepLab-style trimap evaluation)
+
+
+def boundary_run(root: Path, setting: str, loss: str, seed: int) -> dict:
+    """mIoU of a finished msrc fine-tuning inside the band of BAND px around the val masks' class boundaries
+    (`surface_metrics.boundary_band`), from its saved predictions: LAL's windows should help borders most."""
+    import numpy as np
+    import torch
+
+    from frugalseg.data import open_split
+    from frugalseg.data.io import read_label_png
+    from frugalseg.metrics import confusion_matrix, iou_per_class, nanmean
+    from frugalseg.surface_metrics import boundary_band
+
+    name = f"{setting}.imagenet.{loss}.seed{seed}"
+    settings = {"run": name, "split": "val", "band_px": BAND}
+
+    def run() -> dict:
+        ds = open_split("msrc-objects", "val")
+        n = ds.labels.num_classes
+        cm = torch.zeros(n, n, dtype=torch.int64)
+        for smp in ds.samples:
+            truth = ds.read_mask(smp)
+            pred = read_label_png(root / "finetune" / name / "predictions" / "val" / f"{smp.id}.png")
+            band = boundary_band(truth, BAND)
+            cm += confusion_matrix(torch.from_numpy(pred[band].astype(np.int64)),
+                                   torch.from_numpy(truth[band].astype(np.int64)), n)
+        return {"band_miou": round(nanmean(iou_per_class(cm)), 4),
+                "band_pixel_accuracy": round(float(cm.diag().sum()) / max(int(cm.sum()), 1), 4),
+                "band_pixels": int(cm.sum())}
+
+    return record(f"boundary.{setting}.{loss}.seed{seed}", settings, run)
+
+
 # ---- ACDC --------------------------------------------------------------------------------------------
 def acdc_labelled_ids() -> list[str]:
     from frugalseg.data import open_split
@@ -245,6 +280,11 @@ def aggregate() -> dict:
                              for s in b["per_seed"]]
                 b["per_class_iou_mean"] = {c: round(statistics.fmean(pc[c] for pc in per_class), 4)
                                            for c in per_class[0]}
+                band = {s: recs[k]["figures"]["band_miou"] for s in b["per_seed"]
+                        if (k := f"boundary.{setting}.{loss}.seed{s}") in recs}
+                if band:
+                    mean, sd = mean_sd(list(band.values()))
+                    b["boundary_band_miou"] = {"miou_mean": mean, "sd": sd, "per_seed": band, "band_px": BAND}
                 figs["lal"].setdefault(setting, {})[loss] = b
     for init in ("random", "rotation", "rotation_mm", "rotation_mm_small"):
         b = block(f"acdc.acdc_l7.{init}.dice_ce.", "dice")
@@ -286,13 +326,15 @@ def markdown(figs: dict) -> str:
     for setting, inits in figs.get("pretrain", {}).items():
         for init, v in inits.items():
             rows.append(f"| {setting} | {init} | {cell(v)} | {v.get('share_of_imagenet_gain', '')} |")
-    rows += ["", "| setting | loss | val (mean ± sd, per seed) |", "|---|---|---|"]
+    rows += ["", f"| setting | loss | val (mean ± sd, per seed) | mIoU in the {BAND} px boundary band |",
+             "|---|---|---|---|"]
     for setting, losses in figs.get("lal", {}).items():
         if setting == "selection":
             continue
         for loss in ("ce", "lal"):
             if loss in losses:
-                rows.append(f"| {setting} | {loss} | {cell(losses[loss])} |")
+                band = losses[loss].get("boundary_band_miou")
+                rows.append(f"| {setting} | {loss} | {cell(losses[loss])} | {cell(band) if band else ''} |")
     return "\n".join(rows)
 
 
@@ -473,6 +515,8 @@ def main() -> None:
                 for loss in ("ce", "lal"):
                     f = msrc_finetune(root, setting, "imagenet", True, seed, loss, lal if loss == "lal" else None)
                     quick_rows.append((setting, "imagenet", loss, seed, f["miou"]))
+                    if not QUICK:
+                        boundary_run(root, setting, loss, seed)
         for seed in args.seeds if "acdc_l7" in args.settings else ():
             for loss in ("ce", "lal"):
                 f = acdc_run(root, "random", False, seed, loss, lal if loss == "lal" else None)

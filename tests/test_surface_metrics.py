@@ -127,3 +127,19 @@ def test_agrees_with_monai(shape, spacing):
             t(pred), t(gt), include_background=True, symmetric=True, spacing=spacing
         ).item()
     assert asd(pred, gt, spacing) == pytest.approx(monai_asd, rel=1e-5)
+
+
+def test_boundary_band_is_the_labelled_pixels_near_a_class_change():
+    from frugalseg.surface_metrics import boundary_band
+
+    t = np.zeros((9, 9), np.uint8)
+    t[:, 5:] = 1
+    t[0, 0] = 255
+    band = boundary_band(t, 1)
+    # the edge pixels are columns 4 and 5; one pixel more on each side: columns 3-6
+    assert band[4].tolist() == [False, False, False, True, True, True, True, False, False]
+    assert not band[0, 0] and band[1, 0] and not band[3, 0]  # void never in the band; its neighbours are edges
+    assert boundary_band(t, 0)[4].tolist() == [False] * 4 + [True, True] + [False] * 3
+    assert not boundary_band(np.ones((4, 4, 4), np.uint8), 2).any()  # 3D, one class: no boundary
+    with pytest.raises(ValueError, match="width"):
+        boundary_band(t, -1)

@@ -25,7 +25,27 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["asd", "dice", "hausdorff", "hd95", "surface_distances", "surface_report"]
+__all__ = ["asd", "boundary_band", "dice", "hausdorff", "hd95", "surface_distances", "surface_report"]
+
+
+def boundary_band(target: np.ndarray, width: int, ignore_index: int = 255) -> np.ndarray:
+    """The labelled pixels within `width` pixels (chessboard distance) of a class boundary of `target` (2D or 3D ids):
+    the band ("trimap") in which DeepLab-style evaluation measures how well a model follows object borders. A
+    boundary is any pair of face neighbours with different ids, void included (void marks borders in VOC-style
+    masks); void pixels themselves are never in the band."""
+    if width < 0:
+        raise ValueError(f"width must be >= 0, got {width}")
+    t = np.asarray(target)
+    edge = np.zeros(t.shape, dtype=bool)
+    for axis in range(t.ndim):
+        step = np.diff(t, axis=axis) != 0
+        lo = [slice(None)] * t.ndim
+        hi = [slice(None)] * t.ndim
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        edge[tuple(lo)] |= step
+        edge[tuple(hi)] |= step
+    band = ndimage.maximum_filter(edge, size=2 * width + 1) if width else edge
+    return band & (t != ignore_index)
 
 
 def _check(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
