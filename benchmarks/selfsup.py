@@ -36,6 +36,7 @@ checkpoints, across sessions. `--aggregate` writes benchmarks/results/selfsup.js
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -354,6 +355,7 @@ def markdown_lal_classes(figs: dict) -> str:
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
+@functools.lru_cache(maxsize=None)
 def class_pixel_share(data: str) -> dict[str, float]:
     """Each class's share of the labelled pixels of the data's val split (void excluded)."""
     import numpy as np
@@ -563,16 +565,15 @@ def window_cost_study(root: Path, images: int = 24) -> dict:
 
     def run() -> dict:
         ds = open_split("msrc-objects", "train:fit", limit=images)
+        pairs = [(torch.from_numpy(ds.read_image(smp).copy()).permute(2, 0, 1).float()[None] / 255,
+                  torch.from_numpy(ds.read_mask(smp).astype(np.int64))[None]) for smp in ds.samples]  # read once
         out = {}
         for tag in tags:
             model, _, _ = load_export(root / "finetune" / tag / "model")
             costs = []
             with torch.no_grad():
-                for smp in ds.samples:
-                    x = torch.from_numpy(ds.read_image(smp).copy()).permute(2, 0, 1).float()[None] / 255
-                    logits = model(x)
-                    logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-                    target = torch.from_numpy(ds.read_mask(smp).astype(np.int64))[None]
+                for x, target in pairs:
+                    logits = F.interpolate(model(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
                     costs.append(lal_window_costs(logits, target, 9, 4))
             c = torch.cat(costs)
             out[tag] = {"windows": int(c.numel()), "mean": round(float(c.mean()), 4),

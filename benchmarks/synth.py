@@ -177,15 +177,15 @@ def diagnosis_run(root: Path, base: Path, ds: str, k: int, seed: int, quick: boo
         _, images, masks = training_masks(RunDir(base / "gan"), with_images=True)
         test = open_split(ds, TEST)
         cyto = test.labels.names.index("cytoplasm")
+        truths = {smp.id: test.read_mask(smp) for smp in test.samples}  # read once for every variant
         false_cyto = {}
         for variant in VARIANTS:
             pred_dir = base / f"seg_{variant}" / "predictions" / TEST
             if not pred_dir.is_dir():
                 continue
             called = wrong = 0
-            for smp in test.samples:
-                pred = read_label_png(pred_dir / f"{smp.id}.png")
-                truth = test.read_mask(smp)
+            for sid, truth in truths.items():
+                pred = read_label_png(pred_dir / f"{sid}.png")
                 called += int((pred == cyto).sum())
                 wrong += int(((pred == cyto) & (truth == 0)).sum())
             false_cyto[variant] = round(wrong / max(called, 1), 4)
